@@ -1,0 +1,161 @@
+"""The QuPath-agnostic annotation model: classed shapely geometries in level-0 pixel coordinates."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from shapely.geometry.base import BaseGeometry
+
+RGB = tuple[int, int, int]
+IGNORE: int = 255
+"""Label value for pixels that carry no label (unannotated, or QuPath class ``Ignore*``)."""
+
+PDSEG_MARKER = "pdseg"
+"""Prefix of the ``name`` of every object pdseg writes; write-back replaces only such objects."""
+
+
+@dataclass
+class Annotation:
+    """One QuPath object: geometry in level-0 px, its class name (``None`` if unclassified) and metadata."""
+
+    geometry: BaseGeometry
+    classification: str | None = None
+    color: RGB | None = None
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    name: str | None = None
+    locked: bool = False
+    measurements: dict[str, float] = field(default_factory=dict)
+    object_type: str = "annotation"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_pdseg(self) -> bool:
+        """True for objects pdseg wrote earlier (the only ones a write-back may replace)."""
+        return bool(self.name) and self.name.startswith(PDSEG_MARKER)
+
+    @property
+    def is_ignore(self) -> bool:
+        """QuPath's ``Ignore*`` class marks areas to leave out of training and scoring."""
+        return is_ignore_class(self.classification)
+
+
+def is_ignore_class(name: str | None) -> bool:
+    return name is not None and name.rstrip("*").lower() == "ignore"
+
+
+@dataclass
+class ReadReport:
+    """What a reader had to repair or skip, so the user can be told instead of losing data silently."""
+
+    source: str = ""
+    read: int = 0
+    repaired: int = 0
+    skipped_points: int = 0
+    skipped_lines: int = 0
+    skipped_empty: int = 0
+    skipped_other: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_points + self.skipped_lines + self.skipped_empty + self.skipped_other
+
+    def merge(self, other: "ReadReport") -> "ReadReport":
+        for name in ("read", "repaired", "skipped_points", "skipped_lines", "skipped_empty", "skipped_other"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.messages.extend(other.messages)
+        return self
+
+
+# QuPath's default colours for its built-in classes (PathClassFactory), used when a file gives none.
+QUPATH_DEFAULT_COLORS: dict[str, RGB] = {
+    "Tumor": (200, 0, 0),
+    "Stroma": (150, 200, 150),
+    "Immune cells": (160, 90, 160),
+    "Necrosis": (50, 50, 50),
+    "Other": (255, 200, 0),
+    "Region*": (0, 0, 180),
+    "Ignore*": (180, 180, 180),
+    "Positive": (200, 50, 50),
+    "Negative": (112, 112, 225),
+}
+
+
+def default_color(name: str) -> RGB:
+    """A stable colour for a class name: QuPath's own where it has one, else derived from the name."""
+    if name in QUPATH_DEFAULT_COLORS:
+        return QUPATH_DEFAULT_COLORS[name]
+    h = uuid.uuid5(uuid.NAMESPACE_OID, name).bytes
+    return (64 + h[0] % 192, 64 + h[1] % 192, 64 + h[2] % 192)
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    name: str
+    color: RGB
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """Ordered classes: index k is class k; :data:`IGNORE` (255) means no label."""
+
+    classes: tuple[ClassInfo, ...]
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.classes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate class names in {names}")
+        if len(names) >= IGNORE:
+            raise ValueError(f"at most {IGNORE} classes are supported, got {len(names)}")
+        if any(is_ignore_class(n) for n in names):
+            raise ValueError("'Ignore*' is not a trainable class: it marks pixels to leave out (label 255)")
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def index(self, name: str | None) -> int | None:
+        """Label index of a class name, :data:`IGNORE` for ``Ignore*``, ``None`` if not in the map."""
+        if is_ignore_class(name):
+            return IGNORE
+        for i, c in enumerate(self.classes):
+            if c.name == name:
+                return i
+        return None
+
+    def to_json(self) -> dict:
+        return {
+            "classes": [{"index": i, "name": c.name, "color": list(c.color)} for i, c in enumerate(self.classes)],
+            "ignore": IGNORE,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ClassMap":
+        return cls(tuple(ClassInfo(c["name"], tuple(c["color"])) for c in data["classes"]))  # type: ignore[arg-type]
+
+    @classmethod
+    def from_annotations(
+        cls, annotations: Iterable[Annotation], names: Sequence[str] | None = None
+    ) -> "ClassMap":
+        """Build the map from the classes used (sorted), or in the order of ``names``; colours from the data.
+
+        Raises ``ValueError`` naming any requested class that no annotation uses (an unknown class).
+        """
+        colors: dict[str, RGB] = {}
+        for a in annotations:
+            if a.classification and not is_ignore_class(a.classification):
+                colors.setdefault(a.classification, a.color or default_color(a.classification))
+        if names is None:
+            names = sorted(colors)
+        else:
+            unknown = [n for n in names if n not in colors]
+            if unknown:
+                raise ValueError(
+                    f"unknown class(es) {unknown}: the annotations use {sorted(colors) or 'no classes'}"
+                )
+        return cls(tuple(ClassInfo(n, colors.get(n) or default_color(n)) for n in names))
