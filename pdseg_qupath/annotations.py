@@ -29,6 +29,8 @@ class Annotation:
     measurements: dict[str, float] = field(default_factory=dict)
     object_type: str = "annotation"
     metadata: dict[str, str] = field(default_factory=dict)
+    object_color: RGB | None = None
+    """QuPath's per-object colour (``properties.color``), distinct from the class colour ``color``."""
 
     @property
     def is_pdseg(self) -> bool:
