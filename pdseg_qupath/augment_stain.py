@@ -34,20 +34,21 @@ def hed_jitter(
     rgb: np.ndarray,
     rng: np.random.Generator,
     *,
-    scale: float = 0.05,
+    sigma: float = 0.05,
     bias: float = 0.02,
 ) -> np.ndarray:
-    """Perturb each image's H, E and DAB densities: ``c' = c * U(1±scale) + U(±bias)``.
+    """Perturb each image's H, E and DAB densities: ``c' = c * U(1±sigma) + U(±bias)``.
 
     ``rgb`` is uint8 (H, W, 3) or a batch (N, H, W, 3); each image gets its own factors. The defaults are
     "mild": white background stays within about 2 % of white and nuclei stay recognisably blue.
+    For one image it draws 3 scales, then 3 shifts from ``rng`` (the order ``augment.hed_jitter`` uses).
     """
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or arr.shape[-1] != 3 or arr.ndim not in (3, 4):
         raise ValueError(f"hed_jitter expects uint8 (H, W, 3) or (N, H, W, 3), got {arr.dtype} {arr.shape}")
     batch = arr[None] if arr.ndim == 3 else arr
     n = batch.shape[0]
-    alpha = rng.uniform(1.0 - scale, 1.0 + scale, size=(n, 1, 1, 3)).astype(np.float32)
+    alpha = rng.uniform(1.0 - sigma, 1.0 + sigma, size=(n, 1, 1, 3)).astype(np.float32)
     beta = rng.uniform(-bias, bias, size=(n, 1, 1, 3)).astype(np.float32)
     out = hed_to_rgb(rgb_to_hed(batch) * alpha + beta)
     return out[0] if arr.ndim == 3 else out
