@@ -1,0 +1,129 @@
+"""The segmentation head: PathSegDiff's "simple fully convolutional network" on frozen LDM features.
+
+Exact layers (C = feature channels, K = classes, s = feature stride, 4 for VQ-f4)::
+
+    x  = (features - mean) / std                      per-channel standardisation (fixed buffers)
+    h1 = Conv1x1(C -> hidden[0])(x)                    at feature resolution (H/s x W/s)
+    h1 = bilinear upsample x s (align_corners=False)   to pixel resolution (H x W)
+    h1 = h1 + Conv1x1(3 -> hidden[0])(rgb/127.5 - 1)   only with ``rgb_skip`` (off by default)
+    h  = ReLU, Dropout(p)
+    h2 = Conv1x1(hidden[0] -> hidden[1]), ReLU, Dropout(p)
+    logits = Conv1x1(hidden[1] -> K)
+
+Every layer is a 1x1 convolution, so the head is a per-pixel MLP slid over the image (like Baranchuk et
+al.'s pixel classifiers), and the first layer commutes with bilinear upsampling: applying it before the
+upsample is exactly the same as applying it to features upsampled to full resolution, but needs
+hidden[0] instead of C channels at full resolution (64 vs 2112 for the paper's backbone). That identity
+is what lets training use features *sampled at labelled pixels* (:meth:`FCNHead.forward_pixels`) while
+prediction runs the head densely on whole tiles (:meth:`FCNHead.forward`) with the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    in_channels: int
+    n_classes: int
+    hidden: tuple[int, int] = (128, 64)
+    dropout: float = 0.1
+    stride: int = 4
+    rgb_skip: bool = False
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "HeadConfig":
+        d = dict(d)
+        d["hidden"] = tuple(int(h) for h in d.get("hidden", (128, 64)))
+        return cls(**d)
+
+
+class FCNHead(nn.Module):
+    """Per-pixel classifier on LDM features; see the module docstring for its layers."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, (h1, h2), k = config.in_channels, config.hidden, config.n_classes
+        self.register_buffer("mean", torch.zeros(c))
+        self.register_buffer("std", torch.ones(c))
+        self.proj = nn.Conv2d(c, h1, 1)
+        self.rgb = nn.Conv2d(3, h1, 1) if config.rgb_skip else None
+        self.mid = nn.Conv2d(h1, h2, 1)
+        self.out = nn.Conv2d(h2, k, 1)
+        self.drop = nn.Dropout(config.dropout)
+
+    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Fix the per-channel feature statistics (from the training cache); tiny stds are floored."""
+        self.mean.copy_(mean.to(self.mean))
+        self.std.copy_(std.to(self.std).clamp_min(1e-4))
+
+    def _tail(self, h: torch.Tensor, rgb: torch.Tensor | None) -> torch.Tensor:
+        if self.rgb is not None:
+            if rgb is None:
+                raise ValueError("this head was trained with rgb_skip and needs the RGB tile")
+            h = h + self.rgb(rgb.to(h.dtype) / 127.5 - 1.0)
+        h = self.drop(F.relu(h))
+        h = self.drop(F.relu(self.mid(h)))
+        return self.out(h)
+
+    def forward(self, features: torch.Tensor, rgb: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense logits (B, K, H, W) at pixel resolution from features (B, C, H/s, W/s).
+
+        ``rgb`` is the (B, 3, H, W) tile (0..255), used only by heads with ``rgb_skip``.
+        """
+        x = (features - self.mean[:, None, None]) / self.std[:, None, None]
+        h = self.proj(x)
+        s = self.config.stride
+        if s != 1:
+            h = F.interpolate(h, scale_factor=s, mode="bilinear", align_corners=False)
+        return self._tail(h, rgb)
+
+    def forward_pixels(self, features: torch.Tensor, rgb: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (N, K) for N single pixels: features (N, C) already interpolated at those pixels."""
+        x = (features - self.mean) / self.std
+        h = self.proj(x[:, :, None, None])
+        rgb4 = rgb[:, :, None, None] if rgb is not None else None
+        return self._tail(h, rgb4)[:, :, 0, 0]
+
+
+def pixel_sample_coords(y: torch.Tensor, x: torch.Tensor, size: tuple[int, int], stride: int):
+    """Neighbours and weights that bilinear upsampling (align_corners=False) uses for pixel (y, x).
+
+    Returns (y0, y1, wy, x0, x1, wx): the feature-grid rows/cols and the weight of row y1 / col x1.
+    Matches ``F.interpolate(scale_factor=stride, mode="bilinear")`` exactly, edge clamping included.
+    """
+    h, w = size
+
+    def axis(p: torch.Tensor, n: int):
+        src = ((p.to(torch.float64) + 0.5) / stride - 0.5).clamp_min(0.0)
+        p0 = src.floor().long().clamp_max(n - 1)
+        p1 = (p0 + 1).clamp_max(n - 1)
+        return p0, p1, (src - p0).to(torch.float32)
+
+    y0, y1, wy = axis(y, h)
+    x0, x1, wx = axis(x, w)
+    return y0, y1, wy, x0, x1, wx
+
+
+def sample_features(features: torch.Tensor, y: torch.Tensor, x: torch.Tensor, stride: int) -> torch.Tensor:
+    """Features (C, h, w) bilinearly interpolated at pixel coordinates (y, x) → (N, C).
+
+    Equal to upsampling the whole map by ``stride`` and indexing, without the full-resolution array.
+    """
+    _, h, w = features.shape
+    y0, y1, wy, x0, x1, wx = pixel_sample_coords(y, x, (h, w), stride)
+    f = features.float()
+    top = f[:, y0, x0] * (1 - wx) + f[:, y0, x1] * wx
+    bot = f[:, y1, x0] * (1 - wx) + f[:, y1, x1] * wx
+    return (top * (1 - wy) + bot * wy).T.contiguous()
