@@ -152,7 +152,7 @@ _register(BackboneConfig(
     vq=_PAPER_VQ,
     unet=_PAPER_UNET,
     scheduler=dict(LDM_SCHEDULER),
-    conditioner={"in_dims": [384, 768], "out_dim": 512, "normalize": True},
+    conditioner={"type": "ssl", "in_dims": [384, 768], "out_dim": 512, "normalize": True},
     default_t=_PAPER_T,
     default_blocks=_PAPER_BLOCKS,
     notes="Graikos et al. CVPR 2024 (Large-Image-Diffusion BRCA 20x): VQ-f4 + 400.92 M UNet, "
@@ -164,11 +164,15 @@ _register(BackboneConfig(
     vq=_PAPER_VQ,
     unet=_PAPER_UNET,
     scheduler=dict(LDM_SCHEDULER),
-    conditioner=None,  # filled in below once ZoomLDM's conditioning is pinned down
+    # configs/zoomldm_brca.yaml: cond_stage_config EmbeddingViT2_5(input_channels=1024, hidden_channels=512,
+    # vit_mlp_dim=2048, num_layers=12); num_heads 8, seq_length 64, mag_levels 8 are its code defaults.
+    conditioner={"type": "zoomldm", "input_channels": 1024, "hidden_channels": 512, "output_channels": 512,
+                 "vit_mlp_dim": 2048, "num_layers": 12, "num_heads": 8, "seq_length": 64, "mag_levels": 8},
     default_t=_PAPER_T,
     default_blocks=_PAPER_BLOCKS,
-    notes="ZoomLDM (Yellapragada et al.): same UNet and VQ-f4, conditioned on UNI embeddings + "
-          "magnification. Features are extracted unconditionally (zero context).",
+    notes="ZoomLDM (Yellapragada et al., CVPR 2025; HF StonyBrook-CVLab/ZoomLDM, brca/weights.ckpt + "
+          "brca/config.yaml): same UNet and VQ-f4, conditioned on an 8x8 grid of UNI embeddings + a "
+          "magnification level through a 12-layer ViT (65 tokens). Unconditional = zero context.",
 ))
 
 _register(BackboneConfig(
@@ -207,7 +211,7 @@ _register(BackboneConfig(
 
 _register(CONFIGS["tiny"].replace(
     name="tiny-cond",
-    conditioner={"in_dims": [12, 24], "out_dim": 32, "normalize": True},
+    conditioner={"type": "ssl", "in_dims": [12, 24], "out_dim": 32, "normalize": True},
     notes="tiny with a 2-token SSL conditioner, for conditioning and conversion tests.",
 ))
 
