@@ -1,0 +1,560 @@
+"""The QuPath project adapter without QuPath: pure helpers, backups, and the adapter on a fake of paquo.
+
+The fake mimics the parts of paquo 0.9 the adapter uses, including its traps (float-only measurements,
+class names without ':', read-only mode raising, entry.save() skipping unreadable images). The same
+behaviour is checked against a real QuPath in test_project.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from shapely.geometry import LineString, MultiPolygon, Point, Polygon, box
+
+from pdseg_qupath.annotations import Annotation
+from pdseg_qupath.errors import PdsegError
+from pdseg_qupath.qupath.backup import ProjectBackup, new_backup_dir
+from pdseg_qupath.qupath.names import UNSAFE_CHARS, predictions_geojson, safe_filename
+from pdseg_qupath.qupath.qpproj import (
+    clean_geometry,
+    is_pdseg_name,
+    missing_classes,
+    mpp_from_builder,
+    mpp_from_calibration,
+    path_from_file_uri,
+    prediction_name,
+    project_file,
+    read_server_builders,
+    size_from_builder,
+    split_class_name,
+)
+
+GROOVY = Path(__file__).resolve().parents[1] / "groovy"
+
+
+def calibration(value: float, unit: str = "µm") -> dict:
+    return {"pixelWidth": {"value": value, "unit": unit}, "pixelHeight": {"value": value, "unit": unit},
+            "zSpacing": {"value": 1.0, "unit": "z-slice"}, "timeUnit": "SECONDS", "timepoints": []}
+
+
+def builder(uri: str, w: int, h: int, mpp: float | None) -> dict:
+    cal = calibration(mpp) if mpp else calibration(1.0, "px")
+    return {"builderType": "uri", "providerClassName": "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder",
+            "uri": uri, "args": [], "metadata": {"width": w, "height": h, "sizeZ": 1, "sizeT": 1,
+                                                  "levels": [{"downsample": 1.0, "width": w, "height": h}],
+                                                  "pixelCalibration": cal}}
+
+
+# ---------------------------------------------------------------------------------------- file names
+
+
+def test_safe_filename_replaces_exactly_the_unsafe_characters():
+    assert safe_filename('a/b\\c:d*e?f"g<h>i|j') == "a_b_c_d_e_f_g_h_i_j"
+    assert safe_filename("CMU-1 (copy).svs - Series #2 µm") == "CMU-1 (copy).svs - Series #2 µm"
+    assert predictions_geojson(Path("/p"), "x:y.svs") == Path("/p/pdseg/predictions/x_y.svs.geojson")
+
+
+@pytest.mark.parametrize("script", ["export_annotations.groovy", "import_predictions.groovy"])
+def test_groovy_scripts_use_the_same_file_name_rule(script):
+    text = (GROOVY / script).read_text(encoding="utf-8")
+    m = re.search(r"replaceAll\('((?:[^'\\]|\\.)*)', '_'\)", text)
+    assert m, f"{script}: no replaceAll(<regex>, '_') found"
+    regex = re.sub(r"\\(.)", r"\1", m.group(1))  # undo Groovy single-quoted string escapes
+    names = ["plain.svs", 'all/\\:*?"<>|here', "a b.c-d_e[1](2){3}$^+.tif", "tab\tand ünïcode"]
+    for name in names + list(UNSAFE_CHARS):
+        assert re.sub(regex, "_", name) == safe_filename(name)
+    assert "+ '.geojson'" in text
+
+
+def test_groovy_scripts_use_pdseg_folders_and_marker():
+    export = (GROOVY / "export_annotations.groovy").read_text(encoding="utf-8")
+    imp = (GROOVY / "import_predictions.groovy").read_text(encoding="utf-8")
+    assert '"annotations"' in export and '"FEATURE_COLLECTION"' in export
+    assert '"predictions"' in imp and 'def PDSEG = "pdseg"' in imp
+    assert "PathIO.readObjects(file)" in imp and "saveImageData(imageData)" in imp
+    assert "addObjects" in imp and "addPathObjects" in imp
+
+
+# ------------------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize(
+    "uri, path",
+    [
+        ("file:/home/u/a%20b.svs", Path("/home/u/a b.svs")),
+        ("file:///home/u/x.tif", Path("/home/u/x.tif")),
+        ("file:/C:/slides/x%C3%BC.svs", Path("C:/slides/xü.svs")),
+        ("file://server/share/x.svs", Path("//server/share/x.svs")),
+        ("https://omero.example.org/img/1", None),
+    ],
+)
+def test_path_from_file_uri(uri, path):
+    assert path_from_file_uri(uri) == path
+
+
+def test_mpp_from_calibration_accepts_micrometres_only():
+    assert mpp_from_calibration(calibration(0.2527)) == pytest.approx(0.2527)
+    assert mpp_from_calibration(calibration(0.5, "μm")) == 0.5  # Greek mu, as hand-edited files have it
+    assert mpp_from_calibration(calibration(0.5, "um")) == 0.5
+    assert mpp_from_calibration(calibration(1.0, "px")) is None  # QuPath's uncalibrated default
+    assert mpp_from_calibration(calibration(0.0)) is None
+    assert mpp_from_calibration({}) is None and mpp_from_calibration(None) is None
+    aniso = calibration(0.5)
+    aniso["pixelHeight"]["value"] = 0.7
+    assert mpp_from_calibration(aniso) == pytest.approx(0.6)
+
+
+def test_builder_metadata_plain_and_wrapped():
+    b = builder("file:/x.svs", 2220, 2967, 0.499)
+    assert mpp_from_builder(b) == pytest.approx(0.499)
+    assert size_from_builder(b) == (2220, 2967)
+    rotated = {"builderType": "rotated", "rotation": "ROTATE_90", "builder": b}
+    assert mpp_from_builder(rotated) == pytest.approx(0.499)
+    assert mpp_from_builder(builder("file:/x.png", 10, 10, None)) is None
+    assert mpp_from_builder(None) is None and size_from_builder({"metadata": {"width": "?"}}) is None
+
+
+def test_read_server_builders(tmp_path):
+    qp = tmp_path / "project.qpproj"
+    qp.write_text(json.dumps({"version": "0.6.0", "images": [
+        {"serverBuilder": builder("file:/a.svs", 10, 20, 0.25), "entryID": 1, "imageName": "a.svs"},
+        {"entryID": 2, "imageName": "broken"},
+    ]}), encoding="utf-8")
+    builders = read_server_builders(qp)
+    assert list(builders) == ["1"] and mpp_from_builder(builders["1"]) == 0.25
+    qp.write_text("{not json", encoding="utf-8")
+    assert read_server_builders(qp) == {}
+
+
+def test_project_file(tmp_path):
+    with pytest.raises(PdsegError, match="no such QuPath project"):
+        project_file(tmp_path)
+    (tmp_path / "project.qpproj").write_text("{}")
+    assert project_file(tmp_path) == (tmp_path / "project.qpproj").absolute()
+    assert project_file(tmp_path / "project.qpproj") == (tmp_path / "project.qpproj").absolute()
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(PdsegError, match="not a QuPath project file"):
+        project_file(tmp_path / "x.json")
+
+
+def test_names_and_classes():
+    assert is_pdseg_name("pdseg Tumor") and not is_pdseg_name("Tumor") and not is_pdseg_name(None)
+    assert prediction_name(Annotation(box(0, 0, 1, 1), "Tumor")) == "pdseg Tumor"
+    assert prediction_name(Annotation(box(0, 0, 1, 1), "Tumor", name="pdseg Tumor #3")) == "pdseg Tumor #3"
+    assert prediction_name(Annotation(box(0, 0, 1, 1), None, name="region")) == "pdseg region"
+    assert split_class_name("Tumor: Positive") == ["Tumor", "Positive"]
+    assert split_class_name("Stroma") == ["Stroma"]
+    assert missing_classes(["Tumor"], ["Stroma", None, "Tumor", "Stroma", "Necrosis"]) == ["Stroma", "Necrosis"]
+
+
+def test_clean_geometry():
+    holed = Polygon([(0, 0), (10, 0), (10, 10), (0, 10)], [[(2, 2), (4, 2), (4, 4), (2, 4)]])
+    assert clean_geometry(holed) == (holed, "ok")
+    fixed, what = clean_geometry(Polygon([(0, 0), (2, 2), (2, 0), (0, 2)]))  # bow-tie
+    assert what == "repaired" and fixed.is_valid and fixed.area == pytest.approx(2.0)
+    assert clean_geometry(Point(1, 1)) == (None, "point")
+    assert clean_geometry(LineString([(0, 0), (1, 1)])) == (None, "line")
+    assert clean_geometry(Polygon()) == (None, "empty")
+    mixed = Point(0, 0).union(box(0, 0, 1, 1)).union(LineString([(5, 5), (6, 6)]))
+    geom, what = clean_geometry(mixed)
+    assert what == "ok" and geom.area == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------- backups
+
+
+def test_backup_copies_once_before_changes(tmp_path):
+    proj = tmp_path / "proj"
+    (proj / "data" / "1").mkdir(parents=True)
+    (proj / "data" / "2").mkdir(parents=True)
+    (proj / "classifiers").mkdir()
+    (proj / "project.qpproj").write_text("original project")
+    (proj / "classifiers" / "classes.json").write_text('{"pathClasses": []}')
+    (proj / "data" / "1" / "data.qpdata").write_bytes(b"one")
+    (proj / "data" / "2" / "data.qpdata").write_bytes(b"two")
+    b = ProjectBackup(proj)
+    folder = b.ensure(proj / "data" / "1")
+    assert folder.parent == proj / "pdseg" / "backups"
+    (proj / "data" / "1" / "data.qpdata").write_bytes(b"changed")
+    (proj / "project.qpproj").write_text("changed project")
+    assert b.ensure(proj / "data" / "1") == folder  # same session: the first copy is kept
+    assert b.ensure(proj / "data" / "2") == folder
+    assert (folder / "data" / "1" / "data.qpdata").read_bytes() == b"one"
+    assert (folder / "data" / "2" / "data.qpdata").read_bytes() == b"two"
+    assert (folder / "project.qpproj").read_text() == "original project"
+    assert (folder / "classifiers" / "classes.json").is_file()
+    assert ProjectBackup(proj).ensure() != folder  # a new session gets a new folder
+
+
+def test_new_backup_dir_never_reuses_a_folder(tmp_path):
+    from datetime import datetime
+
+    when = datetime(2025, 1, 2, 3, 4, 5)
+    a, b = new_backup_dir(tmp_path, when), new_backup_dir(tmp_path, when)
+    assert a.name == "20250102-030405" and b.name == "20250102-030405-2"
+
+
+def test_backup_failure_is_a_clear_error(tmp_path, monkeypatch):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "project.qpproj").write_text("{}")
+
+    def fail(*a: Any, **k: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("shutil.copy2", fail)
+    with pytest.raises(PdsegError, match="nothing was written"):
+        ProjectBackup(proj).ensure()
+
+
+# ----------------------------------------------------------------------------- a fake of paquo 0.9
+
+
+class FakeColor(tuple):
+    def to_rgb(self) -> tuple[int, int, int]:
+        return (self[0], self[1], self[2])
+
+
+class FakePathClass:
+    def __init__(self, name: str, color: Any = None, parent: "FakePathClass | None" = None) -> None:
+        if not isinstance(name, str):
+            raise TypeError(name)
+        if ":" in name or "\n" in name:
+            raise ValueError("PathClass names cannot contain ':' or '\\n'")
+        self.name, self.parent = name, parent
+        self.color = FakeColor(color[:3]) if color is not None else FakeColor((9, 9, 9))
+
+    @property
+    def id(self) -> str:
+        return f"{self.parent.id}: {self.name}" if self.parent else self.name
+
+
+class FloatMeasurements(dict):
+    def __setitem__(self, k: str, v: float) -> None:
+        if not isinstance(v, float):
+            raise TypeError(f"value must be float, got: {type(v).__name__}")
+        super().__setitem__(k, v)
+
+    def update(self, other: Any = (), **kw: Any) -> None:  # type: ignore[override]
+        for k, v in dict(other, **kw).items():
+            self[k] = v
+
+
+class FakeAnnotationObject:
+    _next = 0
+
+    def __init__(self, roi: Any, path_class: Any = None, name: str | None = None, uid: str | None = None) -> None:
+        FakeAnnotationObject._next += 1
+        uid = uid or f"00000000-0000-4000-8000-{FakeAnnotationObject._next:012d}"
+        self.roi, self.path_class, self.name, self.locked = roi, path_class, name, False
+        self.measurements = FloatMeasurements()
+        self.java_object = types.SimpleNamespace(getID=lambda: uid, getColor=lambda: None)
+
+    @classmethod
+    def from_shapely(cls, roi: Any, path_class: Any = None, measurements: Any = None) -> "FakeAnnotationObject":
+        if path_class is not None and not isinstance(path_class, FakePathClass):
+            raise AttributeError("'str' object has no attribute 'java_object'")  # paquo: class must be an object
+        obj = cls(roi, path_class)
+        if measurements is not None:
+            obj.measurements.update(measurements)
+        return obj
+
+
+class FakeProxy(list):
+    def __init__(self, items: list, hierarchy: "FakeHierarchy") -> None:
+        super().__init__(items)
+        self._h = hierarchy
+
+    def add(self, x: Any) -> None:
+        if self._h.readonly:
+            raise OSError("project in readonly mode")
+        if not isinstance(x, FakeAnnotationObject):
+            raise TypeError("requires QuPathPathAnnotationObject")
+        self.append(x)
+        self._h.changed = True
+
+    def discard(self, x: Any) -> None:
+        if self._h.readonly:
+            raise OSError("project in readonly mode")
+        self.remove(x)
+        self._h.changed = True
+
+
+class FakeHierarchy:
+    def __init__(self, objects: list, readonly: bool) -> None:
+        self.readonly, self.changed, self.flushes = readonly, False, 0
+        self.annotations = FakeProxy(objects, self)
+
+    @contextmanager
+    def no_autoflush(self):
+        yield self
+        self.flushes += 1
+
+
+class FakeServer:
+    def __init__(self, w: int, h: int, mpp: float | None) -> None:
+        self.w, self.h, self.mpp = w, h, mpp
+
+    def getWidth(self) -> int:
+        return self.w
+
+    def getHeight(self) -> int:
+        return self.h
+
+    def getMetadata(self) -> Any:
+        mpp = self.mpp
+        cal = types.SimpleNamespace(hasPixelSizeMicrons=lambda: mpp is not None,
+                                    getPixelWidthMicrons=lambda: mpp if mpp else float("nan"),
+                                    getPixelHeightMicrons=lambda: mpp if mpp else float("nan"))
+        return types.SimpleNamespace(getPixelCalibration=lambda: cal)
+
+
+class FakeEntry:
+    def __init__(self, project: "FakeProject", rec: dict) -> None:
+        self._p, self._rec = project, rec
+        self.image_name, self.uri, self.entry_id = rec["name"], rec["uri"], rec["id"]
+        self.entry_path = project.dir / "data" / str(rec["id"])
+        self.hierarchy = FakeHierarchy([self._copy(o) for o in rec["objects"]], project.readonly)
+
+    @staticmethod
+    def _copy(o: FakeAnnotationObject) -> FakeAnnotationObject:
+        c = FakeAnnotationObject(o.roi, o.path_class, o.name, o.java_object.getID())
+        dict.update(c.measurements, o.measurements)
+        return c
+
+    def is_readable(self) -> bool:
+        return Path(self.uri[len("file:"):]).is_file()
+
+    @property
+    def _image_server(self) -> FakeServer:
+        if not self.is_readable():
+            raise RuntimeError("paquo fallback: PathIO.readImageData signature missing")
+        return FakeServer(*self._rec["server"])
+
+    @property
+    def width(self) -> int:
+        return int(self._image_server.getWidth())
+
+    @property
+    def height(self) -> int:
+        return int(self._image_server.getHeight())
+
+    def is_changed(self) -> bool:
+        return self.hierarchy.changed
+
+    def save(self) -> None:
+        if self._p.readonly:
+            raise OSError("project in readonly mode")
+        if self.is_readable() and self.is_changed():
+            self._rec["objects"] = [self._copy(o) for o in self.hierarchy.annotations]
+            self._rec["saves"] = self._rec.get("saves", 0) + 1
+            (self.entry_path / "data.qpdata").write_text(f"saved {len(self._rec['objects'])}")
+            self.hierarchy.changed = False
+
+
+class FakeProject:
+    store: dict[Path, dict] = {}
+
+    def __init__(self, path: Any, mode: str = "r") -> None:
+        p = Path(path)
+        if p.suffix != ".qpproj":
+            p = p / "project.qpproj"
+        if not p.is_file():
+            raise FileNotFoundError(p)
+        self.dir, self.readonly = p.parent, mode == "r"
+        self._state = FakeProject.store[self.dir]
+        self.images = [FakeEntry(self, rec) for rec in self._state["images"]]
+
+    @property
+    def path_classes(self) -> tuple:
+        return tuple(self._state["classes"])
+
+    @path_classes.setter
+    def path_classes(self, pcs: Any) -> None:
+        if self.readonly:
+            raise AttributeError("project in readonly mode")
+        self._state["classes"] = list(pcs)
+        self._state["class_writes"] = self._state.get("class_writes", 0) + 1
+
+    def save(self, images: bool = True) -> None:
+        if self.readonly:
+            raise OSError("project in readonly mode")
+        if images:
+            for e in self.images:
+                e.save()
+        self._state["project_saves"] = self._state.get("project_saves", 0) + 1
+
+
+@pytest.fixture
+def fake_paquo(monkeypatch):
+    mods = {
+        "paquo.projects": types.SimpleNamespace(QuPathProject=FakeProject),
+        "paquo.classes": types.SimpleNamespace(QuPathPathClass=FakePathClass),
+        "paquo.pathobjects": types.SimpleNamespace(QuPathPathAnnotationObject=FakeAnnotationObject),
+    }
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(FakeProject, "store", {})
+    return FakeProject.store
+
+
+HOLED = Polygon([(10, 10), (110, 10), (110, 110), (10, 110)], [[(40, 40), (60, 40), (60, 60), (40, 60)]])
+
+
+@pytest.fixture
+def project(tmp_path, fake_paquo):
+    """A project with a calibrated slide, a PNG, and an image whose file has gone."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "slide.tif").write_bytes(b"not really a tiff")
+    Image.new("RGB", (64, 48), "white").save(images / "tile.png")
+    proj = tmp_path / "proj"
+    (proj / "classifiers").mkdir(parents=True)
+    tumor, stroma = FakePathClass("Tumor", (200, 0, 0)), FakePathClass("Stroma", (150, 200, 150))
+    user = [
+        FakeAnnotationObject(HOLED, tumor, "my tumour", "11111111-1111-4111-8111-111111111111"),
+        FakeAnnotationObject(box(200, 0, 300, 50), stroma, None, "22222222-2222-4222-8222-222222222222"),
+        FakeAnnotationObject(box(0, 200, 10, 210), None, "unclassified"),
+        FakeAnnotationObject(Polygon([(0, 0), (2, 2), (2, 0), (0, 2)]), tumor, "bow-tie"),
+        FakeAnnotationObject(Point(5, 5), tumor, "a point"),
+        FakeAnnotationObject(LineString([(0, 0), (9, 9)]), stroma, "a line"),
+    ]
+    dict.update(user[0].measurements, {"Area µm^2": 1.5})
+    recs = [
+        {"id": 1, "name": "slide.tif", "uri": f"file:{images / 'slide.tif'}", "server": (1000, 800, 0.25),
+         "objects": user},
+        {"id": 2, "name": "tile.png", "uri": f"file:{images / 'tile.png'}", "server": (64, 48, None),
+         "objects": []},
+        {"id": 3, "name": "gone.svs", "uri": f"file:{images / 'gone.svs'}", "server": (0, 0, None),
+         "objects": [FakeAnnotationObject(box(0, 0, 5, 5), stroma, "kept")]},
+    ]
+    qpproj = {"version": "0.6.0", "images": [
+        {"serverBuilder": builder(recs[0]["uri"], 1000, 800, 0.25), "entryID": 1, "imageName": "slide.tif"},
+        {"serverBuilder": builder(recs[1]["uri"], 64, 48, None), "entryID": 2, "imageName": "tile.png"},
+        {"serverBuilder": builder(recs[2]["uri"], 4000, 3000, 0.5), "entryID": 3, "imageName": "gone.svs"},
+    ]}
+    (proj / "project.qpproj").write_text(json.dumps(qpproj), encoding="utf-8")
+    (proj / "classifiers" / "classes.json").write_text('{"pathClasses": []}')
+    for rec in recs:
+        (proj / "data" / str(rec["id"])).mkdir(parents=True)
+        (proj / "data" / str(rec["id"]) / "data.qpdata").write_text("original")
+    fake_paquo[proj] = {"images": recs, "classes": [tumor, stroma]}
+    return proj
+
+
+def test_no_qupath_is_a_clear_error(tmp_path, monkeypatch):
+    from pdseg_qupath.qupath.project import QuPathProjectSource
+
+    (tmp_path / "project.qpproj").write_text("{}")
+    monkeypatch.setitem(sys.modules, "paquo.projects", None)  # import fails as without QuPath
+    with pytest.raises(PdsegError, match="PAQUO_QUPATH_DIR") as e:
+        QuPathProjectSource(tmp_path)
+    assert "export_annotations.groovy" in str(e.value)
+
+
+def test_images_pixel_sizes_and_missing_file(project):
+    from pdseg_qupath.qupath.project import QuPathProjectSource
+
+    src = QuPathProjectSource(project)
+    slide, tile, gone = src.images()
+    assert (slide.name, slide.width, slide.height, slide.mpp, slide.error) == ("slide.tif", 1000, 800, 0.25, None)
+    assert slide.path == project.parent / "images" / "slide.tif"
+    assert tile.mpp is None and tile.error is None and (tile.width, tile.height) == (64, 48)
+    assert gone.error and "not found" in gone.error and "Update URIs" in gone.error
+    assert (gone.width, gone.height, gone.mpp) == (4000, 3000, 0.5)  # from project.qpproj
+
+
+def test_read_annotations(project):
+    from pdseg_qupath.qupath.project import QuPathProjectSource
+
+    src = QuPathProjectSource(project)
+    slide = src.images()[0]
+    anns, report = src.read_annotations(slide)
+    assert [a.classification for a in anns] == ["Tumor", "Stroma", None, "Tumor"]
+    tumour = anns[0]
+    assert tumour.geometry.area == pytest.approx(100 * 100 - 20 * 20)
+    assert tumour.id == "11111111-1111-4111-8111-111111111111" and tumour.name == "my tumour"
+    assert tumour.color == (200, 0, 0) and tumour.measurements == {"Area µm^2": 1.5}
+    assert anns[3].geometry.is_valid
+    assert (report.read, report.repaired, report.skipped_points, report.skipped_lines) == (4, 1, 1, 1)
+    assert src.class_colors() == {"Tumor": (200, 0, 0), "Stroma": (150, 200, 150)}
+    # a moved image's objects can still be read (they live in the project, not in the slide)
+    gone_anns, _ = src.read_annotations(src.images()[2])
+    assert [a.name for a in gone_anns] == ["kept"]
+
+
+def test_write_requires_writable(project):
+    from pdseg_qupath.qupath.project import QuPathProjectSource
+
+    src = QuPathProjectSource(project)
+    with pytest.raises(PdsegError, match="read-only"):
+        src.write_predictions(src.images()[0], [Annotation(box(0, 0, 1, 1), "Tumor")])
+
+
+def predictions(n: int) -> list[Annotation]:
+    out = [
+        Annotation(MultiPolygon([box(0, 0, 10, 10), box(20, 20, 30, 30)]), "Tumor", color=(200, 0, 0),
+                   name="pdseg Tumor", measurements={"pdseg area µm²": 12, "pdseg mean probability": 0.9}),
+        Annotation(box(400, 400, 500, 500), "Necrosis", color=(50, 50, 50), measurements={"pdseg area µm²": 625.0}),
+        Annotation(box(600, 400, 700, 500), "Tumor: Positive", color=(250, 0, 0)),
+    ]
+    return out[:n]
+
+
+def test_write_predictions_twice_replaces_only_pdseg_objects(project, fake_paquo):
+    from pdseg_qupath.qupath.project import QuPathProjectSource
+
+    before, _ = QuPathProjectSource(project).read_annotations(QuPathProjectSource(project).images()[0])
+    with QuPathProjectSource(project, writable=True) as src:
+        slide, tile, gone = src.images()
+        r1 = src.write_predictions(slide, predictions(3))
+        r2 = src.write_predictions(slide, predictions(2))
+        with pytest.raises(PdsegError, match="cannot open the image file"):
+            src.write_predictions(gone, predictions(1))
+    assert (r1.removed, r1.added, r1.kept) == (0, 3, 6)
+    assert (r2.removed, r2.added, r2.kept) == (3, 2, 6)
+    assert r1.backup == r2.backup and r1.backup.parent == project / "pdseg" / "backups"
+    assert (r1.backup / "data" / "1" / "data.qpdata").read_text() == "original"
+    assert (r1.backup / "project.qpproj").is_file() and (r1.backup / "classifiers" / "classes.json").is_file()
+    assert not (r1.backup / "data" / "2").exists()  # only what was written is backed up
+
+    state = fake_paquo[project]
+    assert [pc.id for pc in state["classes"]] == ["Tumor", "Stroma", "Necrosis", "Tumor: Positive"]
+    assert state["class_writes"] == 1  # grown once, existing class objects kept
+    assert state["images"][1].get("saves") is None and state["images"][2].get("saves") is None
+
+    src = QuPathProjectSource(project)
+    after, report = src.read_annotations(src.images()[0])
+    mine = [a for a in after if a.is_pdseg]
+    users = [a for a in after if not a.is_pdseg]
+    assert [(a.name, a.classification) for a in mine] == [("pdseg Tumor", "Tumor"), ("pdseg Necrosis", "Necrosis")]
+    assert mine[0].measurements == {"pdseg area µm²": 12.0, "pdseg mean probability": 0.9}
+    assert mine[0].geometry.geom_type == "MultiPolygon"
+    assert [(a.id, a.name, a.classification) for a in users] == [(a.id, a.name, a.classification) for a in before]
+    assert all(u.geometry.equals(b.geometry) for u, b in zip(users, before))
+
+
+def test_prediction_objects_always_carry_the_marker(project, fake_paquo):
+    from pdseg_qupath.qupath.project import QuPathProjectSource
+
+    with QuPathProjectSource(project, writable=True) as src:
+        slide = src.images()[0]
+        src.write_predictions(slide, [Annotation(box(0, 0, 5, 5), "Stroma", name="unmarked")])
+        report = src.write_predictions(slide, [])
+    assert report.removed == 1 and report.added == 0  # the unmarked name was prefixed, so it was ours
+
+
+def test_open_source_dispatches_to_project(project):
+    from pdseg_qupath.qupath.project import QuPathProjectSource
+    from pdseg_qupath.source import AnnotationSource, open_source
+
+    src = open_source(project / "project.qpproj")
+    assert isinstance(src, QuPathProjectSource) and isinstance(src, AnnotationSource)
