@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
@@ -327,14 +328,12 @@ def _metadata(value: Any, label: str, report: ReadReport) -> dict[str, str]:
 
 def _area(geometry: Any, label: str, report: ReadReport) -> BaseGeometry | None:
     """The feature's area as a valid Polygon/MultiPolygon, or None (counted in ``report``)."""
-    if geometry is None:
-        return None
-    problem = _check_geometry(geometry)
-    if problem:
+    try:
+        parts, dropped = _polygon_parts(geometry)
+    except _BadGeometry as e:
         report.skipped_other += 1
-        report.messages.append(f"{label} skipped: {problem}")
+        report.messages.append(f"{label} skipped: {e}")
         return None
-    parts, dropped = _polygon_parts(geometry)
     if not parts:
         if "point" in dropped:
             report.skipped_points += 1
@@ -366,28 +365,73 @@ def _area(geometry: Any, label: str, report: ReadReport) -> BaseGeometry | None:
     return fixed
 
 
-def _check_geometry(geometry: Any) -> str | None:
-    """Why ``geometry`` is not a usable GeoJSON geometry, or None; checks that coordinates are numbers."""
+class _BadGeometry(ValueError):
+    """A geometry that is not well-formed GeoJSON (the feature is skipped, the file goes on)."""
+
+
+def _polygon_parts(geometry: Any) -> tuple[list[Polygon], set[str]]:
+    """Polygons of a GeoJSON geometry, and the kinds of parts that carry no area ('point', 'line', 'empty')."""
     if not isinstance(geometry, dict):
-        return f"geometry is not a GeoJSON object but {type(geometry).__name__}"
+        raise _BadGeometry(f"geometry is not a GeoJSON object but {type(geometry).__name__}")
     kind = geometry.get("type")
     if kind == "GeometryCollection":
         members = geometry.get("geometries")
         if not isinstance(members, list):
-            return "GeometryCollection without a 'geometries' list"
+            raise _BadGeometry("GeometryCollection without a 'geometries' list")
+        parts: list[Polygon] = []
+        dropped: set[str] = set()
         for member in members:
-            problem = _check_geometry(member)
-            if problem:
-                return problem
-        return None
+            p, d = _polygon_parts(member)
+            parts.extend(p)
+            dropped |= d
+        return parts, dropped
     if kind not in _COORD_DEPTH:
-        return f"unknown geometry type {kind!r}"
+        raise _BadGeometry(f"unknown geometry type {kind!r}")
     if "coordinates" not in geometry:
-        return f"{kind} without 'coordinates'"
-    return _check_coords(geometry["coordinates"], _COORD_DEPTH[kind], kind)
+        raise _BadGeometry(f"{kind} without 'coordinates'")
+    coords = geometry["coordinates"]
+    if kind not in ("Polygon", "MultiPolygon"):
+        problem = _check_coords(coords, _COORD_DEPTH[kind], kind)
+        if problem:
+            raise _BadGeometry(problem)
+        return [], {"point" if kind.endswith("Point") else "line"}
+    if not isinstance(coords, list):
+        raise _BadGeometry(f"{kind} coordinates are not nested lists as GeoJSON requires: {coords!r:.60}")
+    parts, dropped = [], set()
+    for rings in [coords] if kind == "Polygon" else coords:
+        if not isinstance(rings, list):
+            raise _BadGeometry(f"{kind} coordinates are not nested lists as GeoJSON requires: {rings!r:.60}")
+        poly = _polygon([_positions(ring, kind) for ring in rings])
+        if poly is None:
+            dropped.add("empty")
+        else:
+            parts.append(poly)
+    return parts, dropped
+
+
+def _positions(ring: Any, kind: str) -> np.ndarray:
+    """An (n, 2) float array of a ring's positions (z dropped); numpy fast path, exact checks on failure."""
+    if not isinstance(ring, list):
+        raise _BadGeometry(f"{kind} coordinates are not nested lists as GeoJSON requires: {ring!r:.60}")
+    if not ring:
+        return np.empty((0, 2))
+    try:
+        arr = np.asarray(ring)
+    except (ValueError, TypeError):  # ragged
+        arr = None
+    if arr is None or arr.ndim != 2 or arr.shape[1] < 2 or arr.dtype.kind not in "iuf":
+        problem = _check_coords(ring, 2, kind)  # names the offending value
+        if problem:
+            raise _BadGeometry(problem)
+        arr = np.array([p[:2] for p in ring], dtype=float)  # valid but mixed 2-D/3-D positions
+    arr = arr[:, :2].astype(float, copy=False)
+    if not np.isfinite(arr).all():
+        raise _BadGeometry(f"{kind} has a coordinate that is not a finite number")
+    return arr
 
 
 def _check_coords(value: Any, depth: int, kind: str) -> str | None:
+    """Why nested ``value`` is not ``depth`` levels of GeoJSON positions of finite numbers, or None."""
     if depth == 1:
         if not isinstance(value, list) or len(value) < 2:
             return f"{kind} has a position that is not a list of 2 numbers: {value!r:.60}"
@@ -404,41 +448,13 @@ def _check_coords(value: Any, depth: int, kind: str) -> str | None:
     return None
 
 
-def _polygon_parts(geometry: dict) -> tuple[list[Polygon], set[str]]:
-    """Polygons of a checked geometry, and the kinds of parts that carry no area ('point', 'line', 'empty')."""
-    kind = geometry["type"]
-    if kind in ("Point", "MultiPoint"):
-        return [], {"point"}
-    if kind in ("LineString", "MultiLineString"):
-        return [], {"line"}
-    if kind == "GeometryCollection":
-        parts: list[Polygon] = []
-        dropped: set[str] = set()
-        for member in geometry["geometries"]:
-            p, d = _polygon_parts(member)
-            parts.extend(p)
-            dropped |= d
-        return parts, dropped
-    polygons = [geometry["coordinates"]] if kind == "Polygon" else geometry["coordinates"]
-    parts = []
-    dropped = set()
-    for rings in polygons:
-        poly = _polygon(rings)
-        if poly is None:
-            dropped.add("empty")
-        else:
-            parts.append(poly)
-    return parts, dropped
+def _ring(arr: np.ndarray) -> np.ndarray | None:
+    if len(arr) > 1 and (arr[0] == arr[-1]).all():
+        arr = arr[:-1]  # shapely closes the ring itself
+    return arr if len(arr) >= 3 else None
 
 
-def _ring(coords: list) -> list[tuple[float, float]] | None:
-    points = [(float(p[0]), float(p[1])) for p in coords]  # 2-D: a z coordinate is dropped
-    if len(points) > 1 and points[0] == points[-1]:
-        points.pop()
-    return points if len(points) >= 3 else None
-
-
-def _polygon(rings: list) -> Polygon | None:
+def _polygon(rings: list[np.ndarray]) -> Polygon | None:
     if not rings:
         return None
     shell = _ring(rings[0])
@@ -480,8 +496,8 @@ def _uuid(value: str) -> str:
         return str(uuid.uuid5(uuid.NAMESPACE_URL, f"pdseg:{value}"))
 
 
-def _ring_json(coords: Any) -> list[list[float]]:
-    return [[float(x), float(y)] for x, y, *_ in coords]
+def _ring_json(ring: BaseGeometry) -> list[list[float]]:
+    return shapely.get_coordinates(ring).tolist()  # float64 -> Python floats, 2-D
 
 
 def _geometry_json(geom: BaseGeometry) -> dict:
@@ -493,7 +509,7 @@ def _geometry_json(geom: BaseGeometry) -> dict:
 
 
 def _polygon_json(poly: Polygon) -> list[list[list[float]]]:
-    return [_ring_json(poly.exterior.coords)] + [_ring_json(r.coords) for r in poly.interiors]
+    return [_ring_json(r) for r in shapely.get_rings(poly)]  # exterior first; faster than .interiors
 
 
 def _measurement_json(value: float) -> float | str:
