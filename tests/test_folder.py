@@ -138,12 +138,14 @@ def test_write_predictions_replaces_only_pdseg_objects(folder: Path) -> None:
     assert sum(a.is_pdseg for a in read_geojson(target)[0]) == 1
 
 
-def test_write_predictions_refuses_unmarked_objects(folder: Path) -> None:
+def test_write_predictions_marks_unmarked_objects(folder: Path) -> None:
     src = GeoJSONFolder(folder)
     rec = next(r for r in src.images() if r.name == "a.png")
-    with pytest.raises(ValueError, match="pdseg"):
-        src.write_predictions(rec, [square(0, "Tumor", name="my own")])
-    assert not (folder / "pdseg").exists()
+    src.write_predictions(rec, [square(0, "Tumor", name="my own"), square(20, "Stroma")])
+    target = src.predictions_path(rec)
+    assert [a.name for a in read_geojson(target)[0]] == ["pdseg my own", "pdseg Stroma"]
+    rep = src.write_predictions(rec, [square(0, "Tumor")])
+    assert (rep.removed, rep.added, rep.kept) == (2, 1, 0)
 
 
 def test_predictions_of_images_sharing_a_stem_do_not_collide(tmp_path: Path) -> None:

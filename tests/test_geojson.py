@@ -8,7 +8,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from shapely.geometry import MultiPolygon, Polygon
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from shapely.geometry import MultiPolygon, Point, Polygon
 
 from pdseg_qupath.annotations import Annotation, default_color
 from pdseg_qupath.errors import PdsegError
@@ -250,3 +252,49 @@ def test_real_gbm40_tile() -> None:
     assert background.geometry.bounds == (0.0, 0.0, 512.0, 512.0) and background.color == (200, 200, 200)
     assert all(a.object_type == "annotation" and a.geometry.is_valid for a in objs)
     assert len({a.id for a in objs}) == len(objs)
+
+
+# ------------------------------------------------------------------------------------ property: round trip
+
+_names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
+_rgb = st.tuples(*[st.integers(0, 255)] * 3)
+
+
+@st.composite
+def _areas(draw: st.DrawFn) -> Polygon | MultiPolygon:
+    """Polygons with optional holes, or MultiPolygons of separated parts, at non-integer coordinates."""
+    n = draw(st.integers(1, 3))
+    parts = []
+    for i in range(n):
+        cx, cy = 1000.0 * i + draw(st.floats(0, 500)), draw(st.floats(0, 5000))
+        r = draw(st.floats(20, 400))
+        shell = Point(cx, cy).buffer(r, quad_segs=draw(st.integers(1, 6)))
+        if draw(st.booleans()):
+            shell = shell.difference(Point(cx, cy).buffer(r / 3, quad_segs=2))
+        parts.append(shell)
+    return parts[0] if n == 1 else MultiPolygon(parts)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    geom=_areas(),
+    cls=st.one_of(st.none(), _names, st.lists(_names, min_size=2, max_size=3).map(": ".join)),  # derived too
+    color=_rgb,
+    obj_color=st.one_of(st.none(), _rgb),
+    name=st.one_of(st.none(), _names),
+    locked=st.booleans(),
+    meas=st.dictionaries(_names, st.floats(allow_nan=True, allow_infinity=True), max_size=3),
+    meta=st.dictionaries(_names, _names, max_size=2),
+)
+def test_round_trip_property(tmp_path: Path, geom, cls, color, obj_color, name, locked, meas, meta) -> None:  # type: ignore[no-untyped-def]
+    a = Annotation(geom, cls, color if cls else None, name=name, locked=locked, measurements=meas,
+                   metadata=meta, object_color=obj_color)
+    out = tmp_path / "p.geojson"
+    write_geojson(out, [a])
+    (b,), rep = read_geojson(out)
+    assert rep.read == 1 and rep.skipped == 0 and rep.repaired == 0
+    assert (b.id, b.classification, b.color, b.name, b.locked, b.metadata, b.object_color) == (
+        a.id, a.classification, a.color, a.name, a.locked, a.metadata, a.object_color)
+    assert b.measurements.keys() == meas.keys()
+    assert all(v == b.measurements[k] or (math.isnan(v) and math.isnan(b.measurements[k])) for k, v in meas.items())
+    assert b.geometry.geom_type == a.geometry.geom_type and b.geometry.equals(a.geometry)

@@ -13,6 +13,7 @@ can bring them in without risk to the hand-drawn annotations.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +28,7 @@ from .geojson import (
     raw_features,
     read_geojson,
 )
+from .qpproj import prediction_name
 
 IMAGE_SUFFIXES: tuple[str, ...] = (
     ".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff", ".png", ".jpg", ".jpeg"
@@ -151,15 +153,12 @@ class GeoJSONFolder:
     def write_predictions(self, image: ImageRecord, annotations: Sequence[Annotation]) -> WriteReport:
         """Replace earlier pdseg objects in the image's predictions file; other objects are kept verbatim.
 
+        Objects whose name lacks the ``pdseg`` marker get one (``"pdseg <name or class>"``), so that the
+        next write replaces them.
+
         The previous file is copied to ``<file>.bak`` first. Objects the user added to that file (points,
         detections, anything) are kept exactly as their JSON was, not re-read through the annotation model.
         """
-        unmarked = [a for a in annotations if not a.is_pdseg]
-        if unmarked:
-            raise ValueError(
-                f"{len(unmarked)} prediction object(s) lack the {PDSEG_MARKER!r} name prefix; "
-                "a later write could not replace them"
-            )
         target = self.predictions_path(image)
         report = WriteReport(image=image.name)
         kept: list[Any] = []
@@ -173,9 +172,16 @@ class GeoJSONFolder:
             try:
                 shutil.copy2(target, backup)
             except OSError as e:
-                raise PdsegError(f"{backup}: cannot back up the predictions ({e.strerror or e}); nothing written") from None
+                raise PdsegError(
+                    f"{backup}: cannot back up the predictions ({e.strerror or e}); nothing was written"
+                ) from None
             report.backup = backup
-        new = [annotation_to_feature(a) for a in annotations if not a.geometry.is_empty]
+        # Every object written is marked (as the project adapter does), so a later write can replace it.
+        new = [
+            annotation_to_feature(a if a.is_pdseg else replace(a, name=prediction_name(a)))
+            for a in annotations
+            if not a.geometry.is_empty
+        ]
         atomic_write_text(target, dump_feature_collection(kept + new))
         report.kept = len(kept)
         report.added = len(new)

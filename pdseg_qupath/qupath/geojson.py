@@ -29,6 +29,7 @@ from ..errors import PdsegError
 
 __all__ = [
     "read_geojson",
+    "load_json",
     "parse_geojson",
     "write_geojson",
     "annotation_to_feature",
