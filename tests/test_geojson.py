@@ -286,7 +286,9 @@ def _areas(draw: st.DrawFn) -> Polygon | MultiPolygon:
     meas=st.dictionaries(_names, st.floats(allow_nan=True, allow_infinity=True), max_size=3),
     meta=st.dictionaries(_names, _names, max_size=2),
 )
-def test_round_trip_property(tmp_path: Path, geom, cls, color, obj_color, name, locked, meas, meta) -> None:  # type: ignore[no-untyped-def]
+def test_round_trip_property(  # type: ignore[no-untyped-def]
+    tmp_path: Path, geom, cls, color, obj_color, name, locked, meas, meta
+) -> None:
     a = Annotation(geom, cls, color if cls else None, name=name, locked=locked, measurements=meas,
                    metadata=meta, object_color=obj_color)
     out = tmp_path / "p.geojson"
