@@ -322,7 +322,16 @@ class FakeEntry:
         self._p, self._rec = project, rec
         self.image_name, self.uri, self.entry_id = rec["name"], rec["uri"], rec["id"]
         self.entry_path = project.dir / "data" / str(rec["id"])
-        self.hierarchy = FakeHierarchy([self._copy(o) for o in rec["objects"]], project.readonly)
+        self._hierarchy: FakeHierarchy | None = None
+        self.java_object = types.SimpleNamespace(readHierarchy=lambda: [self._copy(o) for o in rec["objects"]])
+
+    @property
+    def hierarchy(self) -> FakeHierarchy:
+        if self._hierarchy is None:
+            if not self._p.readonly and not self.is_readable():
+                raise TypeError("ImageData of a missing image")  # what may happen in QuPath 0.6
+            self._hierarchy = FakeHierarchy([self._copy(o) for o in self._rec["objects"]], self._p.readonly)
+        return self._hierarchy
 
     @staticmethod
     def _copy(o: FakeAnnotationObject) -> FakeAnnotationObject:
@@ -399,6 +408,9 @@ def fake_paquo(monkeypatch):
         "paquo.projects": types.SimpleNamespace(QuPathProject=FakeProject),
         "paquo.classes": types.SimpleNamespace(QuPathPathClass=FakePathClass),
         "paquo.pathobjects": types.SimpleNamespace(QuPathPathAnnotationObject=FakeAnnotationObject),
+        "paquo.hierarchy": types.SimpleNamespace(
+            QuPathPathObjectHierarchy=lambda h, readonly, image_name: FakeHierarchy(h, readonly)
+        ),
     }
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
@@ -499,6 +511,14 @@ def test_write_requires_writable(project):
         src.write_predictions(src.images()[0], [Annotation(box(0, 0, 1, 1), "Tumor")])
 
 
+def test_writable_reads_a_moved_image_from_its_data_file(project):
+    from pdseg_qupath.qupath.project import QuPathProjectSource
+
+    src = QuPathProjectSource(project, writable=True)
+    anns, _ = src.read_annotations(src.images()[2])
+    assert [a.name for a in anns] == ["kept"]
+
+
 def predictions(n: int) -> list[Annotation]:
     out = [
         Annotation(MultiPolygon([box(0, 0, 10, 10), box(20, 20, 30, 30)]), "Tumor", color=(200, 0, 0),
@@ -558,3 +578,13 @@ def test_open_source_dispatches_to_project(project):
 
     src = open_source(project / "project.qpproj")
     assert isinstance(src, QuPathProjectSource) and isinstance(src, AnnotationSource)
+
+
+def test_close_without_writes_saves_nothing(project, fake_paquo):
+    from pdseg_qupath.qupath.project import QuPathProjectSource
+
+    with QuPathProjectSource(project, writable=True) as src:
+        for rec in src.images():
+            src.read_annotations(rec)
+    assert "project_saves" not in fake_paquo[project]
+    assert not (project / "pdseg").exists()  # no backup either: nothing was about to change

@@ -46,12 +46,14 @@ class _Paquo:
     def __init__(self) -> None:
         try:
             from paquo.classes import QuPathPathClass
+            from paquo.hierarchy import QuPathPathObjectHierarchy
             from paquo.pathobjects import QuPathPathAnnotationObject
             from paquo.projects import QuPathProject
         except Exception as e:  # paquo raises ValueError/OSError/RuntimeError when QuPath is not found
             raise PdsegError(f"QuPath not available ({type(e).__name__}: {e}). {NO_QUPATH_HELP}") from e
         self.QuPathProject = QuPathProject
         self.QuPathPathClass = QuPathPathClass
+        self.QuPathPathObjectHierarchy = QuPathPathObjectHierarchy
         self.QuPathPathAnnotationObject = QuPathPathAnnotationObject
 
 
@@ -91,6 +93,14 @@ def _object_color(obj: Any) -> RGB | None:
             return None
         v = int(rgb)
         return ((v >> 16) & 255, (v >> 8) & 255, v & 255)
+    except Exception:
+        return None
+
+
+def _class_rgb(pc: Any) -> RGB | None:
+    try:
+        color = pc.color if pc is not None else None
+        return tuple(int(c) for c in color.to_rgb()) if color is not None else None  # type: ignore[return-value]
     except Exception:
         return None
 
@@ -146,18 +156,19 @@ class QuPathProjectSource:
             rec.name = entry.image_name
             rec.uri = entry.uri
             rec.path = path_from_file_uri(rec.uri)
-            builder = builders.get(str(entry.entry_id)) or read_server_json(entry.entry_path)
-            size = size_from_builder(builder)
+            # what QuPath recorded: the project file first, then the entry's server.json
+            recorded = [builders.get(str(entry.entry_id)), read_server_json(entry.entry_path)]
+            size = next((s for s in map(size_from_builder, recorded) if s), None)
             if size:
                 rec.width, rec.height = size
             rec.error = self._unusable(rec, entry)
             if rec.error is None:
-                # Only for images QuPath can open: for a missing file, paquo's server fallback calls a
-                # PathIO signature QuPath 0.6 no longer has.
+                # Only for images QuPath can open: for a missing file QuPath cannot build the server and
+                # paquo falls back through deprecated readers; the recorded metadata above is used instead.
                 rec.width, rec.height = int(entry.width), int(entry.height)
                 rec.mpp = _server_mpp(entry)
             if rec.mpp is None:
-                rec.mpp = mpp_from_builder(builder)
+                rec.mpp = next((m for m in map(mpp_from_builder, recorded) if m), None)
             if rec.mpp is None and rec.error is None and rec.path is not None:
                 rec.mpp = _slide_mpp(rec.path)
         except Exception as e:  # one broken entry must not stop the others
@@ -193,8 +204,7 @@ class QuPathProjectSource:
         entry = self._entry(image)
         report = ReadReport(source=f"{self.path} [{image.name}]")
         try:
-            # A read-only project reads the hierarchy straight from data.qpdata: no image file needed.
-            objects = list(entry.hierarchy.annotations)
+            objects = list(self._hierarchy_for_reading(entry).annotations)
         except Exception as e:
             raise PdsegError(
                 f"{self.path}: could not read the objects of image {image.name!r} ({type(e).__name__}: {e}). "
@@ -209,7 +219,8 @@ class QuPathProjectSource:
                 report.messages.append(f"{image.name}: an object's ROI could not be converted ({e}); skipped")
                 continue
             geom, what = clean_geometry(raw)
-            label = f"{image.name}: {obj.name or _object_id(obj) or 'annotation'}"
+            if what != "ok":
+                label = f"{image.name}: {obj.name or _object_id(obj) or 'annotation'}"
             if geom is None:
                 counter = _SKIP_COUNTERS.get(what, "skipped_other")
                 setattr(report, counter, getattr(report, counter) + 1)
@@ -222,13 +233,24 @@ class QuPathProjectSource:
         report.read = len(out)
         return out, report
 
+    def _hierarchy_for_reading(self, entry: Any) -> Any:
+        """The entry's objects; straight from data.qpdata when the image file is missing.
+
+        Read-only, paquo reads data.qpdata itself. Writable, it goes through QuPath's ImageData, which may
+        try to open the missing image (QuPath 0.6 renames the lazily loaded server); readHierarchy() does not.
+        """
+        if not self.writable or self._readable(entry):
+            return entry.hierarchy
+        return self._pq.QuPathPathObjectHierarchy(
+            entry.java_object.readHierarchy(), readonly=True, image_name=entry.image_name
+        )
+
     def _annotation(self, obj: Any, geom: Any) -> Annotation:
         pc = obj.path_class
-        color = pc.color.to_rgb() if pc is not None and pc.color is not None else None
         a = Annotation(
             geometry=geom,
             classification=pc.id if pc is not None else None,  # id = toString(): "Parent: Child" if derived
-            color=tuple(int(c) for c in color) if color else None,  # type: ignore[arg-type]
+            color=_class_rgb(pc),
             name=obj.name,
             locked=bool(obj.locked),
             measurements=_measurements(obj),
@@ -242,8 +264,9 @@ class QuPathProjectSource:
     def class_colors(self) -> dict[str, RGB]:
         out: dict[str, RGB] = {}
         for pc in self._qp.path_classes:
-            if pc.color is not None:
-                out[pc.id] = tuple(int(c) for c in pc.color.to_rgb())  # type: ignore[assignment]
+            rgb = _class_rgb(pc)
+            if rgb is not None:
+                out[pc.id] = rgb
         return out
 
     # ------------------------------------------------------------------------------------------ writing
@@ -341,15 +364,16 @@ class QuPathProjectSource:
             self._written.append(entry)
 
     def close(self) -> None:
-        """Save (when writable) and release the project.
+        """Save what this session changed (when writable) and release the project.
 
-        Only the images written to are saved: ``QuPathProject.save()`` would also rewrite every image
-        merely read, since reading can mark QuPath's ImageData as changed (0.6 renames the server).
+        Only the images written to are saved, and nothing at all if nothing was written:
+        ``QuPathProject.save()`` would also rewrite every image merely read, since reading can mark
+        QuPath's ImageData as changed (0.6 renames the server to the entry's name).
         """
         if self._closed:
             return
         self._closed = True
-        if self.writable:
+        if self.writable and self._written:
             for entry in self._written:
                 entry.save()
             self._qp.save(images=False)

@@ -1,0 +1,157 @@
+"""The QuPath project adapter against a real QuPath through paquo 0.9 (skipped when QuPath is absent).
+
+Run with a QuPath 0.5/0.6 installation: ``PAQUO_QUPATH_DIR=/opt/QuPath pytest tests/test_project.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:
+    from paquo.classes import QuPathPathClass
+    from paquo.images import QuPathImageType
+    from paquo.projects import QuPathProject
+except Exception:  # paquo raises ValueError("no valid qupath installation found") at import
+    pytest.skip(
+        "QuPath not found: set PAQUO_QUPATH_DIR to a QuPath 0.5/0.6 installation to run these tests",
+        allow_module_level=True,
+    )
+
+import tifffile
+from PIL import Image
+from shapely.geometry import LineString, Point, Polygon, box
+
+from pdseg_qupath.annotations import Annotation
+from pdseg_qupath.errors import PdsegError
+from pdseg_qupath.qupath.project import QuPathProjectSource
+
+pytestmark = pytest.mark.qupath
+
+HOLED = Polygon([(10, 10), (110, 10), (110, 110), (10, 110)], [[(40, 40), (60, 40), (60, 60), (40, 60)]])
+
+
+def _images(folder: Path) -> tuple[Path, Path]:
+    folder.mkdir()
+    rgb = np.full((256, 320, 3), 235, np.uint8)
+    rgb[40:200, 60:260] = (170, 60, 150)
+    tif = folder / "slide.tif"
+    # 0.5 µm/px = 20000 px/cm, as scanners record it
+    tifffile.imwrite(tif, rgb, photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    png = folder / "tile.png"
+    Image.fromarray(rgb[:128, :128]).save(png)  # PNG: no pixel size
+    return tif, png
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    tif, png = _images(tmp_path / "images")
+    proj = tmp_path / "proj"
+    with QuPathProject(proj, mode="x") as qp:  # saved on exit
+        slide = qp.add_image(tif, image_type=QuPathImageType.BRIGHTFIELD_H_E)
+        tile = qp.add_image(png, image_type=QuPathImageType.BRIGHTFIELD_H_E)
+        tumor = QuPathPathClass("Tumor", color=(200, 0, 0))
+        stroma = QuPathPathClass("Stroma", color=(150, 200, 150))
+        epidermis = QuPathPathClass("Epidermis", color=(10, 120, 30))
+        qp.path_classes = [tumor, stroma, epidermis]  # a new project's list is empty
+        h = slide.hierarchy
+        h.add_annotation(roi=HOLED, path_class=tumor).name = "my tumour"
+        h.add_annotation(roi=box(150, 20, 300, 60), path_class=epidermis, measurements={"score": 2.0})
+        h.add_annotation(roi=box(0, 200, 20, 220))  # unclassified
+        h.add_annotation(roi=Point(5, 5), path_class=tumor)
+        h.add_annotation(roi=LineString([(0, 0), (30, 30)]), path_class=stroma)
+        tile.hierarchy.add_annotation(roi=box(1, 1, 21, 21), path_class=stroma)
+    return proj
+
+
+def _by_file(records):
+    return {r.path.name: r for r in records}
+
+
+def test_read_images_and_annotations(project):
+    src = QuPathProjectSource(project)
+    recs = _by_file(src.images())
+    slide, tile = recs["slide.tif"], recs["tile.png"]
+    assert slide.error is None and tile.error is None
+    assert (slide.width, slide.height) == (320, 256) and (tile.width, tile.height) == (128, 128)
+    assert slide.mpp == pytest.approx(0.5, rel=1e-3)
+    assert tile.mpp is None  # uncalibrated: QuPath says 1.0 px, which is not a pixel size
+
+    anns, report = src.read_annotations(slide)
+    assert sorted(a.classification or "-" for a in anns) == ["-", "Epidermis", "Tumor"]
+    tumour = next(a for a in anns if a.classification == "Tumor")
+    assert tumour.name == "my tumour" and tumour.geometry.area == pytest.approx(100 * 100 - 20 * 20)
+    assert len(tumour.geometry.interiors) == 1 and tumour.color == (200, 0, 0)
+    epi = next(a for a in anns if a.classification == "Epidermis")
+    assert epi.measurements == {"score": 2.0} and epi.color == (10, 120, 30)
+    assert len({a.id for a in anns}) == 3 and all(len(a.id) == 36 for a in anns)  # QuPath's UUIDs
+    assert (report.read, report.skipped_points, report.skipped_lines) == (3, 1, 1)
+    colors = src.class_colors()
+    assert colors["Tumor"] == (200, 0, 0) and colors["Epidermis"] == (10, 120, 30)
+    src.close()
+
+
+def _predictions(n: int) -> list[Annotation]:
+    return [
+        Annotation(box(0, 0, 50 + 10 * i, 50), "Tumor", color=(200, 0, 0), name=f"pdseg Tumor {i}",
+                   measurements={"pdseg area µm²": 625.0 + i, "pdseg mean probability": 0.75})
+        for i in range(n - 1)
+    ] + [Annotation(box(200, 100, 260, 180), "Necrosis", color=(50, 50, 50), measurements={"pdseg n": 3})]
+
+
+def _snapshot(project: Path, file_name: str):
+    src = QuPathProjectSource(project)
+    rec = _by_file(src.images())[file_name]
+    anns, _ = src.read_annotations(rec)
+    src.close()
+    users = sorted((a for a in anns if not a.is_pdseg), key=lambda a: a.id)
+    return users, [a for a in anns if a.is_pdseg]
+
+
+def test_write_predictions_replaces_only_pdseg_objects(project):
+    users_before, mine_before = _snapshot(project, "slide.tif")
+    assert mine_before == []
+
+    src = QuPathProjectSource(project, writable=True)
+    slide = _by_file(src.images())["slide.tif"]
+    r1 = src.write_predictions(slide, _predictions(3))
+    r2 = src.write_predictions(slide, _predictions(2))
+    src.close()
+    assert (r1.removed, r1.added, r1.kept) == (0, 3, 5)  # 5 user objects incl. the point and the line
+    assert (r2.removed, r2.added, r2.kept) == (3, 2, 5)
+    assert r1.backup is not None and r1.backup == r2.backup
+    assert (r1.backup / "project.qpproj").is_file() and any((r1.backup / "data").iterdir())
+
+    src = QuPathProjectSource(project, writable=True)  # a second session: its own backup, same result
+    r3 = src.write_predictions(_by_file(src.images())["slide.tif"], _predictions(2))
+    src.close()
+    assert (r3.removed, r3.added) == (2, 2) and r3.backup != r1.backup
+
+    users_after, mine = _snapshot(project, "slide.tif")
+    assert sorted(a.name for a in mine) == ["pdseg Necrosis", "pdseg Tumor 0"]
+    tumour = next(a for a in mine if a.classification == "Tumor")
+    assert tumour.measurements["pdseg area µm²"] == 625.0 and tumour.geometry.area == pytest.approx(2500)
+    assert next(a for a in mine if a.classification == "Necrosis").measurements == {"pdseg n": 3.0}
+    assert [a.id for a in users_after] == [a.id for a in users_before]
+    assert [a.classification for a in users_after] == [a.classification for a in users_before]
+    assert all(a.geometry.equals(b.geometry) for a, b in zip(users_after, users_before))
+    assert "Necrosis" in [pc.name for pc in QuPathProject(project, mode="r").path_classes]
+    assert _snapshot(project, "tile.png")[1] == []  # other images untouched
+
+
+def test_moved_image(project, tmp_path):
+    (tmp_path / "images" / "slide.tif").rename(tmp_path / "slide-moved.tif")
+    src = QuPathProjectSource(project, writable=True)
+    recs = _by_file(src.images())
+    assert recs["slide.tif"].error and "Update URIs" in recs["slide.tif"].error
+    assert recs["tile.png"].error is None and recs["tile.png"].width == 128
+    assert (recs["slide.tif"].width, recs["slide.tif"].height) == (320, 256)  # from the project file
+    with pytest.raises(PdsegError, match="cannot open the image file"):
+        src.write_predictions(recs["slide.tif"], _predictions(1))
+    moved, report = src.read_annotations(recs["slide.tif"])  # objects live in the project, not the slide
+    assert report.read == 3 and any(a.name == "my tumour" for a in moved)
+    anns, _ = src.read_annotations(recs["tile.png"])
+    assert [a.classification for a in anns] == ["Stroma"]
+    src.close()
