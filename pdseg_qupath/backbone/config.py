@@ -136,11 +136,18 @@ _PAPER_VQ = _vq((128, 256, 512), attention=True)
 # t = 50: PathSegDiff's ablations (and the small-model check in DESIGN.md, Dice 0.869 at t=25 vs 0.855 at
 # t=150) favour small t, where z_t still carries the tile's own detail; 50 is Baranchuk et al.'s smallest
 # published t and leaves room for the noise to regularise. Blocks 1 and 2 are the up blocks whose
-# outputs sit at 16->32 and 32->64 px latent resolution in the paper's UNet (the "64 and 32 px" blocks).
+# outputs are at 32 and 64 px latent resolution in the paper's UNet (the "64 and 32 px" decoder blocks;
+# 576 + 384 = 960 channels), and tapping nothing after block 2 lets the extractor skip the last block.
 _PAPER_T = 50
-_PAPER_BLOCKS = (1, 2)
+_PAPER_BLOCKS = (1, 2)  # == ldm_default_blocks(4)
 
 CONFIGS: dict[str, BackboneConfig] = {}
+
+
+def ldm_default_blocks(n_levels: int) -> tuple[int, ...]:
+    """The up blocks whose outputs sit at 1/2 and 1/1 latent resolution (32 and 64 px for 256-px
+    tiles): up block i of an n-level UNet outputs at latent / 2**(n-2-i) (the last one at full size)."""
+    return (0, 1) if n_levels <= 2 else (n_levels - 3, n_levels - 2)
 
 
 def _register(cfg: BackboneConfig) -> None:
@@ -193,7 +200,7 @@ _register(BackboneConfig(
     scheduler=dict(LDM_SCHEDULER),
     conditioner=None,
     default_t=25,
-    default_blocks=(1, 2),
+    default_blocks=ldm_default_blocks(3),
     notes="6.8 M params (UNet 5.56 M + VQ 1.28 M); CPU-pretrainable. Unconditional (zero context).",
 ))
 

@@ -78,6 +78,7 @@ class LDMFeatures:
         self._sqrt_ab = abar[idx].sqrt().to(torch.float32).to(self.device)
         self._sqrt_1mab = (1 - abar[idx]).sqrt().to(torch.float32).to(self.device)
         self._t_tensor = idx.to(self.device)
+        self._latent_scale = float(backbone.vq.config.get("scaling_factor", 1.0) or 1.0)
         # Input side must be a multiple of the total down-sampling (VQ x UNet) to keep the grids aligned.
         self.multiple = self.out_stride * 2 ** (len(backbone.unet.down_blocks) - 1)
         self.compile_mode = _compile_mode(compile, self.device, expected_tiles)
@@ -92,7 +93,7 @@ class LDMFeatures:
         x = x.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        z0 = vq.quant_conv(vq.encoder(x)).float()
+        z0 = vq.quant_conv(vq.encoder(x)).float() * self._latent_scale
         nt, b = len(self.t), x.shape[0]
         zt = (self._sqrt_ab.view(nt, 1, 1, 1, 1) * z0.unsqueeze(0)
               + self._sqrt_1mab.view(nt, 1, 1, 1, 1) * noise)
