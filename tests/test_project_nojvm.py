@@ -8,7 +8,10 @@ behaviour is checked against a real QuPath in test_project.py.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 import types
 from contextlib import contextmanager
@@ -81,6 +84,40 @@ def test_groovy_scripts_use_pdseg_folders_and_marker():
     assert '"predictions"' in imp and 'def PDSEG = "pdseg"' in imp
     assert "PathIO.readObjects(file)" in imp and "saveImageData(imageData)" in imp
     assert "addObjects" in imp and "addPathObjects" in imp
+
+
+def _groovy_env() -> dict[str, str] | None:
+    """Environment to run the ``groovy`` command (any Groovy 2.4+ on a JDK), or None if there is none."""
+    groovy, java = shutil.which("groovy"), shutil.which("java")
+    if not groovy or not java:
+        return None
+    env = dict(os.environ)
+    if not (Path(env.get("JAVA_HOME", "/nonexistent")) / "bin" / "java").exists():
+        env["JAVA_HOME"] = str(Path(java).resolve().parents[1])
+    return env
+
+
+@pytest.mark.skipif(_groovy_env() is None, reason="needs the groovy command (apt-get install groovy)")
+def test_groovy_scripts_run_against_qupath_stand_ins(tmp_path):
+    """Run both scripts under Groovy with stand-ins for QuPath's project, hierarchy and PathIO."""
+    harness = Path(__file__).parent / "groovy_harness"
+    out = subprocess.run(
+        ["groovy", "-cp", str(harness), str(harness / "run.groovy"), str(GROOVY), str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=_groovy_env(),
+    )
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, out.stdout + out.stderr
+    r = json.loads(line[len("RESULT "):])
+    slide = safe_filename("slide a:1/2.svs") + ".geojson"
+    assert r["export_all"] == [slide, "b.png.geojson"]  # no image open: every image
+    assert r["export_one"] == ["b.png.geojson"]  # Run for project / headless: the current image
+    assert [f["properties"]["name"] for f in json.loads(r["export_file"])["features"]] == ["mine", "pdseg old", None]
+    for key in ("import06", "import04"):  # QuPath 0.6 addObjects, older addPathObjects
+        assert r[key]["names"] == [["mine", None, "pdseg Tumor", "pdseg Necrosis"], ["pdseg keep: no file for b"]]
+        assert r[key]["saves"] == [1, 0] and r[key]["classes"] == ["Tumor", "Necrosis"]
+    # batch run on an image whose predictions file is empty: its old pdseg objects go, the others stay
+    assert r["import_batch"]["names"] == [["mine", "pdseg old", None], []]
+    assert r["import_batch"]["saves"] == [0, 1]
 
 
 # ------------------------------------------------------------------------------------- pure helpers
