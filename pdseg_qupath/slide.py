@@ -277,9 +277,10 @@ def _otsu(values: np.ndarray) -> int:
     return int(np.argmax(between))
 
 
-MIN_TISSUE_SATURATION = 20
-"""Otsu is clamped to at least this saturation (0-255): on an all-tissue or all-glass thumbnail Otsu would
-otherwise split noise from noise."""
+TISSUE_SATURATION_RANGE = (20, 60)
+"""Otsu's threshold is clamped to this saturation range (0-255). Glass sits below ~15 and even pale stroma
+above ~60; without the clamp, a thumbnail with no glass (a cropped region, a tissue-filled field) would be
+split into nuclei versus stroma, and one with no tissue into noise versus noise."""
 
 
 def tissue_mask(slide: Slide, mpp: float = 8.0) -> tuple[np.ndarray, float]:
@@ -291,7 +292,8 @@ def tissue_mask(slide: Slide, mpp: float = 8.0) -> tuple[np.ndarray, float]:
     d = mpp / slide.mpp
     rgb = slide.thumbnail(mpp)
     sat = np.asarray(Image.fromarray(rgb).convert("HSV"))[..., 1]
-    thr = max(_otsu(sat), MIN_TISSUE_SATURATION)
+    lo, hi = TISSUE_SATURATION_RANGE
+    thr = min(max(_otsu(sat), lo), hi)
     mask = Image.fromarray(((sat > thr) * 255).astype(np.uint8))
     mask = mask.filter(_min3()).filter(_max3())  # opening
     mask = mask.filter(_max3()).filter(_min3())  # closing

@@ -224,3 +224,11 @@ def test_tissue_mask_synthetic(tmp_path: Path) -> None:
         mask, d = tissue_mask(s, mpp=4.0)
     assert d == 4.0 and mask.shape == (100, 100)
     assert mask[30:70, 15:60].all() and not mask[:20].any() and not mask[80:].any()
+
+
+def test_tissue_mask_when_no_glass_is_visible() -> None:
+    """A field full of tissue (gbm40 tile) is tissue, not split into nuclei versus stroma by Otsu."""
+    gbm = Path(__file__).parent / "fixtures" / "gbm40" / "01.png"
+    with open_slide(gbm, fallback_mpp=0.5) as s:
+        mask, _ = tissue_mask(s, mpp=2.0)
+    assert mask.mean() > 0.9
