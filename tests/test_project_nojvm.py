@@ -36,6 +36,7 @@ from pdseg_qupath.qupath.qpproj import (
     prediction_name,
     project_file,
     read_server_builders,
+    server_problem,
     size_from_builder,
     split_class_name,
 )
@@ -157,6 +158,16 @@ def test_builder_metadata_plain_and_wrapped():
     assert mpp_from_builder(rotated) == pytest.approx(0.499)
     assert mpp_from_builder(builder("file:/x.png", 10, 10, None)) is None
     assert mpp_from_builder(None) is None and size_from_builder({"metadata": {"width": "?"}}) is None
+
+
+def test_server_problem_flags_views_that_move_pixels():
+    plain = builder("file:/x.svs", 10, 10, 0.5)
+    assert server_problem(plain) is None and server_problem(None) is None
+    assert server_problem(dict(plain, args=["--series", "0"])) is None
+    assert "series 2" in server_problem(dict(plain, args=["--series", "2"]))
+    assert "rotated" in server_problem({"builderType": "rotated", "rotation": "ROTATE_90", "builder": plain})
+    assert "cropped" in server_problem({"builderType": "cropped", "builder": plain})
+    assert server_problem({"builderType": "pyramidize", "builder": plain}) is None  # same pixels
 
 
 def test_read_server_builders(tmp_path):
@@ -625,3 +636,16 @@ def test_close_without_writes_saves_nothing(project, fake_paquo):
             src.read_annotations(rec)
     assert "project_saves" not in fake_paquo[project]
     assert not (project / "pdseg").exists()  # no backup either: nothing was about to change
+
+
+def test_rotated_view_is_an_error_for_that_image_only(project):
+    from pdseg_qupath.qupath.project import QuPathProjectSource
+
+    qpproj = project / "project.qpproj"
+    data = json.loads(qpproj.read_text(encoding="utf-8"))
+    data["images"][0]["serverBuilder"] = {"builderType": "rotated", "rotation": "ROTATE_180",
+                                          "builder": data["images"][0]["serverBuilder"]}
+    qpproj.write_text(json.dumps(data), encoding="utf-8")
+    slide, tile, _ = QuPathProjectSource(project).images()
+    assert slide.error and "rotated" in slide.error and slide.mpp == 0.25
+    assert tile.error is None

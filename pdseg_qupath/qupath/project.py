@@ -26,6 +26,7 @@ from .qpproj import (
     project_file,
     read_server_builders,
     read_server_json,
+    server_problem,
     size_from_builder,
     split_class_name,
 )
@@ -162,6 +163,12 @@ class QuPathProjectSource:
             if size:
                 rec.width, rec.height = size
             rec.error = self._unusable(rec, entry)
+            problem = server_problem(recorded[0])
+            if rec.error is None and problem:
+                rec.error = (
+                    f"{rec.name}: {problem}, so its annotation coordinates do not match the file pdseg reads "
+                    f"({rec.path}). Add the file to the project as it is, or export that view as its own file."
+                )
             if rec.error is None:
                 # Only for images QuPath can open: for a missing file QuPath cannot build the server and
                 # paquo falls back through deprecated readers; the recorded metadata above is used instead.

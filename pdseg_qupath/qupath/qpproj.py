@@ -98,6 +98,30 @@ def size_from_builder(builder: Any) -> tuple[int, int] | None:
         return None
 
 
+_MOVED_PIXELS = {"rotated": "rotated", "affine": "transformed", "cropped": "cropped", "sparse": "stitched"}
+
+
+def server_problem(builder: Any) -> str | None:
+    """Why the image QuPath shows differs from the file's main image, or None if they are the same.
+
+    QuPath can wrap a file in servers that rotate, crop or stitch it, or show one series of a
+    multi-image file; its annotation coordinates then do not match the file pdseg reads.
+    """
+    while isinstance(builder, dict):
+        kind = builder.get("builderType")
+        if kind in _MOVED_PIXELS:
+            return f"QuPath shows it {_MOVED_PIXELS[kind]} (a '{kind}' image server)"
+        if kind == "uri" or "uri" in builder:
+            args = [str(a) for a in builder.get("args") or []]
+            if "--series" in args[:-1]:
+                series = args[args.index("--series") + 1]
+                if series.strip() != "0":
+                    return f"QuPath shows series {series} of a multi-image file"
+            return None
+        builder = builder.get("builder")
+    return None
+
+
 def read_server_builders(qpproj: Path) -> dict[str, dict]:
     """``entryID`` → ``serverBuilder`` from a ``.qpproj``; ``{}`` if it cannot be read (only a fallback)."""
     try:
