@@ -50,8 +50,9 @@ def project(tmp_path: Path) -> Path:
     tif, png = _images(tmp_path / "images")
     proj = tmp_path / "proj"
     with QuPathProject(proj, mode="x") as qp:  # saved on exit
-        slide = qp.add_image(tif, image_type=QuPathImageType.BRIGHTFIELD_H_E)
-        tile = qp.add_image(png, image_type=QuPathImageType.BRIGHTFIELD_H_E)
+        # return_list: paquo adds one entry per series a reader reports
+        (slide,) = qp.add_image(tif, image_type=QuPathImageType.BRIGHTFIELD_H_E, return_list=True)
+        (tile,) = qp.add_image(png, image_type=QuPathImageType.BRIGHTFIELD_H_E, return_list=True)
         tumor = QuPathPathClass("Tumor", color=(200, 0, 0))
         stroma = QuPathPathClass("Stroma", color=(150, 200, 150))
         epidermis = QuPathPathClass("Epidermis", color=(10, 120, 30))
