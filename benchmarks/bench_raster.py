@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -69,6 +70,19 @@ def gbm40_mosaic(folder: Path, cols: int = 8) -> tuple[list[Annotation], ClassMa
     rows = math.ceil(len(files) / cols)
     cm = ClassMap((ClassInfo("Background", (200, 200, 200)), ClassInfo("Nucleus", (0, 0, 200))))
     return anns, cm, 512 * max(cols, rows)
+
+
+def machine() -> str:
+    """CPU model and core count, as the figures depend on both."""
+    model = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def _timed(fn):  # type: ignore[no-untyped-def]
@@ -154,7 +168,7 @@ def main() -> None:
     ras, labels = bench_rasterize(anns, cm, size, args.tile)
     v = min(args.vector_size, size)
     vec = bench_vectorize(np.ascontiguousarray(labels[:v, :v]), cm)
-    print(json.dumps({"workload": workload, "machine": platform.processor() or platform.machine(),
+    print(json.dumps({"workload": workload, "machine": machine(),
                       "rasterize": ras, "vectorize": vec}, indent=2))
 
 

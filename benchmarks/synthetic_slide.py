@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import resource
@@ -149,20 +148,26 @@ def measure(slide_path: Path, geo: Path, out: Path, mpp: float, tile_size: int) 
         mask, _ = tissue_mask(s)
         rng = np.random.default_rng(1)
         d = mpp / s.mpp
+        t_reads = time.perf_counter()
         for _ in range(20):  # training-sized reads at the work resolution
             x, y = rng.integers(0, int(s.width / d) - 1024, 2)
             s.read(Window(int(x), int(y), 1024, 1024, d))
         t_slide = time.perf_counter()
+        read_mpx_s = 20 * 1024 * 1024 / 1e6 / (t_slide - t_reads)
         stats = export_image_masks((s.width, s.height), s.mpp, anns, cm, out, s.name, mpp=mpp,
                                    tile_size=tile_size, overlay_reader=s.read)
         write_classes_json(out, cm, mpp)
     t_end = time.perf_counter()
+    from bench_raster import machine
+
     return {
+        "machine": machine(),
         "annotations": len(anns), "tissue_fraction": round(float(mask.mean()), 3),
         "grid": list(stats.grid), "tiles_total": stats.tiles_total, "tiles_written": len(stats.files),
         "tiles_skipped": stats.tiles_skipped, "labelled_mm2": {k: round(v, 3) for k, v in stats.area_mm2().items()},
         "seconds": {"imports": round(t_read - t0, 2), "slide_reads": round(t_slide - t_read, 2),
                     "export": round(t_end - t_slide, 2), "total": round(t_end - t0, 2)},
+        "read_1024px_at_mpp_mpx_s": round(read_mpx_s, 1),
         "peak_rss_mb_after_imports": round(rss_imports, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

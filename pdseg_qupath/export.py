@@ -59,6 +59,15 @@ def format_downsample(d: float) -> str:
     return s.rstrip("0").rstrip(".") if "." in s else s
 
 
+def _count(labels: np.ndarray) -> np.ndarray:
+    """Pixels per label value. By row blocks: ``np.bincount`` widens its input to int64, 8 bytes a pixel."""
+    counts = np.zeros(256, dtype=np.int64)
+    rows = max(1, (1 << 20) // max(1, labels.shape[1]))
+    for r in range(0, labels.shape[0], rows):
+        counts += np.bincount(labels[r : r + rows].ravel(), minlength=256)
+    return counts
+
+
 def _java_round(v: float) -> int:
     return math.floor(v + 0.5)
 
@@ -187,7 +196,7 @@ def export_image_masks(
 
     if gw <= tile_size and gh <= tile_size:
         labels = index.rasterize(Window(0, 0, gw, gh, d))
-        counts += np.bincount(labels.ravel(), minlength=256)
+        counts += _count(labels)
         path = out / f"{base}.png"
         _atomic_save(Image.fromarray(labels), path)
         stats.files.append(path)
@@ -202,7 +211,7 @@ def export_image_masks(
             if labels is None or not (labels != IGNORE).any():
                 stats.tiles_skipped += 1
             else:
-                counts += np.bincount(labels.ravel(), minlength=256)
+                counts += _count(labels)
                 path = out / tile_name(base, win, slide_size)
                 _atomic_save(Image.fromarray(labels), path)
                 stats.files.append(path)
@@ -278,7 +287,7 @@ def _write_overlay(
     gw, gh = grid_size(slide_size[0], slide_size[1], d)
     gw, gh = min(gw, max_size), min(gh, max_size)
     win = Window(0, 0, gw, gh, d)
-    rgb = reader(win).astype(np.float32)
+    rgb = reader(win)
     if isinstance(labels, np.ndarray):
         lab = np.asarray(Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8)).resize((gw, gh), Image.Resampling.NEAREST))
     else:
@@ -286,8 +295,10 @@ def _write_overlay(
     lut = np.zeros((256, 3), dtype=np.float32)
     for k, c in enumerate(class_map.classes):
         lut[k] = c.color
-    alpha = np.where(lab < len(class_map), OVERLAY_ALPHA, 0.0).astype(np.float32)[..., None]
-    blended = rgb * (1 - alpha) + lut[lab] * alpha
+    shown = lab < len(class_map)  # blend labelled pixels only: ignore stays clear, memory stays small
+    blended = rgb.copy()
+    a = np.float32(OVERLAY_ALPHA)
+    blended[shown] = (rgb[shown].astype(np.float32) * (1 - a) + lut[lab[shown]] * a).round().astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save(Image.fromarray(blended.round().astype(np.uint8)), path)
+    _atomic_save(Image.fromarray(blended), path)
 
