@@ -44,7 +44,8 @@ class LDMFeatures:
                  blocks: Sequence[int] | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, *, seed: int = 0, batch_size: int | None = None,
                  compile: bool | str = False, expected_tiles: int | None = None,
-                 channels_last: bool = False, attention: str | None = None) -> None:
+                 channels_last: bool = False, attention: str | None = None,
+                 precision: str = "auto") -> None:
         cfg = backbone.config
         self.device = torch.device(device) if device is not None else backbone.device
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -67,7 +68,11 @@ class LDMFeatures:
         self.out_stride = cfg.vq_factor
         self.seed = int(seed)
         self.dtype = dtype or torch.float32
-        self.autocast = self.device.type == "cuda"
+        if precision not in ("auto", "bf16", "fp32"):
+            raise PdsegError(f"precision must be auto, bf16 or fp32; got {precision!r}")
+        # auto: bf16 autocast on CUDA (the measured setting), exact fp32 on CPU.
+        self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.precision = "bf16" if self.autocast else "fp32"
         self.batch_size = int(batch_size) if batch_size else (128 if self.device.type == "cuda" else 4)
         self.channels_last = channels_last
         self.attention = attention
@@ -203,10 +208,10 @@ def _slice_cond(cond: Any, start: int, n: int) -> Any:
 
 
 class _precision:
-    """bf16 autocast on CUDA (the measured setting); exact fp32 elsewhere."""
+    """bf16 autocast when asked (default on CUDA); otherwise plain fp32."""
 
     def __init__(self, device: torch.device, autocast: bool) -> None:
-        self.ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else None
+        self.ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else None
 
     def __enter__(self) -> None:
         if self.ctx is not None:
