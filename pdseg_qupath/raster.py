@@ -175,10 +175,18 @@ def vectorize(
 
 
 def _union(polys: list[Polygon]) -> BaseGeometry:
-    """Union of the regions of one class. They come from one raster, so they form a coverage (no overlaps,
-    matching edges) and the fast coverage union applies."""
-    if len(polys) == 1:
+    """Union of the 4-connected regions of one class.
+
+    Regions of one class never share an edge (they would be one region) and never overlap, so as a
+    MultiPolygon they are already their union; only if a region's own ring pinches (GDAL can emit rings that
+    touch themselves at a corner) is a real union needed. They form a coverage, so the fast coverage
+    union applies.
+    """
+    if len(polys) == 1 and polys[0].is_valid:
         return polys[0]
+    geom = MultiPolygon(polys)
+    if geom.is_valid:
+        return geom
     try:
         geom = shapely.coverage_union_all(np.array(polys, dtype=object))
     except shapely.errors.GEOSException:
