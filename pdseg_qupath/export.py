@@ -24,7 +24,7 @@ from PIL import Image
 from .annotations import IGNORE, Annotation, ClassMap
 from .errors import PdsegError
 from .grid import Window, grid_size, iter_windows
-from .raster import UNCLASSIFIED, AnnotationIndex
+from .raster import AnnotationIndex
 
 Reader = Callable[[Window], np.ndarray]
 """Reads RGB uint8 pixels of a grid window (``Slide.read``)."""
