@@ -70,7 +70,7 @@ class TrainOptions:
     tiles_per_class: int = 48
     views: int = 2
     """Versions of each training tile: the tile itself, then augmented ones."""
-    pixels_per_tile: int = 1024
+    pixels_per_tile: int = 512
     """Upper bound of sampled pixels per tile view (the cache budget may lower it)."""
     cache_mb: float = 512.0
     val_fraction: float = 0.2

@@ -1,0 +1,215 @@
+"""Training: model folder contents, reproducibility, resume after interruption, and bad-input handling."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from shapely.geometry import Point
+
+from _loop_data import feature, make_folder, make_image, train_tiny
+from pdseg_qupath.augment import AugmentConfig, augment, dihedral
+from pdseg_qupath.errors import PdsegError
+from pdseg_qupath.features_cache import BatchRunner, pixels_per_view, stratified_pixels, uniform_pixels
+from pdseg_qupath.modelio import load_model
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("src"))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    return train_tiny(data, tmp_path_factory.mktemp("run") / "model", epochs=3)
+
+
+def test_model_folder_and_record(trained):
+    out = trained.model_dir
+    assert {p.name for p in out.iterdir()} >= {"head.safetensors", "model.json", "training_curve.png"}
+    assert not (out / ".pdseg-train").exists(), "resume state is removed after a finished run"
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["class_map"]["classes"][0]["name"] == "Background"
+    assert [c["name"] for c in meta["class_map"]["classes"]] == ["Background", "Nucleus"]
+    assert meta["mpp"] == 0.5 and meta["tile_size"] == 32 and meta["overlap"] == 8
+    assert meta["backbone"]["spec"] == "random:tiny" and meta["backbone"]["random_weights"] is True
+    assert "RANDOM WEIGHTS" in meta["backbone"]["label"]
+    assert meta["features"]["channels"] == meta["head"]["in_channels"]
+    assert meta["training"]["validation"] == "image"
+    assert len(meta["training"]["train_images"]) == 1 and len(meta["training"]["val_images"]) == 1
+    assert len(meta["training"]["history"]) == 3
+    row = meta["training"]["history"][0]
+    assert set(row["per_class"]) == {"Background", "Nucleus"}
+    assert 0 <= row["accuracy"] <= 1 and row["loss"] > 0
+    cache = meta["training"]["cache"]
+    assert cache["bytes"] == (cache["pixels_train"] + cache["pixels_val"]) * cache["bytes_per_pixel"]
+    assert cache["bytes"] <= cache["budget_mb"] * 2**20
+    assert cache["class_pixels_train"]["Nucleus"] > 0
+    model = load_model(out)
+    assert model.class_map.names == ["Background", "Nucleus"]
+
+
+def test_same_seed_same_metrics(trained, data, tmp_path):
+    again = train_tiny(data, tmp_path / "again", epochs=3)
+    assert again.history == trained.history
+    a = load_model(trained.model_dir).head.state_dict()
+    b = load_model(again.model_dir).head.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_run_resumes_to_the_same_result(trained, data, tmp_path, monkeypatch):
+    import pdseg_qupath.report as report
+
+    real = report.write_training_curve
+    calls = {"n": 0}
+
+    def crash_after_two(history, *a, **kw):
+        calls["n"] += 1
+        real(history, *a, **kw)
+        if len(history) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_training_curve", crash_after_two)
+    out = tmp_path / "m"
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(data, out, epochs=3)
+    assert (out / ".pdseg-train" / "checkpoint.pt").is_file()
+    assert not (out / "model.json").exists()
+    monkeypatch.setattr(report, "write_training_curve", real)
+    resumed = train_tiny(data, out, epochs=3)
+    assert resumed.resumed
+    assert resumed.history == trained.history
+
+
+def test_image_without_annotations_and_moved_image_are_reported(data, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(data, src)
+    make_image(src, "unannotated", seed=5, annotate=False)
+    (src / "moved.geojson").write_text((src / "img0.geojson").read_text())
+    res = train_tiny(src, tmp_path / "m", epochs=1)
+    text = " ".join(res.messages)
+    assert "unannotated.png: no classified annotations" in text
+    assert "moved" in text and "skipped" in text
+    assert sorted(res.train_images + res.val_images) == ["img0.png", "img1.png"]
+
+
+def test_class_without_pixels(data, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(data, src)
+    # a "Tumor" annotation far smaller than a pixel: in the class map, but never rasterized
+    extra = [feature(Point(40.5, 40.5).buffer(0.05, 4), "Tumor")]
+    make_image(src, "img0", seed=0, extra_features=extra)
+    res = train_tiny(src, tmp_path / "m", epochs=1)
+    assert res.class_map.names == ["Background", "Nucleus", "Tumor"]
+    assert any("'Tumor' has no labelled pixels" in m for m in res.messages)
+    assert res.best["per_class"]["Tumor"]["pixels"] == 0
+
+
+def test_unknown_class_and_single_class_are_clear_errors(data, tmp_path):
+    from pdseg_qupath.source import open_source
+    from pdseg_qupath.train import train_model
+
+    with pytest.raises(PdsegError, match="unknown class"):
+        train_model(open_source(data), tmp_path / "m", backbone="random:tiny", classes=["Nucleus", "Tumour"],
+                    image_mpp=0.5, epochs=1, device="cpu")
+    with pytest.raises(PdsegError, match="at least two"):
+        train_model(open_source(data), tmp_path / "m", backbone="random:tiny", classes=["Nucleus"],
+                    image_mpp=0.5, epochs=1, device="cpu")
+
+
+def test_no_annotations_at_all(tmp_path):
+    make_image(tmp_path / "src", "a", annotate=False)
+    with pytest.raises(PdsegError, match="no image of the source has classified annotations"):
+        train_tiny(tmp_path / "src", tmp_path / "m", epochs=1)
+
+
+def test_missing_pixel_size_names_the_option(data, tmp_path):
+    from pdseg_qupath.source import open_source
+    from pdseg_qupath.train import train_model
+
+    with pytest.raises(PdsegError, match="--image-mpp"):
+        train_model(open_source(data), tmp_path / "m", backbone="random:tiny", epochs=1, device="cpu")
+
+
+def test_validation_images_option(data, tmp_path):
+    res = train_tiny(data, tmp_path / "m", epochs=1, val_fraction=0.5)
+    assert res.val_mode == "image"
+    from pdseg_qupath.source import open_source
+    from pdseg_qupath.train import split_images
+
+    with pytest.raises(PdsegError, match="--val-images"):
+        split_images([], ["nope.png"], 0.2, np.random.default_rng(0))
+    assert open_source(data)  # the folder still opens
+
+
+# ------------------------------------------------------------------------------------- components
+
+
+def test_dihedral_transforms_image_and_labels_alike():
+    img = np.arange(4 * 5 * 3).reshape(4, 5, 3)
+    lab = img[..., 0]
+    seen = set()
+    for k in range(8):
+        ti, tl = dihedral(img, k), dihedral(lab, k)
+        assert np.array_equal(ti[..., 0], tl)
+        seen.add(ti.tobytes())
+    assert len(seen) == 8
+
+
+def test_augment_keeps_labels_and_changes_stain():
+    rng = np.random.default_rng(0)
+    img = np.full((16, 16, 3), (200, 120, 170), dtype=np.uint8)
+    lab = np.zeros((16, 16), dtype=np.uint8)
+    lab[:4] = 1
+    out, ol = augment(img, lab, rng, AugmentConfig(geometric=True, stain_sigma=0.2, stain_bias=0.1))
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert sorted(np.unique(ol)) == [0, 1] and (ol == 1).sum() == 64
+    assert not np.array_equal(out, img)
+
+
+def test_stratified_sampling_favours_no_class_and_never_picks_ignore():
+    lab = np.full((32, 32), 255, dtype=np.uint8)
+    lab[:2, :] = 1  # 64 px of a rare class
+    lab[8:, :] = 0  # 768 px of a common one
+    idx = stratified_pixels(lab, 100, 2, np.random.default_rng(0))
+    picked = lab.reshape(-1)[idx]
+    assert len(idx) == 100 and (picked != 255).all()
+    assert (picked == 1).sum() == 50 and (picked == 0).sum() == 50
+    idx = stratified_pixels(lab, 400, 2, np.random.default_rng(0))
+    assert (lab.reshape(-1)[idx] == 1).sum() == 64  # the rare class gives all it has, the rest fill up
+    assert len(idx) == 400
+    assert len(uniform_pixels(lab, 10_000, np.random.default_rng(0))) == 832
+
+
+def test_cache_budget_bounds_pixels():
+    per = pixels_per_view(cache_mb=1, channels=256, n_views=100, cap=4096)
+    assert per * 100 * (2 * 256 + 8) <= 2**20
+    assert pixels_per_view(cache_mb=1000, channels=8, n_views=1, cap=512) == 512
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing():
+    seen = []
+
+    def fn(batch):
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        seen.append(list(batch))
+        return [x * 10 for x in batch]
+
+    backoffs = []
+    runner = BatchRunner(8, on_backoff=backoffs.append)
+    assert runner(fn, list(range(7))) == [x * 10 for x in range(7)]
+    assert backoffs == [4, 2] and runner.batch_size == 2
+    assert [x for b in seen for x in b] == list(range(7))
+
+    def always(batch):
+        raise RuntimeError("CUDA error: out of memory")
+
+    with pytest.raises(PdsegError, match="out of GPU memory even at batch size 1"):
+        BatchRunner(2)(always, [1, 2, 3])
+    with pytest.raises(ValueError):
+        BatchRunner(2)(lambda b: (_ for _ in ()).throw(ValueError("other")), [1])
