@@ -15,7 +15,8 @@ from rich.table import Table
 from . import __version__
 from .errors import PdsegError
 
-console = Console(stderr=False)
+# Without a terminal rich assumes 80 columns, which truncates metric tables in logs and CI output.
+console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
 app = typer.Typer(
@@ -70,7 +71,7 @@ def masks(
     classes: Optional[str] = typer.Option(
         None, "--classes", help="Comma-separated class names, in label order (default: all classes, sorted)."
     ),
-    overlay: bool = typer.Option(False, "--overlay", help="Also write <image>.overlay.png to check masks by eye."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write overlays/<image>.png (mask blended on the image) to check by eye."),
 ) -> None:
     """Rasterize QuPath annotations into training label masks (class k → k, unannotated → 255)."""
     from .masks import export_source_masks
@@ -107,8 +108,15 @@ def masks(
         )
     console.print(table)
     for row in result.rows:
-        for message in (row.report.messages if row.report else [])[:5]:
+        messages = row.report.messages if row.report else []
+        for message in messages[:5]:
             console.print(f"[yellow]{row.image}: {message}")
+        if len(messages) > 5:
+            console.print(f"[yellow]{row.image}: … and {len(messages) - 5} more repaired/skipped objects")
+        if row.stats and row.stats.skipped_unknown:
+            console.print(f"[yellow]{row.image}: left out, class not in --classes: {row.stats.skipped_unknown}")
+        if row.stats and row.stats.stale_files:
+            console.print(f"[yellow]{row.image}: {len(row.stats.stale_files)} older mask file(s) in {out} were not rewritten")
     console.print(f"classes: {', '.join(result.class_map.names)} (ignore = 255) → {out / 'classes.json'}")
     if any(r.error for r in result.rows):
         raise typer.Exit(1)
