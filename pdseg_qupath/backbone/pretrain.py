@@ -94,8 +94,8 @@ def pretrain(
     unet_crop: int | None = None,
     lr_ae: float | None = None,
     lr_unet: float | None = None,
-    stain_sigma: float = 0.1,
-    stain_bias: float = 0.02,
+    stain_sigma: float = 0.15,
+    stain_bias: float = 0.03,
     checkpoint_every: int = 100,
     on_step: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -271,7 +271,7 @@ class _Run:
                     self.lr.step()
                     if self.stage == "unet":
                         _ema_update(self.ema, self.unet, self.step)
-                    self.hist[f"{self.stage}_loss"].append(float(loss))
+                    self.hist[f"{self.stage}_loss"].append(float(loss.detach()))
                     self.step += 1
                     dirty, snap = False, None
                     if self.step % eval_every == 0 or self.step == total:
