@@ -1,0 +1,52 @@
+"""The FCN head: dense prediction equals per-pixel training on interpolated features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdseg_qupath.head import FCNHead, HeadConfig, sample_features
+
+
+def test_sampled_features_equal_upsampled_map():
+    torch.manual_seed(0)
+    f = torch.randn(6, 8, 5)
+    up = F.interpolate(f[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
+    ys, xs = torch.meshgrid(torch.arange(32), torch.arange(20), indexing="ij")
+    got = sample_features(f, ys.reshape(-1), xs.reshape(-1), 4)
+    assert torch.allclose(got, up[:, ys.reshape(-1), xs.reshape(-1)].T, atol=1e-6)
+
+
+@pytest.mark.parametrize("rgb_skip", [False, True])
+def test_dense_head_equals_pixel_head(rgb_skip):
+    torch.manual_seed(0)
+    head = FCNHead(HeadConfig(in_channels=6, n_classes=3, hidden=(16, 8), rgb_skip=rgb_skip)).eval()
+    head.set_normalization(torch.rand(6), torch.rand(6) + 0.5)
+    f = torch.randn(2, 6, 4, 4)
+    rgb = torch.randint(0, 256, (2, 3, 16, 16)).float()
+    dense = head(f, rgb if rgb_skip else None)
+    assert dense.shape == (2, 3, 16, 16)
+    ys = torch.tensor([0, 3, 7, 15, 9])
+    xs = torch.tensor([0, 15, 2, 8, 9])
+    for b in range(2):
+        px = sample_features(f[b], ys, xs, 4)
+        pix = head.forward_pixels(px, rgb[b][:, ys, xs].T if rgb_skip else None)
+        assert torch.allclose(pix, dense[b][:, ys, xs].T, atol=1e-5)
+
+
+def test_rgb_skip_head_needs_the_tile():
+    head = FCNHead(HeadConfig(4, 2, rgb_skip=True))
+    with pytest.raises(ValueError, match="RGB"):
+        head(torch.zeros(1, 4, 2, 2))
+
+
+def test_config_round_trip_and_layers():
+    cfg = HeadConfig(in_channels=192, n_classes=3, hidden=(128, 64), dropout=0.1)
+    assert HeadConfig.from_json(cfg.to_json()) == cfg
+    head = FCNHead(cfg)
+    kinds = [(n, m.kernel_size, m.in_channels, m.out_channels) for n, m in head.named_modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    assert kinds == [("proj", (1, 1), 192, 128), ("mid", (1, 1), 128, 64), ("out", (1, 1), 64, 3)]
+    n_params = sum(p.numel() for p in head.parameters())
+    assert n_params == 192 * 128 + 128 + 128 * 64 + 64 + 64 * 3 + 3

@@ -1,0 +1,183 @@
+"""Prediction: objects in level-0 coordinates, write-back, grid-offset independence, robustness."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from rich.console import Console
+
+from _loop_data import make_folder, make_image, train_tiny
+from pdseg_qupath.errors import PdsegError
+from pdseg_qupath.modelio import load_model
+from pdseg_qupath.predict import (
+    AREA_MEASUREMENT,
+    PROB_MEASUREMENT,
+    ObjectBuilder,
+    PredictOptions,
+    Predictor,
+    predict_image,
+    predict_source,
+)
+from pdseg_qupath.slide import open_slide
+from pdseg_qupath.source import open_source
+from pdseg_qupath.stitch import Strip
+
+QUIET = Console(file=open("/dev/null", "w"), width=200)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    src = make_folder(tmp_path_factory.mktemp("src"))
+    return train_tiny(src, tmp_path_factory.mktemp("run") / "model", epochs=4).model_dir
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir) -> Predictor:
+    return Predictor(load_model(model_dir), "cpu", batch_size=16)
+
+
+def _labels(slide, predictor, **kw) -> np.ndarray:
+    rows = []
+    predict_image(slide, predictor, options=PredictOptions(tissue_only=False, overlay=False, **kw),
+                  strip_sink=lambda reg, s: rows.append(s.labels.copy()), vectorize=False)
+    return np.concatenate(rows)
+
+
+def test_prediction_does_not_depend_on_the_tile_grid(tmp_path, predictor):
+    png = make_image(tmp_path, "scene", size=(120, 104), seed=7, n_nuclei=14)
+    with open_slide(png, fallback_mpp=0.5) as slide:
+        a = _labels(slide, predictor)
+        b = _labels(slide, predictor, grid_offset=(12, 20))
+    assert a.shape == b.shape == (104, 120)
+    assert (a == 255).sum() == 0
+    agree = (a == b).mean()
+    assert agree >= 0.97, agree
+
+
+def test_objects_match_the_stitched_labels(tmp_path, predictor):
+    png = make_image(tmp_path, "scene", size=(100, 90), seed=3, n_nuclei=12)
+    with open_slide(png, fallback_mpp=0.25) as slide:  # model at 0.5 µm/px: work grid is half size
+        rows = []
+        pred = predict_image(slide, predictor, options=PredictOptions(tissue_only=False, simplify=0),
+                             strip_sink=lambda reg, s: rows.append(s.labels.copy()))
+    labels = np.concatenate(rows)
+    assert labels.shape == (45, 50)
+    cmap = predictor.model.class_map
+    for k, name in enumerate(cmap.names):
+        objs = [a for a in pred.annotations if a.classification == name]
+        assert sum(a.geometry.area for a in objs) == pytest.approx((labels == k).sum() * 4)  # level-0 px²
+        row = next(r for r in pred.areas if r.class_name == name)
+        assert row.objects == len(objs)
+        assert row.area_mm2 == pytest.approx((labels == k).sum() * 0.25 / 1e6)
+    for a in pred.annotations:
+        assert a.is_pdseg and a.geometry.is_valid
+        minx, miny, maxx, maxy = a.geometry.bounds
+        assert minx >= 0 and miny >= 0 and maxx <= 100 and maxy <= 90
+        assert 0.0 < a.measurements[PROB_MEASUREMENT] <= 1.0
+        assert a.measurements[AREA_MEASUREMENT] == pytest.approx(a.geometry.area * 0.25**2, rel=1e-3)
+        assert a.metadata["pdseg_model"] == predictor.model.model_id
+
+
+def test_band_merging_gives_the_same_objects():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((60, 40)) < 0.45).astype(np.uint8)
+    labels = np.kron(labels[::3, ::2], np.ones((3, 2), dtype=np.uint8))  # blobs crossing band borders
+    prob = rng.random(labels.shape).astype(np.float32)
+
+    def build(band_rows, step):
+        b = ObjectBuilder(2, 40, 0, 0, 1.0, band_rows)
+        for y in range(0, 60, step):
+            b.add(Strip(y, labels[y:y + step], prob[y:y + step]))
+        return b.finish()
+
+    one, many = build(1000, 60), build(7, 7)
+    assert len(one) == len(many)
+    for k in (0, 1):
+        g1 = shapely.union_all([p.geom for p in one if p.cls == k])
+        g2 = shapely.union_all([p.geom for p in many if p.cls == k])
+        assert g1.symmetric_difference(g2).area == 0
+        assert sum(p.pixels for p in many if p.cls == k) == (labels == k).sum()
+        assert sum(p.prob_sum for p in many if p.cls == k) == pytest.approx(prob[labels == k].sum(), rel=1e-5)
+    key = lambda p: (p.cls, p.pixels, round(p.prob_sum, 3))  # noqa: E731
+    assert sorted(map(key, one)) == sorted(map(key, many))
+
+
+def test_slide_smaller_than_a_tile(tmp_path, predictor):
+    png = make_image(tmp_path, "small", size=(20, 14), seed=1, n_nuclei=1)
+    with open_slide(png, fallback_mpp=0.5) as slide:
+        pred = predict_image(slide, predictor, options=PredictOptions(tissue_only=False))
+    assert pred.tiles == 1
+    area = sum(a.geometry.area for a in pred.annotations)
+    assert area == pytest.approx(20 * 14)
+
+
+def test_blank_slide_with_tissue_detection_predicts_nothing(tmp_path, predictor):
+    from PIL import Image
+
+    png = tmp_path / "glass.png"
+    Image.fromarray(np.full((64, 64, 3), 245, dtype=np.uint8)).save(png)
+    with open_slide(png, fallback_mpp=0.5) as slide:
+        pred = predict_image(slide, predictor, options=PredictOptions(tissue_only=True, tissue_mpp=2.0))
+    assert pred.tiles == 0 and pred.annotations == []
+    assert "no tissue detected" in pred.messages[0]
+
+
+def test_predict_source_writes_geojson_back_and_replaces_only_pdseg_objects(tmp_path, model_dir):
+    src = make_folder(tmp_path / "src", n=2, size=(64, 64))
+    # a user object already in the predictions file must survive
+    pred_dir = src / "pdseg" / "predictions"
+    pred_dir.mkdir(parents=True)
+    user = {"type": "FeatureCollection", "features": [{
+        "type": "Feature", "id": "9b1c9b5e-1111-4c2a-8e0b-5d4c3b2a1f00",
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [5, 0], [5, 5], [0, 0]]]},
+        "properties": {"objectType": "annotation", "name": "my note"}}]}
+    (pred_dir / "img0.geojson").write_text(json.dumps(user))
+    (src / "moved.geojson").write_text((src / "img1.geojson").read_text())
+    out = tmp_path / "out"
+    for _ in range(2):
+        res = predict_source(open_source(src), model_dir, out_dir=out, device="cpu", image_mpp=0.5,
+                             tissue_only=False, console=QUIET)
+    by = {r.image: r for r in res.images}
+    assert by["moved"].error and "not found" in by["moved"].error.lower()
+    assert by["img0.png"].error is None and by["img0.png"].objects > 0
+    assert by["img0.png"].write.removed == by["img0.png"].objects  # the second run replaced the first
+    feats = json.loads((pred_dir / "img0.geojson").read_text())["features"]
+    names = [f["properties"].get("name", "") for f in feats]
+    assert names.count("my note") == 1
+    assert sum(n.startswith("pdseg") for n in names) == by["img0.png"].objects
+    exported = json.loads((out / "img0.png.geojson").read_text())["features"]
+    assert len(exported) == by["img0.png"].objects
+    props = exported[0]["properties"]
+    assert props["objectType"] == "annotation" and props["classification"]["name"] in ("Background", "Nucleus")
+    assert AREA_MEASUREMENT in props["measurements"]
+    assert (out / "img0.png.overlay.png").is_file()
+    csv = (out / "areas.csv").read_text().splitlines()
+    assert csv[0] == "image,class,area_mm2,objects,mean_probability" and len(csv) == 1 + 2 * 2
+    total = sum(float(line.split(",")[2]) for line in csv[1:] if line.startswith("img0.png"))
+    assert total == pytest.approx(64 * 64 * 0.25 / 1e6)
+
+
+def test_corrupt_model_is_a_clear_error(tmp_path, model_dir):
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    data = (bad / "head.safetensors").read_bytes()
+    (bad / "head.safetensors").write_bytes(data[: len(data) // 2])
+    src = make_folder(tmp_path / "src", n=1, size=(40, 40))
+    with pytest.raises(PdsegError, match="head.safetensors"):
+        predict_source(open_source(src), bad, device="cpu", image_mpp=0.5, console=QUIET)
+
+
+def test_model_from_another_backbone_is_refused(tmp_path, model_dir):
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    meta = json.loads((other / "model.json").read_text())
+    meta["backbone"]["random_weights"] = False
+    meta["backbone"]["sha256"] = "0" * 64
+    (other / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(PdsegError, match="trained on backbone"):
+        Predictor(load_model(other), "cpu")
