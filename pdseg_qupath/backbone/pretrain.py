@@ -276,6 +276,9 @@ class _Run:
                     dirty, snap = False, None
                     if self.step % eval_every == 0 or self.step == total:
                         self._evaluate()
+                        if not self.console.is_terminal:  # logs get a line; terminals get the bar
+                            self.console.print(f"{name} step {self.step}/{total}: {self._status()}, "
+                                               f"{self._eval_text()}")
                     self.info["seconds"][self.stage] += time.time() - t0
                     t0 = time.time()
                     if self.step % self.every == 0 and self.step < total:
@@ -389,6 +392,13 @@ class _Run:
                 pred = self.ema(zt, tt, self.bb.null_context(len(z0), self.dev)).sample
             losses.append(float(F.mse_loss(pred.float(), eps)))
         return float(np.mean(losses))
+
+    def _eval_text(self) -> str:
+        if self.stage == "ae" and self.hist["ae_psnr"]:
+            return f"held-out PSNR {self.hist['ae_psnr'][-1][1]:.2f} dB"
+        if self.stage == "unet" and self.hist["unet_heldout"]:
+            return f"held-out ε-loss {self.hist['unet_heldout'][-1][1]:.4f}"
+        return ""
 
     def _status(self) -> str:
         h = self.hist[f"{self.stage}_loss"][-20:]
