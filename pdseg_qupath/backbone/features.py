@@ -108,7 +108,9 @@ class LDMFeatures:
         size = z0.shape[-2:]
         feats = [f if f.shape[-2:] == size else
                  F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats]
-        out = torch.cat(feats, dim=1)
+        out = torch.cat(feats, dim=1) if len(feats) > 1 else feats[0]
+        if nt == 1:
+            return out
         c = out.shape[1]
         return out.view(nt, b, c, *size).transpose(0, 1).reshape(b, nt * c, *size)
 
@@ -167,9 +169,14 @@ class LDMFeatures:
             x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
             noise = torch.cat([noise, noise[:, -1:].expand(-1, pad, *noise.shape[2:])], dim=1)
             ctx = torch.cat([ctx, ctx[-1:].expand(pad, *ctx.shape[1:])])
+        graphs = self.compile_mode in ("reduce-overhead", "max-autotune")
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with _precision(self.device, self.autocast), _sdpa(self.attention):
             y = self._fn(x, noise, ctx)
-        return y[:n].to(self.dtype)
+        y = y[:n].to(self.dtype)
+        # CUDA-graph outputs live in a static buffer that the next replay overwrites.
+        return y.clone() if graphs else y
 
     def _as_tiles(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(tiles)) if isinstance(tiles, np.ndarray) else tiles

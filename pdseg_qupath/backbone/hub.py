@@ -82,7 +82,8 @@ def _fail(repo: str, spec: str, err: BaseException) -> PdsegError:
         why = "no such repo, or it is private (check the spelling, or log in with `hf auth login`)"
     else:
         why = f"offline or unreachable ({name}: {str(err).splitlines()[0][:160] if str(err) else ''})"
-    return PdsegError(f"could not fetch backbone {spec!r} from Hugging Face: {why}.\n{_howto(repo, spec)}")
+    return PdsegError(f"could not fetch backbone {spec!r} from Hugging Face: {why} (there is no local "
+                      f"folder of that name either).\n{_howto(repo, spec)}")
 
 
 def _list_files(repo: str, spec: str) -> list[str]:
