@@ -80,8 +80,7 @@ def test_config_name_without_shipped_weights_is_random(monkeypatch, tmp_path: Pa
 
 def test_shipped_weights_are_used(monkeypatch, tmp_path: Path) -> None:
     src = build_backbone("tiny")
-    src.random_weights = False
-    save_backbone(src, tmp_path / "tiny", {"trained_on": "test"})
+    save_backbone(src, tmp_path / "tiny", {"trained_on": "test"}, random_weights=False)
     monkeypatch.setattr(model, "SHIPPED_WEIGHTS", tmp_path)
     bb = load_backbone("tiny")
     assert not bb.random_weights and RANDOM_LABEL not in describe(bb)
@@ -230,3 +229,41 @@ def test_context_shapes() -> None:
     with pytest.raises(PdsegError, match="expected"):
         bb.context(2, torch.zeros(2, 2, 7))
     assert hub.cache_root().name == "backbones"
+
+
+def test_zoomldm_block_is_a_standard_prenorm_vit_block() -> None:
+    """Our torchvision-named ViT block computes what nn.TransformerEncoderLayer(norm_first) does."""
+    from pdseg_qupath.backbone.conditioning import _EncoderBlock
+
+    torch.manual_seed(0)
+    mine = _EncoderBlock(32, 4, 64).eval()
+    ref = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation="gelu", layer_norm_eps=1e-6,
+                                           batch_first=True, norm_first=True).eval()
+    names = {"self_attn.": "self_attention.", "linear1.": "mlp.0.", "linear2.": "mlp.3.",
+             "norm1.": "ln_1.", "norm2.": "ln_2."}
+    sd = {}
+    for k, v in ref.state_dict().items():
+        for a, b in names.items():
+            if k.startswith(a):
+                sd[b + k[len(a):]] = v
+    mine.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 65, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(mine(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_zoomldm_tokens_centre_small_grids() -> None:
+    torch.manual_seed(0)
+    from pdseg_qupath.backbone.conditioning import ZoomLDMEmbedder
+
+    e = ZoomLDMEmbedder(input_channels=8, hidden_channels=16, output_channels=16, vit_mlp_dim=32,
+                        num_layers=1, num_heads=2)
+    feat = torch.randn(1, 8, 2, 2)
+    tok = e._tokens(feat)
+    assert tok.shape == (1, 64, 16)
+    torch.testing.assert_close(tok[0, 30:34], e.dim_reduce(feat.flatten(2).transpose(1, 2))[0])
+    torch.testing.assert_close(tok[0, 0], e.pad_token[0, 0])
+    one = e._tokens(torch.randn(1, 8, 1, 1))
+    assert torch.equal(one[0, 31], e.pad_token[0, 0]) and not torch.equal(one[0, 32], e.pad_token[0, 0])
+    out = e({"ssl_feat": torch.randn(2, 8, 8, 8), "mag": torch.tensor([0, 3])})
+    assert out.shape == (2, 65, 16)

@@ -118,8 +118,12 @@ def _build_parts(cfg: BackboneConfig) -> tuple[VQModel, UNet2DConditionModel, DD
 # ---------------------------------------------------------------------------------------------- save
 
 def save_backbone(backbone: Backbone, out_dir: str | Path, record: Mapping[str, Any] | None = None, *,
-                  overwrite: bool = False) -> Path:
-    """Write the diffusers-format folder atomically (temp folder beside it, then rename)."""
+                  overwrite: bool = False, random_weights: bool | None = None) -> Path:
+    """Write the diffusers-format folder atomically (temp folder beside it, then rename).
+
+    The folder keeps ``backbone.random_weights`` so random weights stay labelled after a round trip;
+    after training a backbone, pass ``random_weights=False`` (or clear the flag) before saving.
+    """
     parts: dict[str, tuple[Any, dict[str, torch.Tensor]]] = {
         "unet": (backbone.unet, backbone.unet.state_dict()),
         "vqvae": (backbone.vq, backbone.vq.state_dict()),
@@ -129,7 +133,8 @@ def save_backbone(backbone: Backbone, out_dir: str | Path, record: Mapping[str, 
         cond = (backbone.conditioner.config(), backbone.conditioner.state_dict())
     return write_folder(out_dir, backbone.config, parts, backbone.scheduler, cond,
                         source=backbone.source or backbone.spec, record=dict(record or {}),
-                        random_weights=backbone.random_weights, overwrite=overwrite)
+                        random_weights=backbone.random_weights if random_weights is None else random_weights,
+                        overwrite=overwrite)
 
 
 def write_folder(out_dir: str | Path, config: BackboneConfig,

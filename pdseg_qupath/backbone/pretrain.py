@@ -642,16 +642,20 @@ def write_loss_plots(hist: dict[str, list[Any]], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
+    folder.mkdir(parents=True, exist_ok=True)
     for stage, loss_key, eval_key, eval_label in (("ae", "ae_loss", "ae_psnr", "held-out PSNR (dB)"),
                                                    ("unet", "unet_loss", "unet_heldout", "held-out ε-loss (EMA)")):
-        xs = hist.get(loss_key) or []
-        if not xs:
+        raw = hist.get(loss_key) or []
+        if not raw:
             continue
-        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=90)
-        ax.plot(np.arange(1, len(xs) + 1), xs, color="0.75", lw=0.6, label="train loss")
+        # Raw per-step losses, or the record's thinned [step, mean] pairs.
+        steps, xs = ((np.array(raw, float)[:, 0], np.array(raw, float)[:, 1]) if np.ndim(raw) == 2
+                     else (np.arange(1, len(raw) + 1), np.asarray(raw, float)))
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=90)
+        ax.plot(steps, xs, color="0.75", lw=0.6, label="train loss")
         k = max(1, len(xs) // 30)
         smooth = np.convolve(xs, np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(k, len(xs) + 1), smooth, color="C0", lw=1.5, label=f"train loss ({k}-step mean)")
+        ax.plot(steps[k - 1:], smooth, color="C0", lw=1.5, label=f"train loss ({k}-point mean)")
         ax.set_xlabel("step")
         ax.set_ylabel("L1 + gradient loss" if stage == "ae" else "ε MSE")
         ax.set_yscale("log")
@@ -662,9 +666,9 @@ def write_loss_plots(hist: dict[str, list[Any]], folder: Path) -> list[Path]:
             ax2.plot(e[:, 0], e[:, 1], "o-", color="C3", ms=3, label=eval_label)
             if stage == "ae":
                 ax2.set_ylabel(eval_label)
-        fig.legend(loc="upper right", fontsize=7)
+        fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
         ax.set_title("autoencoder" if stage == "ae" else "UNet (ε-prediction DDPM)")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         p = folder / f"loss_{stage}.png"
         fig.savefig(p)
         plt.close(fig)
