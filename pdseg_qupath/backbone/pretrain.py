@@ -168,7 +168,7 @@ def pretrain(
         run.train(prog)
     record = run.record(pool, time.time() - t_start, refs_count=len(refs))
     final = run.final_backbone()
-    save_backbone(final, out, record)
+    save_backbone(final, out, record, random_weights=False)
     _write_figures(run, out / "pretrain")
     (out / "pretrain" / "record.json").write_text(json.dumps(record, indent=2))
     manifest = json.loads((out / MANIFEST).read_text())
