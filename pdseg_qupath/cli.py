@@ -17,7 +17,7 @@ from .errors import PdsegError
 
 # Without a terminal rich assumes 80 columns, which truncates metric tables in logs and CI output.
 console = Console(width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
     name="pdseg-qupath",
@@ -120,6 +120,56 @@ def masks(
     console.print(f"classes: {', '.join(result.class_map.names)} (ignore = 255) → {out / 'classes.json'}")
     if any(r.error for r in result.rows):
         raise typer.Exit(1)
+
+
+@app.command("convert-backbone")
+def convert_backbone(
+    ckpt: Path = typer.Argument(..., help="Original CompVis/Lightning checkpoint (.ckpt, .pt or .safetensors)."),
+    config: Path = typer.Option(..., "--config", help="The checkpoint's CompVis YAML config."),
+    out: Path = typer.Option(..., "--out", help="Output diffusers-format backbone folder."),
+    ema: str = typer.Option("auto", "--ema", help="Use the EMA weights: auto (when present), yes or no."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Convert an original latent-diffusion checkpoint into a folder usable as --backbone DIR.
+
+    The checkpoint is opened with torch.load(weights_only=True): pickles that need arbitrary code are refused.
+    """
+    from .backbone.convert import convert_checkpoint
+
+    use_ema: bool | str = {"auto": "auto", "yes": True, "no": False}.get(ema.lower(), "auto")
+    with console.status(f"converting {ckpt.name} …"):
+        record = convert_checkpoint(ckpt, config, out, use_ema=use_ema, overwrite=overwrite)
+    console.print_json(data=record)
+    console.print(f"[green]backbone written to {out}[/] — use it with --backbone {out}")
+
+
+bench_app = typer.Typer(help="Benchmarks that print JSON (figures go to docs/PERFORMANCE.md).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("features")
+def bench_features_cmd(
+    backbone: str = typer.Option("pathsegdiff-brca-20x", "--backbone", help="Backbone spec (folder, hub id or config name)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    steps: int = typer.Option(3, "--steps", help="Timed batches after warm-up."),
+    compile: str = typer.Option("no", "--compile", help="no, yes, auto, or a torch.compile mode."),
+    t: Optional[str] = typer.Option(None, "--t", help="Timestep(s), comma-separated (default: the backbone's)."),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Up-block indices, comma-separated, 0 = coarsest."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."),
+    channels_last: bool = typer.Option(False, "--channels-last"),
+) -> None:
+    """Feature-extraction tiles/s, GFLOP/tile, TFLOP/s, peak memory and error vs eager fp32, as JSON."""
+    from .backbone.bench import bench_features
+
+    comp: bool | str = {"no": False, "yes": True}.get(compile, compile)
+    result = bench_features(
+        backbone, device, batch_size, steps, comp,
+        t=[int(v) for v in t.split(",")] if t else None,
+        blocks=[int(v) for v in blocks.split(",")] if blocks else None,
+        precision=precision, channels_last=channels_last,
+    )
+    print(json.dumps(result, indent=2))
 
 
 def main() -> None:

@@ -78,7 +78,11 @@ def export_source_masks(
                 row.error = str(exc)
                 continue
             loaded.append((rec, anns))
-        cmap = build_class_map([a for _, anns in loaded for a in anns], classes, source.class_colors())
+        try:
+            cmap = build_class_map([a for _, anns in loaded for a in anns], classes, source.class_colors())
+        except PdsegError as exc:
+            failed = [f"{r.image}: {r.error}" for r in rows.values() if r.error]
+            raise PdsegError("\n".join([str(exc), *failed])) from None
         task = progress.add_task("masks", total=len(loaded)) if progress else None
         for rec, anns in loaded:
             row = rows[rec.name]

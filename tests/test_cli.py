@@ -1,0 +1,89 @@
+"""The CLI as a user runs it: real commands in a subprocess-free runner, clear errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pdseg_qupath import cli
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Run the console entry point exactly as the installed script does."""
+    old = sys.argv
+    sys.argv = ["pdseg-qupath", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@pytest.fixture
+def gbm_folder(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    shutil.copy(FIX / "gbm40" / "01.png", d / "01.png")
+    shutil.copy(FIX / "gbm40" / "01.geojson", d / "01.geojson")
+    return d
+
+
+def test_masks_writes_labels_and_classes(gbm_folder: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "masks"
+    code, text = run(["masks", str(gbm_folder), "--mpp", "1.0", "--image-mpp", "0.5", "--out", str(out), "--overlay"], capsys)
+    assert code == 0, text
+    classes = json.loads((out / "classes.json").read_text())
+    assert [c["name"] for c in classes["classes"]] == ["Background", "Nucleus"]
+    assert classes["ignore"] == 255 and classes["mpp"] == 1.0
+    labels = np.array(Image.open(out / "01.png"))
+    assert labels.shape == (256, 256)  # 512 px at 0.5 µm/px → 256 px at 1 µm/px
+    assert set(np.unique(labels)) <= {0, 1}
+    assert 0.1 < (labels == 1).mean() < 0.5
+    assert (out / "overlays" / "01.png").exists()
+    assert "Nucleus" in text and "ok" in text
+
+
+def test_masks_class_order_follows_classes_option(gbm_folder: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "masks"
+    code, text = run(["masks", str(gbm_folder), "--mpp", "0.5", "--image-mpp", "0.5", "--out", str(out),
+                      "--classes", "Nucleus,Background"], capsys)
+    assert code == 0, text
+    labels = np.array(Image.open(out / "01.png"))
+    assert (labels == 0).mean() < (labels == 1).mean()  # nuclei are now class 0, the minority
+
+
+def test_unknown_class_is_a_clear_error(gbm_folder: Path, tmp_path: Path, capsys) -> None:
+    code, text = run(["masks", str(gbm_folder), "--mpp", "0.5", "--image-mpp", "0.5", "--out", str(tmp_path / "m"),
+                      "--classes", "Tumor"], capsys)
+    assert code == 2
+    assert "Tumor" in text and "Traceback" not in text
+
+
+def test_missing_pixel_size_names_image_mpp(gbm_folder: Path, tmp_path: Path, capsys) -> None:
+    code, text = run(["masks", str(gbm_folder), "--mpp", "0.5", "--out", str(tmp_path / "m")], capsys)
+    assert code == 1  # the image fails, the run reports it per image
+    assert "--image-mpp" in text
+
+
+def test_broken_geojson_names_file_and_line(gbm_folder: Path, tmp_path: Path, capsys) -> None:
+    (gbm_folder / "01.geojson").write_text('{"type": "FeatureCollection",\n "features": [ {,] }')
+    code, text = run(["masks", str(gbm_folder), "--mpp", "0.5", "--image-mpp", "0.5", "--out", str(tmp_path / "m")], capsys)
+    assert code != 0
+    assert "01.geojson" in text and "line 2" in text and "Traceback" not in text
+
+
+def test_missing_source_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    code, text = run(["masks", str(tmp_path / "nope"), "--mpp", "0.5", "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "no such project or folder" in text
