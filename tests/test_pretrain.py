@@ -86,6 +86,21 @@ def test_resume_after_interrupt_is_bit_identical(tiny_run: tuple[Path, dict], tm
     assert rec_b["history"]["ae_loss"] == rec_a["history"]["ae_loss"]
 
 
+def test_fine_tune_from_existing_backbone_keeps_its_latent_space(tiny_run: tuple[Path, dict],
+                                                                   tmp_path: Path) -> None:
+    src, _ = tiny_run
+    kw = {**TINY, "steps_ae": 0, "steps_unet": 2}
+    del kw["config"]
+    rec = pt.pretrain([FIXTURE], tmp_path / "ft", from_spec=str(src), **kw)
+    assert rec["from"] == str(src) and rec["config"] == "tiny"
+    assert rec["latent"]["normalised"] is False and rec["unet"]["lr"] == 5e-5
+    a, b = load_backbone(src), load_backbone(tmp_path / "ft")
+    assert all(torch.equal(p, q) for p, q in zip(a.vq.parameters(), b.vq.parameters()))
+    assert not torch.equal(a.unet.conv_in.weight, b.unet.conv_in.weight)
+    with pytest.raises(PdsegError, match="differs"):
+        pt.pretrain([FIXTURE], tmp_path / "x", from_spec=str(src), **{**kw, "config": "small"})
+
+
 def test_refuses_to_overwrite_or_silently_restart(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
     out, _ = tiny_run
     with pytest.raises(PdsegError, match="already exists"):
