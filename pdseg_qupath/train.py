@@ -83,6 +83,10 @@ class TrainOptions:
     patience: int = 8
     class_weights: str | Sequence[float] | None = None
     """None, "balanced" (inverse frequency of cached pixels) or one weight per class."""
+    prior_correction: bool = True
+    """Class-stratified sampling trains the head as if all classes were equally common. With this on,
+    the logits are shifted by log(annotated share / sampled share) (logit adjustment for label shift),
+    so predictions follow the class proportions of the annotations instead of over-calling rare classes."""
     hidden: tuple[int, int] = (128, 64)
     dropout: float = 0.1
     rgb_skip: bool = False
@@ -282,6 +286,40 @@ def grid_tiles(images: list[_Image], which: Sequence[int], tile: int, mpp: float
     return out
 
 
+def annotated_prior(images: list[_Image], which: Sequence[int], n_classes: int, mpp: float,
+                    max_pixels: int = 4_000_000) -> np.ndarray:
+    """Share of each class among the annotated pixels of the training images (paint order applied).
+
+    Each image is rasterized once over its annotations' bounds, at the work resolution or coarser so
+    that at most ``max_pixels`` pixels are needed.
+    """
+    counts = np.zeros(n_classes, dtype=np.float64)
+    for i in which:
+        im = images[i]
+        if not len(im.index):
+            continue
+        minx, miny, maxx, maxy = shapely.total_bounds(im.index.geometries)
+        d = mpp / im.slide.mpp
+        w0, h0 = max(1.0, (maxx - minx) / d), max(1.0, (maxy - miny) / d)
+        f = max(1.0, float(np.sqrt(w0 * h0 / max_pixels)))
+        dd = d * f
+        x0, y0 = int(np.floor(minx / dd)), int(np.floor(miny / dd))
+        win = Window(x0, y0, int(np.ceil(maxx / dd)) - x0 + 1, int(np.ceil(maxy / dd)) - y0 + 1, dd)
+        lab = im.index.rasterize(win)
+        counts += np.bincount(lab[lab < n_classes].ravel(), minlength=n_classes)[:n_classes]
+    total = counts.sum()
+    return counts / total if total else np.full(n_classes, 1.0 / n_classes)
+
+
+def logit_adjustment(prior: np.ndarray, sampled: np.ndarray) -> torch.Tensor:
+    """log(prior / sampled share) per class (0 where either is empty): added to the head's logits."""
+    s = sampled / max(1.0, float(sampled.sum()))
+    ok = (prior > 0) & (s > 0)
+    adj = np.zeros(len(prior), dtype=np.float64)
+    adj[ok] = np.log(prior[ok] / s[ok])
+    return torch.tensor(adj, dtype=torch.float32)
+
+
 # ------------------------------------------------------------------------------------- resume state
 
 
@@ -424,7 +462,8 @@ def _class_weights(spec, counts: np.ndarray) -> torch.Tensor | None:
 
 
 def _evaluate_pixels(head: FCNHead, data: dict[str, torch.Tensor], n_classes: int, device: str,
-                     weight: torch.Tensor | None, rgb_skip: bool) -> tuple[float, Confusion]:
+                     weight: torch.Tensor | None, rgb_skip: bool,
+                     adjust: torch.Tensor | None = None) -> tuple[float, Confusion]:
     head.eval()
     conf = Confusion(n_classes)
     total, n = 0.0, 0
@@ -434,6 +473,8 @@ def _evaluate_pixels(head: FCNHead, data: dict[str, torch.Tensor], n_classes: in
             y = data["labels"][i : i + 65536].to(device).long()
             rgb = data["rgb"][i : i + 65536].to(device).float() if rgb_skip else None
             logits = head.forward_pixels(f, rgb)
+            if adjust is not None:
+                logits = logits + adjust
             total += F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE, reduction="sum").item()
             n += int((y != IGNORE).sum())
             conf.update(y.cpu().numpy(), logits.argmax(1).cpu().numpy())
@@ -576,6 +617,13 @@ def train_model(
             "budget_mb": opts.cache_mb,
             "class_pixels_train": {n: int(c) for n, c in zip(cmap.names, counts)},
         }
+        prior = annotated_prior(imgs, train_idx, len(cmap), mpp)
+        adjust = logit_adjustment(prior, counts.astype(np.float64)) if opts.prior_correction else None
+        prior_info = {
+            "annotated_share": {n: round(float(p), 5) for n, p in zip(cmap.names, prior)},
+            "sampled_share": {n: round(float(c) / max(1, counts.sum()), 5) for n, c in zip(cmap.names, counts)},
+            "logit_adjustment": [round(float(a), 5) for a in adjust] if adjust is not None else None,
+        }
         del bb  # the backbone is not needed for the head (extractor keeps what it needs)
 
         # --- head -------------------------------------------------------------------------------------
@@ -593,6 +641,7 @@ def train_model(
         weight = _class_weights(opts.class_weights, counts)
         if weight is not None:
             weight = weight.to(dev)
+        adj_dev = adjust.to(dev) if adjust is not None else None
         optim = torch.optim.AdamW(head.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         history: list[dict] = []
         best_state, best_epoch, best_score, stale = None, 0, -1.0, 0
@@ -638,9 +687,9 @@ def train_model(
                 count += len(b)
             train_loss = total / max(1, count)
             if va is not None:
-                val_loss, conf = _evaluate_pixels(head, va, len(cmap), dev, weight, opts.rgb_skip)
+                val_loss, conf = _evaluate_pixels(head, va, len(cmap), dev, weight, opts.rgb_skip, adj_dev)
             else:
-                val_loss, conf = None, _evaluate_pixels(head, tr, len(cmap), dev, weight, opts.rgb_skip)[1]
+                val_loss, conf = None, _evaluate_pixels(head, tr, len(cmap), dev, weight, opts.rgb_skip, adj_dev)[1]
             sc = scores(conf, cmap.names)
             row = _epoch_row(epoch, train_loss, val_loss, sc)
             history.append(row)
@@ -665,6 +714,9 @@ def train_model(
             console.print(f"early stop: no better validation mIoU for {opts.patience} epochs; best epoch {best_epoch}")
         timings["head_s"] = time.perf_counter() - t2
         head.load_state_dict(best_state)
+        if adjust is not None:
+            with torch.no_grad():
+                head.out.bias += adjust.to(head.out.bias.device)  # fold the prior shift into the head
         head.cpu().eval()
         best_row = next(r for r in history if r["epoch"] == best_epoch)
         timings["total_s"] = time.perf_counter() - t0
@@ -690,6 +742,7 @@ def train_model(
                 "tiles": len(tiles),
                 "val_tiles": len(val_tiles),
                 "cache": cache_info,
+                "prior": prior_info,
                 "options": opts.to_json(),
                 "device": dev,
                 "timings_s": {k: round(v, 2) for k, v in timings.items()},

@@ -32,7 +32,8 @@ def make_image(folder: Path, name: str, size: tuple[int, int] = (96, 96), seed: 
     bg = background_box or (0, 0, w, h)
     feats.append(_feature(box(*bg), "Background", (200, 200, 200)))
     for _ in range(n_nuclei):
-        cx, cy = rng.uniform(8, w - 8), rng.uniform(8, h - 8)
+        m = min(8.0, w / 2, h / 2)
+        cx, cy = rng.uniform(m, w - m), rng.uniform(m, h - m)
         r = rng.uniform(3.5, 6.5)
         inside = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
         img[inside] = np.array(PURPLE) + rng.normal(0, 6, (int(inside.sum()), 3))
