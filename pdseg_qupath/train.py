@@ -94,6 +94,9 @@ class TrainOptions:
     blocks: Sequence[int] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     resume: bool = True
+    keep_features: bool = False
+    """Keep the feature cache in OUT/.pdseg-train after success: a rerun with other head options
+    (epochs, learning rate, ...) then skips feature extraction."""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -323,11 +326,21 @@ def logit_adjustment(prior: np.ndarray, sampled: np.ndarray) -> torch.Tensor:
 # ------------------------------------------------------------------------------------- resume state
 
 
-def _fingerprint(images: list[_Image], cmap: ClassMap, opts: TrainOptions, spec: str, bb_sha: str | None,
-                 mpp: float, seed: int, val_images: Sequence[str] | None) -> str:
+FEATURE_OPTIONS = ("tile_size", "tiles_per_class", "views", "pixels_per_tile", "cache_mb", "val_fraction",
+                   "max_val_tiles", "t", "blocks", "augment")
+"""Options that change the cached features; the others (head, optimiser, epochs) only the checkpoint."""
+RESTART_OPTIONS = ("lr", "weight_decay", "batch_pixels", "class_weights", "hidden", "dropout", "rgb_skip",
+                   "prior_correction")
+"""Head options that make an old checkpoint useless (``epochs`` and ``patience`` may change on resume)."""
+
+
+def _fingerprints(images: list[_Image], cmap: ClassMap, opts: TrainOptions, spec: str, bb_sha: str | None,
+                  mpp: float, seed: int, val_images: Sequence[str] | None) -> tuple[str, str]:
+    """(features, head) fingerprints: what the cached features depend on, and that plus the head options."""
+    o = opts.to_json()
     h = hashlib.sha256()
-    h.update(json.dumps({"opts": opts.to_json(), "spec": spec, "sha": bb_sha, "mpp": mpp, "seed": seed,
-                         "classes": cmap.to_json(), "val": list(val_images or []), "v": __version__},
+    h.update(json.dumps({"opts": {k: o[k] for k in FEATURE_OPTIONS}, "spec": spec, "sha": bb_sha, "mpp": mpp,
+                         "seed": seed, "classes": cmap.to_json(), "val": list(val_images or []), "v": __version__},
                         sort_keys=True, default=str).encode())
     for im in images:
         h.update(im.record.name.encode())
@@ -335,39 +348,44 @@ def _fingerprint(images: list[_Image], cmap: ClassMap, opts: TrainOptions, spec:
         for a in im.annotations:
             h.update((a.classification or "").encode())
             h.update(shapely.to_wkb(a.geometry))
-    return h.hexdigest()
+    feat = h.hexdigest()
+    head = hashlib.sha256((feat + json.dumps({k: o[k] for k in RESTART_OPTIONS}, sort_keys=True, default=str))
+                          .encode()).hexdigest()
+    return feat, head
 
 
 class _Resume:
-    """``OUT/.pdseg-train/``: feature shards and the per-epoch checkpoint of an unfinished run."""
+    """``OUT/.pdseg-train/``: feature shards (``features-<fp>/``) and the per-epoch head checkpoint
+    (``checkpoint-<fp>.pt``) of an unfinished run. State left by other inputs or options is removed."""
 
-    def __init__(self, out_dir: Path, fingerprint: str, enabled: bool, messages: list[str]) -> None:
+    def __init__(self, out_dir: Path, fingerprints: tuple[str, str], enabled: bool, messages: list[str]) -> None:
         self.dir = out_dir / RESUME_DIR
         self.enabled = enabled
-        self.resumed = False
-        stamp = self.dir / "fingerprint.txt"
+        feat, head = fingerprints[0][:16], fingerprints[1][:16]
+        self.features_dir = self.dir / f"features-{feat}"
+        self.checkpoint = self.dir / f"checkpoint-{head}.pt"
+        self.resumed = enabled and (self.features_dir.is_dir() or self.checkpoint.is_file())
         if self.dir.exists():
-            same = stamp.is_file() and stamp.read_text().strip() == fingerprint
-            if same and enabled:
-                self.resumed = True
-                messages.append(f"resuming the interrupted run in {self.dir}")
-            else:
-                shutil.rmtree(self.dir, ignore_errors=True)
-                if not same:
-                    messages.append(f"{self.dir}: left by a run with other inputs or options; started afresh")
+            stale = [p for p in self.dir.iterdir() if p not in (self.features_dir, self.checkpoint)]
+            if not enabled:
+                stale = list(self.dir.iterdir())
+            for p in stale:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if stale and enabled:
+                messages.append(f"{self.dir}: removed state left by a run with other inputs or options")
+        if self.resumed:
+            messages.append(f"resuming from {self.dir} (features and head checkpoint of an earlier run)")
         if enabled:
-            (self.dir / "cache").mkdir(parents=True, exist_ok=True)
-            stamp.write_text(fingerprint)
+            self.features_dir.mkdir(parents=True, exist_ok=True)
 
     def shard(self, name: str, index: int) -> Path:
-        return self.dir / "cache" / f"{name}-{index:05d}.safetensors"
+        return self.features_dir / f"{name}-{index:05d}.safetensors"
 
-    @property
-    def checkpoint(self) -> Path:
-        return self.dir / "checkpoint.pt"
-
-    def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def finish(self, keep_features: bool) -> None:
+        """After a completed run: drop the checkpoint; keep the features only if asked (for tuning)."""
+        self.checkpoint.unlink(missing_ok=True)
+        if not keep_features:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------- extraction
@@ -572,7 +590,7 @@ def train_model(
                 messages.append(f"class {name!r} has no annotation in the training images; it cannot be learnt")
         n_views = len(tiles) * opts.views + len(val_tiles)
         per_view = pixels_per_view(opts.cache_mb, extractor.channels, n_views, opts.pixels_per_tile)
-        fp = _fingerprint(imgs, cmap, opts, backbone, getattr(bb, "sha256", None), mpp, seed, val_images)
+        fp = _fingerprints(imgs, cmap, opts, backbone, getattr(bb, "sha256", None), mpp, seed, val_images)
         out.mkdir(parents=True, exist_ok=True)
         resume = _Resume(out, fp, opts.resume, messages)
         for m in messages:
@@ -705,7 +723,7 @@ def train_model(
                 ck = {"head": head.state_dict(), "optim": optim.state_dict(), "history": json.dumps(history),
                       "best_state": best_state, "best_epoch": best_epoch, "best_score": best_score,
                       "stale": stale, "epoch": epoch}
-                tmp = resume.checkpoint.with_name("checkpoint.pt.tmp")
+                tmp = resume.checkpoint.with_name(resume.checkpoint.name + ".tmp")
                 torch.save(ck, tmp)
                 tmp.replace(resume.checkpoint)
             if progress is not None:
@@ -750,7 +768,7 @@ def train_model(
             },
         )
         save_model(model, out)
-        resume.clear()
+        resume.finish(opts.keep_features)
         return TrainResult(
             model_dir=out, model=model, class_map=cmap, history=history, best_epoch=best_epoch,
             best=best_row, train_images=model.training["train_images"],

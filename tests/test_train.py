@@ -77,7 +77,7 @@ def test_interrupted_run_resumes_to_the_same_result(trained, data, tmp_path, mon
     out = tmp_path / "m"
     with pytest.raises(KeyboardInterrupt):
         train_tiny(data, out, epochs=3)
-    assert (out / ".pdseg-train" / "checkpoint.pt").is_file()
+    assert len(list((out / ".pdseg-train").glob("checkpoint-*.pt"))) == 1
     assert not (out / "model.json").exists()
     monkeypatch.setattr(report, "write_training_curve", real)
     resumed = train_tiny(data, out, epochs=3)
@@ -213,3 +213,13 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing():
         BatchRunner(2)(always, [1, 2, 3])
     with pytest.raises(ValueError):
         BatchRunner(2)(lambda b: (_ for _ in ()).throw(ValueError("other")), [1])
+
+
+def test_kept_features_are_reused_by_a_run_with_other_head_options(data, tmp_path):
+    first = train_tiny(data, tmp_path / "m", epochs=1, keep_features=True)
+    shards = list((tmp_path / "m" / ".pdseg-train").glob("features-*/*.safetensors"))
+    assert shards and not list((tmp_path / "m" / ".pdseg-train").glob("checkpoint-*"))
+    second = train_tiny(data, tmp_path / "m", epochs=1, keep_features=True, lr=1e-3, hidden=(32, 16))
+    assert second.resumed and second.cache["pixels_train"] == first.cache["pixels_train"]
+    third = train_tiny(data, tmp_path / "m", epochs=1, tiles_per_class=3)
+    assert not third.resumed and not (tmp_path / "m" / ".pdseg-train").exists()
