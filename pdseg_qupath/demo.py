@@ -122,7 +122,7 @@ def run_demo(
     val = _stage(slide, out / "data" / "validation", val_json)
     console.rule("[bold]1/3 train")
     t = time.perf_counter()
-    opts = TrainOptions(tiles_per_class=24, views=2, overlap=64, patience=6, max_val_tiles=16)
+    opts = TrainOptions(tiles_per_class=24, views=2, patience=6, max_val_tiles=16)
     res = train_model(open_source(staged), out / "model", backbone=spec, mpp=0.5, epochs=epochs, device=dev,
                       seed=0, options=opts, console=console, progress=progress)
     timings["train_s"] = time.perf_counter() - t

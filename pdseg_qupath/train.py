@@ -65,8 +65,8 @@ class TrainOptions:
 
     tile_size: int | None = None
     """Tile size in px at the work resolution (default: the backbone's, 256)."""
-    overlap: int = 64
-    """Overlap of prediction tiles (stored in the model for ``predict``)."""
+    overlap: int | None = None
+    """Overlap of prediction tiles in px (stored in the model for ``predict``); default a quarter tile."""
     tiles_per_class: int = 48
     views: int = 2
     """Versions of each training tile: the tile itself, then augmented ones."""
@@ -559,15 +559,16 @@ def train_model(
 
         label = describe(bb)
         bb_record = {
-            "spec": backbone,
+            "spec": str(Path(backbone).resolve()) if Path(backbone).is_dir() else backbone,
             "config": bb.config.name,
             "sha256": getattr(bb, "sha256", None),
             "random_weights": bool(getattr(bb, "random_weights", False)),
             "label": label,
         }
         tile = int(opts.tile_size or bb.config.tile_size)
-        if not 0 <= opts.overlap < tile // 2:
-            raise PdsegError(f"overlap {opts.overlap} must be in [0, {tile // 2}) for {tile}-px tiles")
+        overlap = tile // 4 if opts.overlap is None else int(opts.overlap)
+        if not 0 <= overlap < tile // 2:
+            raise PdsegError(f"overlap {overlap} must be in [0, {tile // 2}) for {tile}-px tiles")
         train_idx, val_idx = split_images(imgs, val_images, opts.val_fraction, rng)
         stride = int(getattr(extractor, "out_stride", 4))
         tiles = sample_tiles(imgs, train_idx, cmap, tile, mpp, opts.tiles_per_class, rng, stride)
@@ -744,7 +745,7 @@ def train_model(
             class_map=cmap,
             mpp=float(mpp),
             tile_size=tile,
-            overlap=int(opts.overlap),
+            overlap=overlap,
             backbone=bb_record,
             features=_features_record(extractor),
             training={
