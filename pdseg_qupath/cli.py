@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Optional
 
@@ -120,6 +121,143 @@ def masks(
     console.print(f"classes: {', '.join(result.class_map.names)} (ignore = 255) → {out / 'classes.json'}")
     if any(r.error for r in result.rows):
         raise typer.Exit(1)
+
+
+BACKBONE_HELP = "Backbone: 'small' (shipped, pretrained), a diffusers folder, a Hugging Face repo id, or random:<config>."
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N."
+
+
+@app.command()
+def train(
+    source: Path = typer.Argument(..., help="A QuPath project (.qpproj, opened read-only) or a folder of images with <name>.geojson."),
+    out: Path = typer.Option(..., "--out", help="Model folder to write (head.safetensors + model.json + plots)."),
+    backbone: str = typer.Option("small", "--backbone", help=BACKBONE_HELP),
+    mpp: float = typer.Option(0.5, "--mpp", help="Work resolution in µm/px (0.5 ≈ 20x, what PathSegDiff used)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes in label order (default: all, sorted)."),
+    image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none (PNG/JPEG)."),
+    epochs: int = typer.Option(30, "--epochs", help="Maximum epochs (early stopping on the validation split)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    val_images: Optional[str] = typer.Option(None, "--val-images", help="Comma-separated image names held out for validation."),
+    seed: int = typer.Option(0, "--seed", help="Same seed and inputs → same metrics on CPU."),
+    cache_mb: float = typer.Option(512.0, "--cache-mb", help="Upper bound of the in-memory feature cache."),
+) -> None:
+    """Train the segmentation head on your annotations (sparse is fine: unannotated pixels are ignored)."""
+    from .source import open_source
+    from .train import TrainOptions, train_model
+
+    with closing(open_source(source)) as src, progress_bar() as progress:
+        result = train_model(
+            src, out, backbone=backbone, mpp=mpp, classes=_classes_option(classes), image_mpp=image_mpp,
+            epochs=epochs, device=device, val_images=_classes_option(val_images), seed=seed,
+            progress=progress, console=console, options=TrainOptions(cache_mb=cache_mb),
+        )
+    console.print(f"[green]model saved to {result.model_dir}[/] (best epoch {result.best_epoch}; backbone {result.backbone_label})")
+
+
+@app.command()
+def predict(
+    source: Path = typer.Argument(..., help="A QuPath project (.qpproj) or a folder of images."),
+    model: Path = typer.Option(..., "--model", help="Model folder written by `train`."),
+    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write QuPath GeoJSON, overlays and areas.csv here."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    batch_size: int = typer.Option(8, "--batch-size", help="Tiles per batch (halved automatically on GPU out-of-memory)."),
+    tissue_only: bool = typer.Option(True, "--tissue-only/--all", help="Skip white background found on a thumbnail."),
+    image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none."),
+    simplify: float = typer.Option(1.0, "--simplify", help="Polygon simplification in work-resolution px (0 = exact pixel outlines)."),
+    min_area: float = typer.Option(0.0, "--min-area", help="Drop predicted pieces smaller than this many µm²."),
+    write_back: bool = typer.Option(True, "--write-back/--no-write-back", help="Write objects into the project (a .qpproj is backed up first)."),
+) -> None:
+    """Predict tissue classes and write them back as classed QuPath annotations (only earlier pdseg objects are replaced)."""
+    from .predict import predict_source
+    from .source import open_source
+
+    writable = write_back and (source.suffix == ".qpproj" or (source / "project.qpproj").exists())
+    with closing(open_source(source, writable=writable)) as src, progress_bar() as progress:
+        result = predict_source(
+            src, model, images=images, out_dir=out, device=device, batch_size=batch_size,
+            tissue_only=tissue_only, image_mpp=image_mpp, simplify=simplify, min_area_um2=min_area,
+            write_back=write_back, progress=progress, console=console,
+        )
+    console.print(f"{result.tiles} tiles in {result.seconds:.1f} s ({result.tiles_per_second:.2f} tiles/s); backbone {result.backbone_label}")
+    if result.failed:
+        for r in result.failed:
+            err_console.print(f"[red]{r.image}: {r.error}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    source: Optional[Path] = typer.Argument(None, help="A QuPath project or folder with annotations (ground truth)."),
+    model: Path = typer.Option(..., "--model", help="Model folder written by `train`."),
+    report: Path = typer.Option(..., "--report", help="Report folder: metrics.json, confusion matrix, overlays."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Read SOURCE as a published data set: bcss or glas."),
+    split: str = typer.Option("test", "--split", help="GlaS split: train, testA, testB or test (A+B)."),
+    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names (repeatable)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none."),
+) -> None:
+    """Score a model on annotated pixels only: per-class Dice and IoU, accuracy, mIoU, confusion matrix."""
+    from .evaluate import evaluate as run_evaluate
+
+    if source is None:
+        raise PdsegError("give SOURCE: a QuPath project, a folder with GeoJSON, or a data set folder with --dataset")
+    notes: list[str] = []
+    if dataset:
+        from .datasets import open_dataset
+
+        src = open_dataset(dataset, source, **({"split": split} if dataset == "glas" else {}))
+        notes = list(getattr(src, "notes", []))
+    else:
+        from .source import open_source
+
+        src = open_source(source)
+    with closing(src), progress_bar() as progress:
+        metrics = run_evaluate(src, model, report, images=images, device=device, image_mpp=image_mpp,
+                               notes=notes, progress=progress, console=console)
+    console.print(f"[green]report written to {report}[/] (accuracy {metrics['accuracy']:.3f}, mIoU {metrics['miou']:.3f}, macro Dice {metrics['macro_dice']:.3f})")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("pdseg-demo"), "--out", help="Output folder."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Default: the best installed backbone, else the shipped 'small'."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    epochs: int = typer.Option(20, "--epochs"),
+) -> None:
+    """Train on the bundled example slide, predict it whole, evaluate on held-out polygons (a few minutes on CPU)."""
+    from .demo import run_demo
+
+    with progress_bar() as progress:
+        result = run_demo(out, backbone=backbone, device=device, epochs=epochs, console=console, progress=progress)
+    console.print(f"[green]demo finished in {result.seconds:.0f} s[/] with backbone {result.backbone_label}")
+
+
+@app.command()
+def pretrain(
+    sources: list[Path] = typer.Argument(..., help="Slides, image folders or .qpproj files of unlabelled H&E."),
+    out: Path = typer.Option(..., "--out", help="Backbone folder to write (usable as --backbone DIR)."),
+    config: Optional[str] = typer.Option(None, "--config", help="small, base or pathsegdiff-brca-20x (default small, or that of --from)."),
+    from_spec: Optional[str] = typer.Option(None, "--from", help="Fine-tune an existing backbone instead of starting from random weights."),
+    mpp: float = typer.Option(0.5, "--mpp", help="Resolution of the training tiles in µm/px."),
+    image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none (e.g. 0.62 for GlaS)."),
+    steps_ae: int = typer.Option(3000, "--steps-ae", help="Autoencoder steps (stage 1; 0 keeps the --from autoencoder)."),
+    steps_unet: int = typer.Option(3000, "--steps-unet", help="UNet steps (stage 2)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of an interrupted run."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Pretrain (or fine-tune) the latent diffusion backbone on your own unlabelled slides."""
+    from .backbone.pretrain import pretrain as run_pretrain
+
+    record = run_pretrain(
+        sources, out, config=config, from_spec=from_spec, mpp=mpp, steps_ae=steps_ae, steps_unet=steps_unet,
+        batch_size=batch_size, device=device, resume=resume, seed=seed, image_mpp=image_mpp, console=console,
+    )
+    console.print(f"[green]backbone written to {out}[/]; use it with --backbone {out}")
+    if isinstance(record, dict) and "psnr_db" in record:
+        console.print(f"held-out reconstruction PSNR {record['psnr_db']:.1f} dB")
 
 
 @app.command("convert-backbone")
