@@ -43,6 +43,11 @@ def main() -> None:
     ap.add_argument("--blocks", type=str, default=None, help="comma-separated up-block indices")
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep-features", action="store_true", help="reuse cached features across head variants")
+    ap.add_argument("--no-prior", action="store_true")
+    ap.add_argument("--hidden", default="128,64")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--skip-eval", action="store_true")
     args = ap.parse_args()
 
     from pdseg_qupath.evaluate import evaluate
@@ -53,13 +58,19 @@ def main() -> None:
     train_dir = _link_split(args.gbm40, args.out / "train", 1, 30)
     test_dir = _link_split(args.gbm40, args.out / "test", 31, 40)
     opts = TrainOptions(tiles_per_class=args.tiles_per_class, views=args.views, rgb_skip=args.rgb_skip,
-                        t=args.t, overlap=args.overlap,
+                        t=args.t, overlap=args.overlap, keep_features=args.keep_features,
+                        prior_correction=not args.no_prior, lr=args.lr,
+                        hidden=tuple(int(h) for h in args.hidden.split(",")),
                         blocks=[int(b) for b in args.blocks.split(",")] if args.blocks else None)
     t0 = time.perf_counter()
     res = train_model(open_source(train_dir), args.out / "model", backbone=args.backbone, mpp=0.5,
                       image_mpp=0.5, epochs=args.epochs, device="cpu", seed=args.seed, options=opts,
                       console=console)
     t1 = time.perf_counter()
+    if args.skip_eval:
+        print(json.dumps({"backbone": res.backbone_label, "options": opts.to_json(), "val": res.best,
+                          "train_s": round(t1 - t0, 1)}, indent=1))
+        return
     metrics = evaluate(open_source(test_dir), args.out / "model", args.out / "report", image_mpp=0.5,
                        device="cpu", console=console)
     t2 = time.perf_counter()

@@ -207,6 +207,13 @@ def _outline(labels: np.ndarray) -> np.ndarray:
     return edge & (labels != IGNORE)
 
 
+def _ascii(text: str) -> str:
+    """PIL's built-in font has no dashes or middle dots: write them plainly."""
+    for a, b in (("—", "-"), ("–", "-"), ("·", "|"), ("µ", "u"), ("²", "2"), ("×", "x")):
+        text = text.replace(a, b)
+    return text.encode("ascii", "replace").decode()
+
+
 def render_overlay(background: np.ndarray, labels: np.ndarray, class_map: ClassMap, path: str | Path, *,
                    title: str = "", alpha: float = 0.3) -> Path:
     """Write a PNG: the tissue with each class filled lightly and outlined in its colour, and a legend."""
@@ -223,7 +230,8 @@ def render_overlay(background: np.ndarray, labels: np.ndarray, class_map: ClassM
     img[edge] = col[edge]
     out = Image.fromarray(img.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
-    lines = ([title] if title else []) + class_map.names
+    title = _ascii(title)
+    lines = ([title] if title else []) + [_ascii(n) for n in class_map.names]
     pad, row = 4, 14
     box_w = min(out.width, 12 + max(len(s) for s in lines) * 7)
     draw.rectangle((0, 0, box_w, pad * 2 + row * len(lines)), fill=(255, 255, 255))
@@ -233,7 +241,7 @@ def render_overlay(background: np.ndarray, labels: np.ndarray, class_map: ClassM
         y += row
     for c in class_map.classes:
         draw.rectangle((pad, y + 2, pad + 9, y + 11), fill=tuple(c.color), outline=(0, 0, 0))
-        draw.text((pad + 14, y), c.name, fill=(0, 0, 0))
+        draw.text((pad + 14, y), _ascii(c.name), fill=(0, 0, 0))
         y += row
     buf = io.BytesIO()
     out.save(buf, format="PNG")
