@@ -73,6 +73,11 @@ class MaskDataset:
         self._pairs = {img.name: (img, mask, mpp) for img, mask, mpp in pairs}
         self._lut = lut
 
+    @property
+    def notes(self) -> list[str]:
+        """What a report must state about this data set (the class merge)."""
+        return [self.note]
+
     def images(self) -> list[ImageRecord]:
         out = []
         for name, (img, _mask, mpp) in sorted(self._pairs.items()):

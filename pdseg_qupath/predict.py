@@ -82,11 +82,13 @@ class Predictor:
             with torch.no_grad():
                 x = tiles[idx]
                 feats = self.extractor.extract(x, origins=[origins[i] for i in idx]).float()
-                rgb = None
-                if self.head.config.rgb_skip:
-                    rgb = torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2).float()
-                out = self.head(feats, rgb)
-            return list(out.float().cpu().numpy())
+                outs = []
+                for j in range(len(idx)):  # one tile at a time: the head's full-resolution activations
+                    rgb = None             # (hidden × tile²) stay small whatever the batch size
+                    if self.head.config.rgb_skip:
+                        rgb = torch.from_numpy(x[j : j + 1]).to(self.device).permute(0, 3, 1, 2).float()
+                    outs.append(self.head(feats[j : j + 1], rgb)[0].float().cpu().numpy())
+            return outs
 
         return np.stack(self.runner(run, list(range(len(tiles)))))
 

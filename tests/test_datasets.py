@@ -39,7 +39,7 @@ def test_bcss_merge_and_round_trip(tmp_path):
     assert np.array_equal(back, ds.labels(recs[0]))
     assert (back[:, 22:][codes[:, 22:] == 7] == 255).all() and (back[0] == 255).all()
     assert back[5, 25] == 1 and back[3, 15] == 0 and back[12, 5] == 2 and back[12, 15] == 4
-    assert "dcis" in BCSS_NOTE and ds.note == BCSS_NOTE
+    assert "dcis" in BCSS_NOTE and ds.notes == [BCSS_NOTE]
     assert [r.name[:7] for r in open_bcss(tmp_path, sites=["OL"], exclude_sites=True).images()] == ["TCGA-A1"]
     with pytest.raises(PdsegError, match="read-only"):
         ds.write_predictions(recs[0], [])
