@@ -316,6 +316,8 @@ def _load_state(model: nn.Module, path: Path, device: torch.device) -> None:
     except (SafetensorError, OSError, RuntimeError) as e:
         raise PdsegError(f"{path}: unreadable safetensors file ({e}); the copy is corrupt or "
                          "truncated — copy or convert the backbone again") from None
+    # Weights may be stored in half precision to halve the folder (the shipped `small`); models run fp32.
+    state = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
