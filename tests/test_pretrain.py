@@ -101,6 +101,19 @@ def test_fine_tune_from_existing_backbone_keeps_its_latent_space(tiny_run: tuple
         pt.pretrain([FIXTURE], tmp_path / "x", from_spec=str(src), **{**kw, "config": "small"})
 
 
+def test_half_precision_folder_loads_as_fp32(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
+    src, _ = tiny_run
+    half = pt.export_backbone(src, tmp_path / "half", "float16")
+    a, b = load_backbone(src), load_backbone(half, verify=True)
+    assert b.unet.conv_in.weight.dtype == torch.float32 and not b.random_weights
+    assert json.loads((half / MANIFEST).read_text())["record"]["weights_dtype"] == "float16"
+    tile = np.asarray(Image.open(FIXTURE / "cmu1_crop.png"))[None, :32, :32]
+    fa, fb = LDMFeatures(a).extract(tile), LDMFeatures(b).extract(tile)
+    assert ((fa - fb).norm() / fa.norm()) < 1e-2
+    assert (half / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size < 0.6 * (
+        src / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+
+
 def test_refuses_to_overwrite_or_silently_restart(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
     out, _ = tiny_run
     with pytest.raises(PdsegError, match="already exists"):
@@ -172,7 +185,10 @@ def test_hed_jitter_is_mild_and_invertible() -> None:
     assert white.min() >= 245
 
 
-@pytest.mark.skipif(not (SHIPPED_WEIGHTS / "small" / MANIFEST).exists(), reason="TEMP: small weights not yet committed")
+def rec_dtype(manifest: dict) -> str:
+    return manifest["record"].get("weights_dtype", "float32")
+
+
 def test_shipped_small_weights_load_and_match_their_sha256() -> None:
     folder = SHIPPED_WEIGHTS / "small"
     manifest = json.loads((folder / MANIFEST).read_text())
@@ -181,7 +197,8 @@ def test_shipped_small_weights_load_and_match_their_sha256() -> None:
         data = (folder / rel).read_bytes()
         assert hashlib.sha256(data).hexdigest() == info["sha256"], rel
         total += len(data)
-    assert total < 21e6
+    assert total < 20e6
+    assert rec_dtype(manifest) == "float16"
     bb = load_backbone("small", verify=True)
     assert not bb.random_weights and bb.sha256 == manifest["sha256"]
     rec = manifest["record"]
