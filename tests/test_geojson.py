@@ -300,3 +300,18 @@ def test_round_trip_property(  # type: ignore[no-untyped-def]
     assert b.measurements.keys() == meas.keys()
     assert all(v == b.measurements[k] or (math.isnan(v) and math.isnan(b.measurements[k])) for k, v in meas.items())
     assert b.geometry.geom_type == a.geometry.geom_type and b.geometry.equals(a.geometry)
+
+
+def test_writer_refuses_geometry_that_is_not_valid_geojson(tmp_path: Path) -> None:
+    """A NaN coordinate would be written as bare NaN, which no GeoJSON reader accepts; the old file survives."""
+    from shapely.geometry import Polygon
+
+    from pdseg_qupath.annotations import Annotation
+    from pdseg_qupath.qupath.geojson import write_geojson
+
+    target = tmp_path / "out.geojson"
+    target.write_text("old")
+    bad = Annotation(geometry=Polygon([(0, 0), (float("nan"), 5), (5, 5)]), classification="Tumor")
+    with pytest.raises(PdsegError, match="invalid GeoJSON"):
+        write_geojson(target, [bad])
+    assert target.read_text() == "old"

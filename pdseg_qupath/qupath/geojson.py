@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import geojson
 import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
@@ -567,8 +568,21 @@ def dump_feature_collection(features: Sequence[Any]) -> str:
 
 
 def write_geojson(path: Path, annotations: Sequence[Annotation]) -> None:
-    """Write ``annotations`` as QuPath GeoJSON, atomically (a crash leaves the old file intact)."""
-    atomic_write_text(Path(path), dump_feature_collection(to_feature_collection(annotations)["features"]))
+    """Write ``annotations`` as QuPath GeoJSON, atomically (a crash leaves the old file intact).
+
+    Each geometry is first checked with the ``geojson`` package (spec-valid structure; no NaN or infinite
+    coordinates, which json would write as bare ``NaN``), so a file QuPath cannot read is never written.
+    """
+    features = to_feature_collection(annotations)["features"]
+    for f in features:
+        try:
+            problems = geojson.GeoJSON.to_instance(f["geometry"], strict=True).errors()
+            geojson.dumps(f["geometry"])  # allow_nan=False: non-finite coordinates raise
+        except (ValueError, TypeError) as exc:
+            problems = str(exc)
+        if problems:
+            raise PdsegError(f"{path}: refusing to write invalid GeoJSON for object {f.get('id')}: {problems}")
+    atomic_write_text(Path(path), dump_feature_collection(features))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
