@@ -33,7 +33,8 @@ from .grid import Window, grid_size
 from .modelio import SegModel, load_model
 from .report import AreaRow, OverlayCanvas, areas_table, write_areas_csv
 from .source import AnnotationSource, ImageRecord, WriteReport
-from .stitch import Strip, stitch_region
+from .pipeline import run_region
+from .stitch import Strip
 
 AREA_MEASUREMENT = "pdseg: area µm^2"
 PROB_MEASUREMENT = "pdseg: mean probability"
@@ -75,22 +76,28 @@ class Predictor:
         self.head = model.head.to(self.device).eval()
         self.runner = BatchRunner(batch_size, on_backoff=on_backoff)
 
-    def logits(self, tiles: np.ndarray, origins: Sequence[tuple[int, int]]) -> np.ndarray:
-        """(B, K, T, T) float32 logits for uint8 tiles (B, T, T, 3) with work-grid top-left ``origins``."""
+    def logits(self, tiles: np.ndarray | torch.Tensor, origins: Sequence[tuple[int, int]]) -> np.ndarray:
+        """(B, K, T, T) float32 logits for uint8 tiles (B, T, T, 3) with work-grid top-left ``origins``.
 
-        def run(idx: list[int]) -> list[np.ndarray]:
+        ``tiles`` may be a (pinned) torch tensor: the batch is copied to the device once, asynchronously.
+        """
+        x_all = torch.from_numpy(np.ascontiguousarray(tiles)) if isinstance(tiles, np.ndarray) else tiles
+        x_all = x_all.to(self.device, non_blocking=True)
+
+        def run(idx: list[int]) -> list[torch.Tensor]:
             with torch.no_grad():
-                x = tiles[idx]
+                x = x_all[idx[0] : idx[-1] + 1]  # runner batches are contiguous index ranges
                 feats = self.extractor.extract(x, origins=[origins[i] for i in idx]).float()
                 outs = []
                 for j in range(len(idx)):  # one tile at a time: the head's full-resolution activations
                     rgb = None             # (hidden × tile²) stay small whatever the batch size
                     if self.head.config.rgb_skip:
-                        rgb = torch.from_numpy(x[j : j + 1]).to(self.device).permute(0, 3, 1, 2).float()
-                    outs.append(self.head(feats[j : j + 1], rgb)[0].float().cpu().numpy())
+                        rgb = x[j : j + 1].permute(0, 3, 1, 2).float()
+                    outs.append(self.head(feats[j : j + 1], rgb)[0].float())
             return outs
 
-        return np.stack(self.runner(run, list(range(len(tiles)))))
+        out = self.runner(run, list(range(len(x_all))))
+        return torch.stack(out).cpu().numpy()  # one device-to-host copy per batch
 
 
 # ---------------------------------------------------------------------------------------- objects
@@ -203,6 +210,10 @@ class PredictOptions:
     overlay: bool = True
     overlay_max: int = 2048
     grid_offset: tuple[int, int] = (0, 0)
+    io_threads: int = 2
+    """Tile-reading threads that run ahead of the backbone (0: read, infer and stitch in one thread)."""
+    prefetch: int = 3
+    """Batches in flight between the stages (bounds host memory)."""
 
 
 @dataclass
@@ -215,6 +226,10 @@ class ImagePrediction:
     seconds: float
     region: Window
     messages: list[str] = field(default_factory=list)
+    tissue_mm2: float = 0.0
+    """Area with a prediction (inside the tissue mask), before ``min_area_um2`` filtering."""
+    class_mm2: dict[str, float] = field(default_factory=dict)
+    """Predicted area of each class in mm², before ``min_area_um2`` filtering."""
 
 
 def tissue_mask_mpp(slide) -> float:
@@ -290,13 +305,18 @@ def predict_image(
     elif keep is not None:
         keep_fn = lambda x, y: keep(rx + x, ry + y)  # noqa: E731
 
-    def infer(origins: Sequence[tuple[int, int]]) -> np.ndarray:
-        abs_o = [(rx + x, ry + y) for x, y in origins]
-        tiles = np.stack([slide.read(Window(x, y, tile, tile, d)) for x, y in abs_o])
-        return predictor.logits(tiles, abs_o)
+    pin = predictor.device.startswith("cuda")
+
+    def read(origins: Sequence[tuple[int, int]]):
+        tiles = np.stack([slide.read(Window(rx + x, ry + y, tile, tile, d)) for x, y in origins])
+        return torch.from_numpy(tiles).pin_memory() if pin else tiles
+
+    def infer(tiles, origins: Sequence[tuple[int, int]]) -> np.ndarray:
+        return predictor.logits(tiles, [(rx + x, ry + y) for x, y in origins])
 
     overlay = OverlayCanvas(region.width, region.height, opts.overlay_max) if opts.overlay else None
     builder = ObjectBuilder(k, region.width, rx, ry, d, max(tile, BAND_PIXELS // max(1, region.width)))
+    counts = np.zeros(k, dtype=np.int64)
     n_tiles = [0]
 
     def count(n: int) -> None:
@@ -304,24 +324,29 @@ def predict_image(
         if on_tiles is not None:
             on_tiles(n)
 
-    for strip in stitch_region(region.width, region.height, k, tile, model.overlap, infer, keep=keep_fn,
-                               batch_size=max(1, predictor.runner.batch_size), offset=opts.grid_offset,
-                               on_tiles=count):
+    def on_strip(strip: Strip) -> None:
         if tissue_px is not None:
             strip.labels[~tissue_px(ry + strip.y, strip.height, rx, region.width)] = IGNORE
+        counts[:] += np.bincount(strip.labels.ravel(), minlength=256)[:k]
         if strip_sink is not None:
             strip_sink(region, strip)
         if overlay is not None:
             overlay.add_strip(strip.y, strip.labels)
         if vectorize:
             builder.add(strip)
+
+    run_region(region.width, region.height, k, tile, model.overlap, read, infer, on_strip, keep=keep_fn,
+               batch_size=max(1, predictor.runner.batch_size), offset=opts.grid_offset, on_tiles=count,
+               io_threads=opts.io_threads, prefetch=opts.prefetch)
     anns: list[Annotation] = []
     areas: list[AreaRow] = []
     if vectorize:
         pieces = builder.finish()
         anns, areas = _objects(pieces, model, slide, opts, builder)
+    px_mm2 = model.mpp**2 / 1e6
     return ImagePrediction(slide.name, anns, areas, overlay, n_tiles[0], time.perf_counter() - t0, region,
-                           messages)
+                           messages, tissue_mm2=float(counts.sum() * px_mm2),
+                           class_mm2={c.name: float(counts[i] * px_mm2) for i, c in enumerate(model.class_map.classes)})
 
 
 def _objects(pieces, model: SegModel, slide, opts: PredictOptions, builder: ObjectBuilder):
