@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-features", action="store_true", help="reuse cached features across head variants")
     ap.add_argument("--no-prior", action="store_true")
-    ap.add_argument("--hidden", default="128,64")
+    ap.add_argument("--hidden", default="64,32")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--skip-eval", action="store_true")
     args = ap.parse_args()

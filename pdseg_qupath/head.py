@@ -31,7 +31,7 @@ from torch import nn
 class HeadConfig:
     in_channels: int
     n_classes: int
-    hidden: tuple[int, int] = (128, 64)
+    hidden: tuple[int, int] = (64, 32)
     dropout: float = 0.1
     stride: int = 4
     rgb_skip: bool = False
@@ -44,7 +44,7 @@ class HeadConfig:
     @classmethod
     def from_json(cls, d: dict) -> "HeadConfig":
         d = dict(d)
-        d["hidden"] = tuple(int(h) for h in d.get("hidden", (128, 64)))
+        d["hidden"] = tuple(int(h) for h in d.get("hidden", (64, 32)))
         return cls(**d)
 
 

@@ -87,7 +87,7 @@ class TrainOptions:
     """Class-stratified sampling trains the head as if all classes were equally common. With this on,
     the logits are shifted by log(annotated share / sampled share) (logit adjustment for label shift),
     so predictions follow the class proportions of the annotations instead of over-calling rare classes."""
-    hidden: tuple[int, int] = (128, 64)
+    hidden: tuple[int, int] = (64, 32)
     dropout: float = 0.1
     rgb_skip: bool = False
     t: int | Sequence[int] | None = None
