@@ -218,7 +218,7 @@ def predict_job(job: SlideJob, predictor, out_dir: str | Path, options: CohortOp
     except PdsegError as exc:
         row["error"] = str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop a cohort
-        row["error"] = f"{type(exc).__name__}: {exc}"
+        row["error"] = f"{job.path}: {type(exc).__name__}: {exc}"
     else:
         row.update(status="ok", tissue_mm2=f"{pred.tissue_mm2:.6f}", objects=len(pred.annotations),
                    tiles=pred.tiles, error="; ".join(pred.messages))
