@@ -100,7 +100,8 @@ def run_on_cluster(cluster: str | Any, todo: Sequence, model_path: str, out: Pat
                                 threads, opts.batch_size, pure=False,
                                 resources={"GPU": 1} if gpu else None)
             by_future[fut] = job
-            prog.start(str(job.name), job.name)
+        prog.start("cluster", f"{len(todo)} slides on {len(workers)} workers")
+        left = len(todo)
         for fut in distributed.as_completed(list(by_future)):
             job = by_future[fut]
             try:
@@ -110,7 +111,9 @@ def run_on_cluster(cluster: str | Any, todo: Sequence, model_path: str, out: Pat
                        "error": f"cluster task failed: {type(exc).__name__}: {exc}"}
             record(row)
             prog.add_tiles(int(row.get("tiles") or 0))
-            prog.slide_done(str(job.name))
+            left -= 1
+            prog.slide_done("none")
+            prog.start("cluster", f"{left} slides on {len(workers)} workers")
         return sorted(workers)
     finally:
         if owned:
