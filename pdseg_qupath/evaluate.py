@@ -6,7 +6,9 @@ of the same rows and added to one confusion matrix. Outputs in the report folder
 
 - ``metrics.json``: per-class Dice/IoU/pixels, accuracy, mIoU, macro Dice (plus per-image scores);
 - ``confusion.png``: the row-normalised confusion matrix;
-- ``overlays/<image>.png``: the prediction outlined over the tissue of the annotated region.
+- ``overlays/<image>.overlay.png``: over the tissue of the annotated region, the prediction (class
+  colour, outlined) on the annotated pixels, and the annotations' own outlines in black, so that
+  disagreements show at a glance.
 
 Annotation classes the model does not know are not scored; they are counted and named in the report.
 """
@@ -26,7 +28,7 @@ from .grid import Window, grid_size
 from .metrics import Confusion, scores
 from .modelio import SegModel, load_model
 from .predict import PredictOptions, Predictor, overlay_background, predict_image
-from .report import scores_table, write_confusion_png, write_json
+from .report import OverlayCanvas, render_overlay, scores_table, write_confusion_png, write_json
 from .source import AnnotationSource
 
 
@@ -100,27 +102,33 @@ def evaluate(
                 continue
             region = Window(x0, y0, x1 - x0, y1 - y0, d)
             conf = Confusion(len(cmap))
+            canvas = OverlayCanvas(region.width, region.height) if overlays else None
+            truth_canvas = OverlayCanvas(region.width, region.height) if overlays else None
 
             def sink(reg: Window, strip) -> None:
                 truth = index.rasterize(Window(reg.x, reg.y + strip.y, reg.width, strip.height, d))
                 conf.update(truth, strip.labels)
+                if canvas is not None:
+                    canvas.add_strip(strip.y, np.where(truth < len(cmap), strip.labels, 255).astype(np.uint8))
+                    truth_canvas.add_strip(strip.y, truth)
 
             tile = m.tile_size
             keep = lambda x, y: index.intersects(Window(x, y, tile, tile, d))  # noqa: E731
             if progress is not None:
                 progress.update(task, description=f"evaluate {rec.name}")
             pred = predict_image(
-                slide, predictor, options=PredictOptions(batch_size=batch_size, tissue_only=False, overlay=overlays),
+                slide, predictor, options=PredictOptions(batch_size=batch_size, tissue_only=False, overlay=False),
                 region=region, keep=keep, strip_sink=sink, vectorize=False,
                 on_tiles=(lambda n: progress.advance(task, n)) if progress is not None else None,
             )
             tiles += pred.tiles
             total.merge(conf)
             per_image[rec.name] = {k: v for k, v in scores(conf, cmap.names).items() if k != "confusion"}
-            if overlays and pred.overlay is not None:
+            if canvas is not None:
                 (out / "overlays").mkdir(exist_ok=True)
-                pred.overlay.render(overlay_background(slide, region, pred.overlay), cmap,
-                                    out / "overlays" / f"{safe_filename(rec.name)}.overlay.png",
+                render_overlay(overlay_background(slide, region, canvas), canvas.labels, cmap,
+                               out / "overlays" / f"{safe_filename(rec.name)}.overlay.png",
+                               reference=truth_canvas.labels,
                                     title=f"{rec.name} · pdseg {m.name} · {predictor.label}")
         finally:
             slide.close()

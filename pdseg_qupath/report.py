@@ -215,8 +215,11 @@ def _ascii(text: str) -> str:
 
 
 def render_overlay(background: np.ndarray, labels: np.ndarray, class_map: ClassMap, path: str | Path, *,
-                   title: str = "", alpha: float = 0.3) -> Path:
-    """Write a PNG: the tissue with each class filled lightly and outlined in its colour, and a legend."""
+                   title: str = "", alpha: float = 0.3, reference: np.ndarray | None = None) -> Path:
+    """Write a PNG: the tissue with each class filled lightly and outlined in its colour, and a legend.
+
+    ``reference`` (labels of the same shape, e.g. the annotations) is outlined in black on top.
+    """
     if background.shape[:2] != labels.shape:
         raise ValueError(f"background {background.shape[:2]} and labels {labels.shape} differ")
     img = background.astype(np.float32).copy()
@@ -228,10 +231,13 @@ def render_overlay(background: np.ndarray, labels: np.ndarray, class_map: ClassM
     img[valid] = (1 - alpha) * img[valid] + alpha * col[valid]
     edge = _outline(labels)
     img[edge] = col[edge]
+    if reference is not None:
+        img[_outline(reference)] = 0.0
     out = Image.fromarray(img.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
     title = _ascii(title)
-    lines = ([title] if title else []) + [_ascii(n) for n in class_map.names]
+    lines = ([title] if title else []) + [_ascii(n) for n in class_map.names] + (
+        ["annotations (black)"] if reference is not None else [])
     pad, row = 4, 14
     box_w = min(out.width, 12 + max(len(s) for s in lines) * 7)
     draw.rectangle((0, 0, box_w, pad * 2 + row * len(lines)), fill=(255, 255, 255))
@@ -243,6 +249,9 @@ def render_overlay(background: np.ndarray, labels: np.ndarray, class_map: ClassM
         draw.rectangle((pad, y + 2, pad + 9, y + 11), fill=tuple(c.color), outline=(0, 0, 0))
         draw.text((pad + 14, y), _ascii(c.name), fill=(0, 0, 0))
         y += row
+    if reference is not None:
+        draw.rectangle((pad, y + 2, pad + 9, y + 11), outline=(0, 0, 0))
+        draw.text((pad + 14, y), "annotations (black outline)", fill=(0, 0, 0))
     buf = io.BytesIO()
     out.save(buf, format="PNG")
     p = Path(path)
