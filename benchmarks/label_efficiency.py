@@ -61,15 +61,16 @@ class RawPixels:
         return F.pixel_unshuffle(x, 4)
 
 
-def features_for(kind: str, backbone: str, tiles: np.ndarray) -> tuple[torch.Tensor, dict]:
+def features_for(kind: str, backbone: str, tiles: np.ndarray, taps: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """``taps`` (t, blocks) of the pretrained backbone are reused for random weights: same taps."""
     if kind == "raw":
         ex, info = RawPixels(), {"label": "raw pixels (4x4 folded RGB)"}
     else:
         from pdseg_qupath.backbone.features import LDMFeatures
         from pdseg_qupath.backbone.model import describe, load_backbone
 
-        bb = load_backbone(backbone if kind == "pretrained" else "random:small")
-        ex = LDMFeatures(bb, batch_size=2)
+        bb = load_backbone(backbone if kind == "pretrained" else f"random:{load_backbone(backbone).config.name}")
+        ex = LDMFeatures(bb, batch_size=2, **(taps or {}))
         info = {"label": describe(bb), "t": list(ex.t), "blocks": list(ex.blocks)}
     t0 = time.perf_counter()
     feats = torch.cat([ex.extract(tiles[i:i + 2], origins=np.zeros((len(tiles[i:i + 2]), 2), int)).half()
@@ -180,7 +181,9 @@ def main() -> None:
                               "seeds": args.seeds, "n_tiles": list(NS)},
                  "labels": {}, "features": {}, "curve": {}}
     for kind in ("pretrained", "random", "raw"):
-        feats, info = features_for(kind, args.backbone, tiles)
+        taps = {"t": res["features"]["pretrained"]["t"], "blocks": res["features"]["pretrained"]["blocks"]} \
+            if kind == "random" else None
+        feats, info = features_for(kind, args.backbone, tiles, taps)
         res["labels"][kind] = info["label"]
         res["features"][kind] = info
         res["curve"][kind] = {}

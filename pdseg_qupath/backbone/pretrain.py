@@ -187,11 +187,15 @@ def pretrain(
     return record
 
 
-def export_backbone(src: str | Path, dst: str | Path, dtype: str = "float16") -> Path:
-    """Re-save a pretrained backbone folder with its weights in ``dtype`` (same record).
+def export_backbone(src: str | Path, dst: str | Path, dtype: str = "float16", *,
+                    default_t: int | None = None, default_blocks: Sequence[int] | None = None,
+                    note: str | None = None) -> Path:
+    """Re-save a backbone folder with its weights in ``dtype`` and, optionally, new feature defaults.
 
-    This is what ``pretrain(save_dtype=...)`` would have written; it made the shipped ``small`` copy
-    (fp16: 13.7 MB instead of 27.4 MB) from an fp32 run.
+    The weights are those of ``src`` (rounded to ``dtype``); ``default_t``/``default_blocks`` change
+    only which timestep and up blocks ``LDMFeatures`` taps by default, recorded with ``note`` (how they
+    were chosen). This made the shipped ``small`` copy (fp16: 13.8 MB instead of 27.4 MB) from the
+    fp32 run.
     """
     if dtype not in SAVE_DTYPES:
         raise PdsegError(f"dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
@@ -199,6 +203,15 @@ def export_backbone(src: str | Path, dst: str | Path, dtype: str = "float16") ->
     bb = load_backbone(src)
     record = dict(json.loads((src / MANIFEST).read_text()).get("record", {}))
     record["weights_dtype"] = dtype
+    changes: dict[str, Any] = {}
+    if default_t is not None:
+        changes["default_t"] = int(default_t)
+    if default_blocks is not None:
+        changes["default_blocks"] = [int(b) for b in default_blocks]
+    if changes:
+        record["feature_defaults"] = {"from": {"t": bb.config.default_t, "blocks": list(bb.config.default_blocks)},
+                                      "to": changes, "note": note}
+        bb.config = bb.config.replace(**changes)
     return save_backbone(bb.to(SAVE_DTYPES[dtype]), dst, record, random_weights=bb.random_weights)
 
 
