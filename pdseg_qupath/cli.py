@@ -156,22 +156,48 @@ def train(
 
 @app.command()
 def predict(
-    source: Path = typer.Argument(..., help="A QuPath project (.qpproj) or a folder of images."),
+    sources: list[str] = typer.Argument(..., help="A QuPath project or folder (write-back), or with --out: slides, folders, globs and .qpproj files."),
     model: Path = typer.Option(..., "--model", help="Model folder written by `train`."),
-    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names (repeatable)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write QuPath GeoJSON, overlays and areas.csv here."),
+    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names (repeatable; write-back mode)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Batch mode: <slide>.geojson per slide and summary.csv here; reruns resume."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Tiles per batch (halved automatically on GPU out-of-memory)."),
     tissue_only: bool = typer.Option(True, "--tissue-only/--all", help="Skip white background found on a thumbnail."),
     image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none."),
     simplify: float = typer.Option(1.0, "--simplify", help="Polygon simplification in work-resolution px (0 = exact pixel outlines)."),
     min_area: float = typer.Option(0.0, "--min-area", help="Drop predicted pieces smaller than this many µm²."),
-    write_back: bool = typer.Option(True, "--write-back/--no-write-back", help="Write objects into the project (a .qpproj is backed up first)."),
+    write_back: Optional[bool] = typer.Option(None, "--write-back/--no-write-back", help="Write objects into the project (a .qpproj is backed up first). Default: yes without --out."),
+    force: bool = typer.Option(False, "--force", help="Batch mode: redo slides already done with this model."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Batch mode: GPUs to use, e.g. 0,1 or auto (one worker process each)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Batch mode: worker processes on one device (e.g. CPU)."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Batch mode: Dask scheduler address (tcp://host:8786); needs pdseg-qupath[distributed]."),
+    overlay: bool = typer.Option(False, "--overlay", help="Batch mode: also write <slide>.overlay.png."),
+    classmap: bool = typer.Option(False, "--classmap", help="Batch mode: also write <slide>.classes.png (pixel = class index)."),
 ) -> None:
-    """Predict tissue classes and write them back as classed QuPath annotations (only earlier pdseg objects are replaced)."""
+    """Predict tissue classes: write them back into a project or folder, or batch-predict a cohort into --out."""
+    batch = out is not None and not write_back
+    if not batch and (len(sources) != 1 or any(v for v in (force, devices, workers, cluster, overlay, classmap))):
+        raise PdsegError("several slides, --force, --devices, --workers, --cluster, --overlay and --classmap are "
+                         "batch-mode options: give --out DIR (and leave out --write-back)")
+    if batch:
+        from .cohort import CohortOptions, cohort_progress, predict_cohort
+
+        opts = CohortOptions(batch_size=batch_size, tissue_only=tissue_only, image_mpp=image_mpp, simplify=simplify,
+                             min_area_um2=min_area, overlay=overlay, classmap=classmap, force=force)
+        with cohort_progress(console) as progress:
+            res = predict_cohort(sources, model, out, options=opts, devices=devices or device, workers=workers,
+                                 cluster=cluster, progress=progress, console=console)
+        console.print(f"{res.count('ok')} predicted, {res.count('skipped')} already done, {res.count('failed')} failed "
+                      f"· {res.tiles} tiles in {res.seconds:.1f} s ({res.tiles_per_second:.2f} tiles/s) · {res.summary}")
+        if res.count("failed"):
+            raise typer.Exit(1)
+        return
+
     from .predict import predict_source
     from .source import open_source
 
+    source = Path(sources[0])
+    write_back = True if write_back is None else write_back
     writable = write_back and (source.suffix == ".qpproj" or (source / "project.qpproj").exists())
     with closing(open_source(source, writable=writable)) as src, progress_bar() as progress:
         result = predict_source(
@@ -308,6 +334,23 @@ def bench_features_cmd(
         precision=precision, channels_last=channels_last,
     )
     print(json.dumps(result, indent=2))
+
+
+@bench_app.command("predict")
+def bench_predict_cmd(
+    backbone: str = typer.Option("small", "--backbone", help="Backbone spec (the head is random: speed only)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    tiles: int = typer.Option(64, "--tiles", help="About this many tiles of a synthetic tissue slide."),
+    tile: Optional[int] = typer.Option(None, "--tile", help="Tile size (default: the backbone's)."),
+    slide: Optional[Path] = typer.Option(None, "--slide", help="Time this slide instead (its top-left corner)."),
+    io_threads: int = typer.Option(2, "--io-threads", help="Tile-reading threads (0: no overlap of stages)."),
+) -> None:
+    """End-to-end predict tiles/s, its ratio to features-only tiles/s on the same device, peak RSS, as JSON."""
+    from .predict_bench import bench_predict
+
+    print(json.dumps(bench_predict(backbone, device, batch_size, tiles, tile=tile, slide=slide,
+                                   io_threads=io_threads), indent=2))
 
 
 def main() -> None:

@@ -174,3 +174,23 @@ def test_two_worker_processes_share_the_slides(tmp_path, model):
     assert [f["geometry"] for f in a] == [f["geometry"] for f in b]  # same result in a worker process
     assert _summary(tmp_path / "out")["w0.tif"]["tissue_mm2"] == ref.rows[0]["tissue_mm2"]
     _check_outputs(tmp_path / "out")
+
+
+def test_cli_batch_mode(tmp_path, model):
+    from typer.testing import CliRunner
+
+    from pdseg_qupath.cli import app
+
+    slides = tmp_path / "slides"
+    for i in range(2):
+        write_pyramid(slides / f"c{i}.tif", w=48, h=40, seed=40 + i)
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["predict", str(slides / "c*.tif"), "--model", str(model), "--out", str(out),
+                                   "--devices", "cpu", "--classmap"])
+    assert run.exit_code == 0, run.output
+    assert "2 predicted, 0 already done, 0 failed" in " ".join(run.output.split())
+    assert (out / "c1.tif.classes.png").is_file()
+    again = CliRunner().invoke(app, ["predict", str(slides), "--model", str(model), "--out", str(out), "--devices", "cpu"])
+    assert again.exit_code == 0 and "0 predicted, 2 already done" in " ".join(again.output.split())
+    bad = CliRunner().invoke(app, ["predict", str(slides / "c0.tif"), str(slides / "c1.tif"), "--model", str(model)])
+    assert isinstance(bad.exception, PdsegError) and "--out" in str(bad.exception)
