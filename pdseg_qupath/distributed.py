@@ -48,7 +48,7 @@ def connect(cluster: str | Any):
                          "`dask scheduler` and check the address and port") from None
 
 
-def cluster_task(job: dict, model_path: str, out_dir: str, options: dict, threads_by_host: dict[str, int],
+def cluster_task(job: dict, model_path: str, out_dir: str, options: dict, workers_by_host: dict[str, int],
                  batch_size: int) -> dict:
     """Run on a worker: predict one slide into the shared folder; return its summary row."""
     import torch
@@ -57,7 +57,8 @@ def cluster_task(job: dict, model_path: str, out_dir: str, options: dict, thread
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        torch.set_num_threads(max(1, threads_by_host.get(_host(), os.cpu_count() or 1)))
+        # CPU workers on one host share its cores instead of each starting one thread per core
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers_by_host.get(_host(), 1)))
     key = (model_path, device)
     if key not in _PREDICTORS:
         from .modelio import load_model
@@ -93,11 +94,10 @@ def run_on_cluster(cluster: str | Any, todo: Sequence, model_path: str, out: Pat
         for addr, w in workers.items():
             host = addr.split("://")[-1].rsplit(":", 1)[0]
             per_host[host] = per_host.get(host, 0) + 1
-        threads = {h: max(1, (os.cpu_count() or 1) // n) for h, n in per_host.items()}
         by_future = {}
         for job in todo:
             fut = client.submit(cluster_task, asdict(job), model_path, str(Path(out).absolute()), asdict(opts),
-                                threads, opts.batch_size, pure=False,
+                                per_host, opts.batch_size, pure=False,
                                 resources={"GPU": 1} if gpu else None)
             by_future[fut] = job
         prog.start("cluster", f"{len(todo)} slides on {len(workers)} workers")
