@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -78,26 +79,55 @@ def run_region(
     on_tiles: Callable[[int], None] | None = None,
     io_threads: int = 2,
     prefetch: int = 3,
+    stage_seconds: dict[str, float] | None = None,
 ) -> None:
     """Predict a ``width`` × ``height`` region and call ``on_strip`` with each final strip, in order.
 
     ``io_threads=0`` runs everything inline in the calling thread (the reference behaviour, and the
     simplest to debug). An exception in any stage stops the others and is raised here.
+    ``stage_seconds`` (if given) receives the busy seconds of each stage: ``read`` (summed over the
+    reader threads), ``infer``, ``post`` (stitching and ``on_strip``), and ``wait`` (the calling thread
+    waiting for tiles: the device idles then).
     """
     st = StripStitcher(width, height, n_classes, tile, overlap, offset)
     work = plan(st, keep, batch_size)
+    clock = stage_seconds if stage_seconds is not None else {}
+    for k in ("read", "infer", "post", "wait"):
+        clock.setdefault(k, 0.0)
+    lock = threading.Lock()
+
+    def timed(stage: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            dt = time.perf_counter() - t0
+            with lock:
+                clock[stage] += dt
+
+    read_ = read
+    infer_ = infer
+    on_strip_ = on_strip
+    read = lambda o: timed("read", read_, o)  # noqa: E731
+    infer = lambda t, o: timed("infer", infer_, t, o)  # noqa: E731
+
+    def add(origins, logits) -> None:
+        for (x, y), lg in zip(origins, logits):
+            st.add(x, y, lg)
+
+    def finish() -> None:
+        strip = st.finish_row()
+        if strip is not None:
+            on_strip_(strip)
     if io_threads <= 0:
         for item in work:
             if isinstance(item, Batch):
                 logits = infer(read(item.origins), item.origins)
-                for (x, y), lg in zip(item.origins, logits):
-                    st.add(x, y, lg)
+                timed("post", add, item.origins, logits)
                 if on_tiles is not None:
                     on_tiles(len(item.origins))
             else:
-                strip = st.finish_row()
-                if strip is not None:
-                    on_strip(strip)
+                timed("post", finish)
         return
 
     post_q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -113,13 +143,9 @@ def run_region(
                 if stop.is_set():
                     continue  # drain so the producer never blocks
                 if item is _END_ROW:
-                    strip = st.finish_row()
-                    if strip is not None:
-                        on_strip(strip)
+                    timed("post", finish)
                 else:
-                    origins, logits = item
-                    for (x, y), lg in zip(origins, logits):
-                        st.add(x, y, lg)
+                    timed("post", add, *item)
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             failure.append(exc)
             stop.set()
@@ -152,7 +178,8 @@ def run_region(
                     post_q.put(_END_ROW)
                     continue
                 assert isinstance(item, Batch)
-                logits = infer(fut.result(), item.origins)
+                tiles = timed("wait", fut.result)
+                logits = infer(tiles, item.origins)
                 post_q.put((item.origins, logits))
                 if on_tiles is not None:
                     on_tiles(len(item.origins))

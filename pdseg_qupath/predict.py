@@ -230,6 +230,8 @@ class ImagePrediction:
     """Area with a prediction (inside the tissue mask), before ``min_area_um2`` filtering."""
     class_mm2: dict[str, float] = field(default_factory=dict)
     """Predicted area of each class in mm², before ``min_area_um2`` filtering."""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Busy seconds per pipeline stage (see :func:`pdseg_qupath.pipeline.run_region`)."""
 
 
 def tissue_mask_mpp(slide) -> float:
@@ -317,6 +319,7 @@ def predict_image(
     overlay = OverlayCanvas(region.width, region.height, opts.overlay_max) if opts.overlay else None
     builder = ObjectBuilder(k, region.width, rx, ry, d, max(tile, BAND_PIXELS // max(1, region.width)))
     counts = np.zeros(k, dtype=np.int64)
+    stages: dict[str, float] = {}
     n_tiles = [0]
 
     def count(n: int) -> None:
@@ -337,16 +340,19 @@ def predict_image(
 
     run_region(region.width, region.height, k, tile, model.overlap, read, infer, on_strip, keep=keep_fn,
                batch_size=max(1, predictor.runner.batch_size), offset=opts.grid_offset, on_tiles=count,
-               io_threads=opts.io_threads, prefetch=opts.prefetch)
+               io_threads=opts.io_threads, prefetch=opts.prefetch, stage_seconds=stages)
     anns: list[Annotation] = []
     areas: list[AreaRow] = []
     if vectorize:
+        t_vec = time.perf_counter()
         pieces = builder.finish()
         anns, areas = _objects(pieces, model, slide, opts, builder)
+        stages["objects"] = time.perf_counter() - t_vec
     px_mm2 = model.mpp**2 / 1e6
     return ImagePrediction(slide.name, anns, areas, overlay, n_tiles[0], time.perf_counter() - t0, region,
                            messages, tissue_mm2=float(counts.sum() * px_mm2),
-                           class_mm2={c.name: float(counts[i] * px_mm2) for i, c in enumerate(model.class_map.classes)})
+                           class_mm2={c.name: float(counts[i] * px_mm2) for i, c in enumerate(model.class_map.classes)},
+                           stage_seconds=stages)
 
 
 def _objects(pieces, model: SegModel, slide, opts: PredictOptions, builder: ObjectBuilder):

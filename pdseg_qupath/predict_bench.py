@@ -96,14 +96,19 @@ def bench_predict(backbone: str = "small", device: str = "cpu", batch_size: int 
         predictor.extractor.extract(warm)
         _sync(device)
 
-        def e2e(threads: int) -> tuple[int, float]:
+        def e2e(threads: int):
             t0 = time.perf_counter()
             pred = predict_image(s, predictor, region=region, options=PredictOptions(
                 tissue_only=False, overlay=False, batch_size=batch_size, io_threads=threads))
-            return pred.tiles, time.perf_counter() - t0
+            return pred, time.perf_counter() - t0
 
-        n, sec = e2e(io_threads)
-        result.update(tiles=n, region_px=[region.width, region.height], end_to_end_tiles_per_s=n / sec)
+        pred, sec = e2e(io_threads)
+        n = pred.tiles
+        result.update(tiles=n, region_px=[region.width, region.height], end_to_end_tiles_per_s=n / sec,
+                      objects=len(pred.annotations))
+        # busy ms per tile of each stage: with overlap, the slowest stage (per thread) sets the pace
+        result["stage_ms_per_tile"] = {k: 1000 * v / max(1, n) for k, v in pred.stage_seconds.items()}
+        result["device_idle_waiting_for_tiles"] = pred.stage_seconds.get("wait", 0.0) / sec
         if compare_inline and io_threads > 0:
             n0, sec0 = e2e(0)
             result["inline_tiles_per_s"] = n0 / sec0
@@ -128,4 +133,5 @@ def bench_predict(backbone: str = "small", device: str = "cpu", batch_size: int 
     if device.startswith("cuda"):
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["gpu"] = torch.cuda.get_device_name()
-    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}
+    return {k: (round(v, 3) if isinstance(v, float) else {a: round(b, 2) for a, b in v.items()}
+                if isinstance(v, dict) else v) for k, v in result.items()}
