@@ -250,12 +250,14 @@ def demo(
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Default: the best installed backbone, else the shipped 'small'."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     epochs: int = typer.Option(20, "--epochs"),
+    examples: Optional[Path] = typer.Option(None, "--examples", help="The examples/ folder (default: the one in this checkout)."),
 ) -> None:
     """Train on the bundled example slide, predict it whole, evaluate on held-out polygons (a few minutes on CPU)."""
     from .demo import run_demo
 
     with progress_bar() as progress:
-        result = run_demo(out, backbone=backbone, device=device, epochs=epochs, console=console, progress=progress)
+        result = run_demo(out, backbone=backbone, device=device, epochs=epochs, examples_dir=examples,
+                          console=console, progress=progress)
     console.print(f"[green]demo finished in {result.seconds:.0f} s[/] with backbone {result.backbone_label}")
 
 

@@ -111,7 +111,7 @@ def run_demo(
     for p in (slide, train_json, val_json):
         if not p.is_file():
             raise PdsegError(f"{p}: missing; the demo needs the repository's examples/ folder "
-                             "(run it from a git checkout, or pass examples_dir)")
+                             "(run it from a git checkout, or pass --examples DIR)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
