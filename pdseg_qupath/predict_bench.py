@@ -110,8 +110,10 @@ def bench_predict(backbone: str = "small", device: str = "cpu", batch_size: int 
         result["stage_ms_per_tile"] = {k: 1000 * v / max(1, n) for k, v in pred.stage_seconds.items()}
         result["device_idle_waiting_for_tiles"] = pred.stage_seconds.get("wait", 0.0) / sec
         if compare_inline and io_threads > 0:
-            n0, sec0 = e2e(0)
-            result["inline_tiles_per_s"] = n0 / sec0
+            pred0, sec0 = e2e(0)
+            result["inline_tiles_per_s"] = pred0.tiles / sec0
+            result["inline_stage_ms_per_tile"] = {k: 1000 * v / max(1, pred0.tiles)
+                                                  for k, v in pred0.stage_seconds.items()}
         decoded = np.stack([s.read(Window((i % 8) * step, (i // 8) * step, t, t, d)) for i in range(batch_size)])
     origins = [(i * step, 0) for i in range(batch_size)]
     reps = max(1, n // batch_size)
