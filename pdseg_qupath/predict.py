@@ -191,6 +191,7 @@ class ObjectBuilder:
                 j = int(hit[0]) if len(hit) else 0
                 stats[j] += (p.pixels, p.prob_sum)
             done.extend(_Piece(k, g, int(s[0]), float(s[1]), False) for g, s in zip(polys, stats))
+        self.pieces = []  # the caller owns them now (and frees them while converting)
         return done
 
 
@@ -362,7 +363,9 @@ def _objects(pieces, model: SegModel, slide, opts: PredictOptions, builder: Obje
     tol = opts.simplify * model.mpp / slide.mpp  # work px → level-0 px
     anns: list[Annotation] = []
     per_class = {i: [0, 0, 0.0] for i in range(len(cmap))}  # objects, pixels, prob sum (kept objects)
-    for p in sorted(pieces, key=lambda p: (p.cls, -p.pixels)):
+    pieces.sort(key=lambda p: (p.cls, -p.pixels))
+    for i in range(len(pieces)):
+        p, pieces[i] = pieces[i], None  # let each unsimplified outline go as soon as it is converted
         if p.pixels < min_px:
             continue
         geom = shapely.simplify(p.geom, tol, preserve_topology=True) if tol > 0 else p.geom
