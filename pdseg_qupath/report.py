@@ -95,7 +95,7 @@ def scores_table(metrics: dict, title: str) -> Table:
         t.add_row(name, _fmt(pc["dice"]), _fmt(pc["iou"]), f"{pc['pixels']:,}")
     t.add_section()
     t.add_row("accuracy", _fmt(metrics["accuracy"]), "", "")
-    t.add_row("mIoU / macro Dice", _fmt(metrics["macro_dice"]), _fmt(metrics["miou"]), "")
+    t.add_row("macro Dice / mIoU", _fmt(metrics["macro_dice"]), _fmt(metrics["miou"]), "")
     return t
 
 
