@@ -168,7 +168,6 @@ def _qupath_project(path: Path, slide: Path, staged: Path, predictions: Path, co
         return None, f"not written: QuPath not found ({type(exc).__name__}); set PAQUO_QUPATH_DIR to a QuPath 0.5/0.6"
     from .qupath.geojson import read_geojson
     from .qupath.project import QuPathProjectSource
-    from .source import ImageRecord
 
     try:
         if path.exists():
@@ -179,15 +178,14 @@ def _qupath_project(path: Path, slide: Path, staged: Path, predictions: Path, co
             classes = {}
             for a in anns:
                 if a.classification and a.classification not in classes:
-                    classes[a.classification] = QuPathPathClass(a.classification, color=a.color)
+                    classes[a.classification] = QuPathPathClass(a.classification, color=tuple(a.color) if a.color else None)
             for a in anns:
                 entry.hierarchy.add_annotation(roi=a.geometry, path_class=classes.get(a.classification))
             qp.path_classes = list(classes.values())
         preds, _ = read_geojson(predictions / f"{slide.name}.geojson")
         src = QuPathProjectSource(path, writable=True)
         try:
-            rec = next(r for r in src.images())
-            src.write_predictions(ImageRecord(rec.name, rec.uri, rec.path, rec.width, rec.height, rec.mpp), preds)
+            src.write_predictions(src.images()[0], preds)
         finally:
             src.close()
         return path / "project.qpproj", "written"
