@@ -223,3 +223,18 @@ def test_kept_features_are_reused_by_a_run_with_other_head_options(data, tmp_pat
     assert second.resumed and second.cache["pixels_train"] == first.cache["pixels_train"]
     third = train_tiny(data, tmp_path / "m", epochs=1, tiles_per_class=3)
     assert not third.resumed and not (tmp_path / "m" / ".pdseg-train").exists()
+
+
+def test_prior_correction_is_recorded_and_folded_into_the_head(trained):
+    import math
+
+    from pdseg_qupath.train import logit_adjustment
+
+    adj = logit_adjustment(np.array([0.75, 0.25, 0.0]), np.array([50.0, 50.0, 10.0]))
+    assert adj[0] == pytest.approx(math.log(0.75 / (50 / 110)))
+    assert adj[1] == pytest.approx(math.log(0.25 / (50 / 110)))
+    assert adj[2] == 0.0  # a class absent from the annotations is left alone
+    prior = json.loads((trained.model_dir / "model.json").read_text())["training"]["prior"]
+    shares = prior["annotated_share"]
+    assert shares["Background"] > shares["Nucleus"] > 0 and sum(shares.values()) == pytest.approx(1, abs=1e-4)
+    assert prior["logit_adjustment"][1] < 0 < prior["logit_adjustment"][0]
