@@ -282,11 +282,13 @@ def predict_image(
     region: Window | None = None,
     keep: Callable[[int, int], bool] | None = None,
     vectorize: bool = True,
+    on_total: Callable[[int], None] | None = None,
 ) -> ImagePrediction:
     """Predict one open slide (or a ``region`` of its work grid); objects in level-0 coordinates.
 
     ``keep(x, y)`` (absolute work-grid tile origin) can restrict tiles further; ``strip_sink`` sees
-    every final strip (``evaluate`` scores them); ``vectorize=False`` skips building objects.
+    every final strip (``evaluate`` scores them); ``vectorize=False`` skips building objects;
+    ``on_total(n)`` learns how many tiles will run (after tissue detection), for progress bars.
     """
     opts = options or PredictOptions()
     model = predictor.model
@@ -339,6 +341,10 @@ def predict_image(
         if vectorize:
             builder.add(strip)
 
+    if on_total is not None:
+        from .pipeline import count_tiles
+
+        on_total(count_tiles(region.width, region.height, tile, model.overlap, keep_fn, opts.grid_offset))
     run_region(region.width, region.height, k, tile, model.overlap, read, infer, on_strip, keep=keep_fn,
                batch_size=max(1, predictor.runner.batch_size), offset=opts.grid_offset, on_tiles=count,
                io_threads=opts.io_threads, prefetch=opts.prefetch, stage_seconds=stages)
@@ -499,14 +505,12 @@ def predict_source(
             console.print(f"[red]{rec.name}: skipped ({exc})")
             continue
         try:
-            d = m.mpp / slide.mpp
-            gw, gh = grid_size(slide.width, slide.height, d)
-            step = m.tile_size - m.overlap
-            n_est = math.ceil(max(1, gw - m.overlap) / step) * math.ceil(max(1, gh - m.overlap) / step)
             if progress is not None:
-                progress.update(task, description=f"predict {rec.name}", total=n_est, completed=0)
-            pred = predict_image(slide, predictor, options=opts,
-                                 on_tiles=(lambda n: progress.advance(task, n)) if progress is not None else None)
+                progress.update(task, description=f"predict {rec.name}", total=None, completed=0)
+            pred = predict_image(
+                slide, predictor, options=opts,
+                on_tiles=(lambda n: progress.advance(task, n)) if progress is not None else None,
+                on_total=(lambda n: progress.update(task, total=n)) if progress is not None else None)
             res.objects, res.tiles, res.seconds, res.areas = len(pred.annotations), pred.tiles, pred.seconds, pred.areas
             res.messages += pred.messages
             total_tiles += pred.tiles
