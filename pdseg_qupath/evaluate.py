@@ -115,11 +115,12 @@ def evaluate(
             tile = m.tile_size
             keep = lambda x, y: index.intersects(Window(x, y, tile, tile, d))  # noqa: E731
             if progress is not None:
-                progress.update(task, description=f"evaluate {rec.name}")
+                progress.update(task, description=f"evaluate {rec.name}", total=None, completed=0)
             pred = predict_image(
                 slide, predictor, options=PredictOptions(batch_size=batch_size, tissue_only=False, overlay=False),
                 region=region, keep=keep, strip_sink=sink, vectorize=False,
                 on_tiles=(lambda n: progress.advance(task, n)) if progress is not None else None,
+                on_total=(lambda n: progress.update(task, total=n)) if progress is not None else None,
             )
             tiles += pred.tiles
             total.merge(conf)
