@@ -275,6 +275,7 @@ def pretrain(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of an interrupted run."),
     seed: int = typer.Option(0, "--seed"),
+    save_dtype: str = typer.Option("float32", "--save-dtype", help="float32, or float16 to halve the folder (loads as fp32)."),
 ) -> None:
     """Pretrain (or fine-tune) the latent diffusion backbone on your own unlabelled slides."""
     from .backbone.pretrain import pretrain as run_pretrain
@@ -282,6 +283,7 @@ def pretrain(
     record = run_pretrain(
         sources, out, config=config, from_spec=from_spec, mpp=mpp, steps_ae=steps_ae, steps_unet=steps_unet,
         batch_size=batch_size, device=device, resume=resume, seed=seed, image_mpp=image_mpp, console=console,
+        save_dtype=save_dtype,
     )
     console.print(f"[green]backbone written to {out}[/]; use it with --backbone {out}")
     if isinstance(record, dict) and "psnr_db" in record:

@@ -199,8 +199,10 @@ _register(BackboneConfig(
     unet=_unet((64, 128, 128), (False, False, True), layers=1, context=64, heads=1),
     scheduler=dict(LDM_SCHEDULER),
     conditioner=None,
-    default_t=25,
-    default_blocks=ldm_default_blocks(3),
+    # Chosen on gbm40 tiles 01-30 only (train 01-20, score 21-30) with the pretrained weights; the shipped
+    # folder records the same, so random:small and small tap identically (docs/PRETRAINING.md).
+    default_t=5,
+    default_blocks=(1, 2),
     notes="6.8 M params (UNet 5.56 M + VQ 1.28 M); CPU-pretrainable. Unconditional (zero context).",
 ))
 
