@@ -5,6 +5,9 @@ resolution, in batches; blend the logits strip by strip (:mod:`pdseg_qupath.stit
 final rows into polygons with their pixel counts and probability sums; merge the pieces cut at band
 borders; write QuPath objects (level-0 coordinates) with their area in µm² and mean probability.
 
+Reading, inference and stitching/vectorizing overlap as stages (:mod:`pdseg_qupath.pipeline`); batch
+runs over many slides live in :mod:`pdseg_qupath.cohort`.
+
 Memory stays bounded for any slide size: one tile row of logits, one band of uint8 labels and float32
 probabilities, the (vector) objects, and a ≤ 2048-px overlay. No whole-slide array exists at the work
 resolution.
