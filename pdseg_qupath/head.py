@@ -20,7 +20,7 @@ prediction runs the head densely on whole tiles (:meth:`FCNHead.forward`) with t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

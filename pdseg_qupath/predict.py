@@ -35,7 +35,7 @@ from .features_cache import BatchRunner, resolve_device
 from .grid import Window, grid_size
 from .modelio import SegModel, load_model
 from .report import AreaRow, OverlayCanvas, areas_table, write_areas_csv
-from .source import AnnotationSource, ImageRecord, WriteReport
+from .source import AnnotationSource, WriteReport
 from .pipeline import run_region
 from .stitch import Strip
 
