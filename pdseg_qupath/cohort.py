@@ -28,7 +28,6 @@ import io
 import json
 import os
 import queue
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import PdsegError
+from .fileio import atomic_write_bytes
 
 SUMMARY = "summary.csv"
 DONE = ("ok", "skipped")
@@ -239,23 +239,8 @@ def write_classmap_png(path: Path, labels: np.ndarray, class_map) -> Path:
     img.putpalette(pal)
     buf = io.BytesIO()
     img.save(buf, format="PNG", transparency=255)
-    atomic_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
-
-
-def atomic_bytes(path: Path, data: bytes) -> None:
-    """Temp file beside ``path``, fsync, rename: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------- summary
@@ -300,7 +285,7 @@ class Summary:
         w.writeheader()
         for r in self.rows.values():
             w.writerow({k: r.get(k, "") for k in self.fields})
-        atomic_bytes(self.path, buf.getvalue().encode("utf-8"))
+        atomic_write_bytes(self.path, buf.getvalue().encode("utf-8"))
 
 
 @contextmanager

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
@@ -23,6 +21,7 @@ from PIL import Image
 
 from .annotations import IGNORE, Annotation, ClassMap
 from .errors import PdsegError
+from .fileio import atomic_write_text, atomic_write_with
 from .grid import Window, grid_size, iter_windows
 from .raster import AnnotationIndex
 
@@ -98,19 +97,6 @@ def parse_tile_name(name: str) -> tuple[str, float, tuple[int, int, int, int]] |
         return None
     d = float(m["d"].replace(",", "")) if m["d"] else 1.0
     return m["base"], d, (int(m["x"]), int(m["y"]), int(m["w"]), int(m["h"]))
-
-
-def _atomic_save(img: Image.Image, path: Path, **kw: object) -> None:
-    """Write next to the target and rename, so an interrupted export never leaves a truncated file."""
-    fd, tmp = tempfile.mkstemp(prefix=".pdseg-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG", **kw)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -235,17 +221,17 @@ def glob_escape(s: str) -> str:
     return re.sub(r"([\[\]*?])", r"[\1]", s)
 
 
+def _atomic_save(img: Image.Image, path: Path, **kw: object) -> None:
+    """PNG written next to the target and renamed, so an interrupted export never leaves a truncated file."""
+    atomic_write_with(path, lambda tmp: img.save(tmp, format="PNG", **kw))
+
+
 def write_classes_json(out_dir: str | Path, class_map: ClassMap, mpp: float) -> Path:
     """``out_dir/classes.json``: the class map (index, name, colour, ignore value) and the masks' µm/px."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = class_map.to_json() | {"mpp": mpp}
-    path = out / "classes.json"
-    fd, tmp = tempfile.mkstemp(prefix=".pdseg-", suffix=".json", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "classes.json", json.dumps(data, indent=2, ensure_ascii=False))
 
 
 class SlideLike(Protocol):

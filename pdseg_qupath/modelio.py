@@ -10,10 +10,7 @@ interrupted save or a truncated copy is detected on load and reported by file na
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .annotations import ClassMap
 from .errors import PdsegError
+from .fileio import atomic_write_with, sha256_file
 from .head import FCNHead, HeadConfig
 
 HEAD_FILE = "head.safetensors"
@@ -74,36 +72,17 @@ class SegModel:
         }
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model(model: SegModel, out_dir: str | Path) -> Path:
     """Write ``out_dir/head.safetensors`` then ``out_dir/model.json``, each atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
-    _atomic_write_bytes(out / HEAD_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    atomic_write_with(out / HEAD_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
     digest = sha256_file(out / HEAD_FILE)
     if not model.model_id:
         model.model_id = digest[:12]
     text = json.dumps(model.meta(digest), indent=2, ensure_ascii=False)
-    _atomic_write_bytes(out / META_FILE, lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    atomic_write_with(out / META_FILE, lambda p: p.write_text(text + "\n", encoding="utf-8"))
     model.path = out
     return out
 

@@ -10,8 +10,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,24 +21,13 @@ from rich.console import Console
 from rich.table import Table
 
 from .annotations import IGNORE, ClassMap
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from .fileio import atomic_write_bytes
 
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Atomic, pretty JSON (NaN-free: undefined scores are ``null``)."""
     p = Path(path)
-    _atomic_bytes(p, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(p, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return p
 
 
@@ -105,7 +92,7 @@ def scores_table(metrics: dict, title: str) -> Table:
 def _savefig(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _atomic_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -255,7 +242,7 @@ def render_overlay(background: np.ndarray, labels: np.ndarray, class_map: ClassM
     buf = io.BytesIO()
     out.save(buf, format="PNG")
     p = Path(path)
-    _atomic_bytes(p, buf.getvalue())
+    atomic_write_bytes(p, buf.getvalue())
     return p
 
 
@@ -280,7 +267,7 @@ def write_areas_csv(rows: Sequence[AreaRow], path: str | Path) -> Path:
         w.writerow([r.image, r.class_name, f"{r.area_mm2:.6f}", r.objects,
                     "" if r.mean_probability is None else f"{r.mean_probability:.4f}"])
     p = Path(path)
-    _atomic_bytes(p, buf.getvalue().encode("utf-8"))
+    atomic_write_bytes(p, buf.getvalue().encode("utf-8"))
     return p
 
 

@@ -9,7 +9,6 @@ diffusers' converters on the real naming, not on their own output.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 

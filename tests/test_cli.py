@@ -87,3 +87,29 @@ def test_broken_geojson_names_file_and_line(gbm_folder: Path, tmp_path: Path, ca
 def test_missing_source_is_a_clear_error(tmp_path: Path, capsys) -> None:
     code, text = run(["masks", str(tmp_path / "nope"), "--mpp", "0.5", "--out", str(tmp_path / "m")], capsys)
     assert code == 2 and "no such project or folder" in text
+
+
+def test_atomic_writes_keep_ordinary_permissions_and_old_file_on_failure(tmp_path: Path) -> None:
+    """Outputs must be readable by colleagues (not mkstemp's 0600), and a failed write keeps the old file."""
+    import os
+    import stat
+
+    from pdseg_qupath.errors import PdsegError
+    from pdseg_qupath.fileio import atomic_write_text, atomic_write_with
+
+    target = tmp_path / "a.json"
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(target, "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+    def boom(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(PdsegError, match="old file is unchanged"):
+        atomic_write_with(target, boom)
+    assert target.read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]

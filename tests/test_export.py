@@ -8,6 +8,7 @@ import pytest
 from PIL import Image, ImageDraw
 from shapely.geometry import box, shape
 
+from pdseg_qupath.errors import PdsegError
 from pdseg_qupath import export as export_mod
 from pdseg_qupath.annotations import IGNORE, Annotation, ClassInfo, ClassMap
 from pdseg_qupath.export import (
@@ -190,7 +191,7 @@ def test_atomic_write_leaves_no_partial_file(monkeypatch: pytest.MonkeyPatch, tm
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(PdsegError, match="disk full.*old file is unchanged"):
         export_image_masks((10, 10), 1.0, [Annotation(box(0, 0, 5, 5), "Nucleus")], CM, tmp_path, "keep", mpp=1.0)
     assert (tmp_path / "keep.png").read_bytes() == b"old mask"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png"]

@@ -13,7 +13,6 @@ as is any weight the model expects but the checkpoint lacks.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import zipfile
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ from pdseg_qupath.backbone.conditioning import build_conditioner
 from pdseg_qupath.backbone.config import LDM_SCHEDULER, BackboneConfig, _unet, _vq, ldm_default_blocks
 from pdseg_qupath.backbone.model import write_folder
 from pdseg_qupath.errors import PdsegError
+from pdseg_qupath.fileio import sha256_file
 
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
@@ -339,9 +339,9 @@ def convert_checkpoint(ckpt: Path, config_yaml: Path, out_dir: Path, *, use_ema:
         cond = (c.config(), parts["conditioner"])
     record = {
         "source": str(ckpt.resolve()),
-        "source_sha256": _file_sha256(ckpt),
+        "source_sha256": sha256_file(ckpt),
         "config_yaml": str(config_yaml.resolve()),
-        "config_yaml_sha256": _file_sha256(config_yaml),
+        "config_yaml_sha256": sha256_file(config_yaml),
         "converted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "converter": f"pdseg-qupath {__version__}",
         **report,
@@ -352,9 +352,3 @@ def convert_checkpoint(ckpt: Path, config_yaml: Path, out_dir: Path, *, use_ema:
     return record
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -33,6 +33,7 @@ from pdseg_qupath import __version__
 from pdseg_qupath.backbone.conditioning import Conditioner, build_conditioner
 from pdseg_qupath.backbone.config import CONFIGS, BackboneConfig, get_config
 from pdseg_qupath.errors import PdsegError
+from pdseg_qupath.fileio import sha256_file
 
 MANIFEST = "pdseg_backbone.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -159,14 +160,14 @@ def write_folder(out_dir: str | Path, config: BackboneConfig,
             (tmp / sub).mkdir()
             holder.save_config(tmp / sub)
             save_file(_contiguous(state), tmp / sub / WEIGHTS_NAME, metadata={"format": "pt"})
-            files[f"{sub}/{WEIGHTS_NAME}"] = _sha256(tmp / sub / WEIGHTS_NAME)
+            files[f"{sub}/{WEIGHTS_NAME}"] = sha256_file(tmp / sub / WEIGHTS_NAME)
         scheduler.save_pretrained(tmp / "scheduler")
         if conditioner is not None:
             (tmp / "conditioner").mkdir()
             (tmp / "conditioner" / "config.json").write_text(json.dumps(conditioner[0], indent=2))
             save_file(_contiguous(conditioner[1]), tmp / "conditioner" / COND_WEIGHTS,
                       metadata={"format": "pt"})
-            files[f"conditioner/{COND_WEIGHTS}"] = _sha256(tmp / "conditioner" / COND_WEIGHTS)
+            files[f"conditioner/{COND_WEIGHTS}"] = sha256_file(tmp / "conditioner" / COND_WEIGHTS)
         manifest = {
             "format": "pdseg-backbone/1",
             "config_name": config.name,
@@ -200,14 +201,6 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _combined_sha(files: Mapping[str, str]) -> str:
@@ -261,7 +254,7 @@ def load_folder(folder: str | Path, device: torch.device | str = "cpu", *, spec:
         if "bytes" in info and p.stat().st_size != info["bytes"]:
             raise PdsegError(f"{p}: has {p.stat().st_size} bytes, expected {info['bytes']} (truncated "
                              "copy?); copy the backbone folder again")
-        if verify and _sha256(p) != info.get("sha256"):
+        if verify and sha256_file(p) != info.get("sha256"):
             raise PdsegError(f"{p}: sha256 does not match {MANIFEST}; the file is corrupt — copy it again")
     device = torch.device(device)
     unet = _load_model(UNet2DConditionModel, folder / "unet", device)

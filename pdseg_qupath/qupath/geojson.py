@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -27,6 +25,7 @@ from shapely.validation import explain_validity
 
 from ..annotations import RGB, Annotation, ReadReport, default_color
 from ..errors import PdsegError
+from ..fileio import atomic_write_text
 
 __all__ = [
     "read_geojson",
@@ -585,27 +584,3 @@ def write_geojson(path: Path, annotations: Sequence[Annotation]) -> None:
     atomic_write_text(Path(path), dump_feature_collection(features))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, then ``os.replace`` it: never a half-written file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise PdsegError(f"{path}: cannot write here ({e.strerror or e}); check the folder is writable") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise PdsegError(f"{path}: cannot write ({e.strerror or e}); the old file is unchanged") from None
-        raise
