@@ -6,6 +6,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+import shapely
+from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
 RGB = tuple[int, int, int]
@@ -41,6 +43,29 @@ class Annotation:
     def is_ignore(self) -> bool:
         """QuPath's ``Ignore*`` class marks areas to leave out of training and scoring."""
         return is_ignore_class(self.classification)
+
+
+def polygonal_part(geom: BaseGeometry) -> Polygon | MultiPolygon | None:
+    """The area of a geometry as one valid (Multi)Polygon (e.g. after ``make_valid``), or None if it has none.
+
+    Collections can mix polygons with the points and lines that a repair leaves behind; only polygons
+    with area are kept, and overlapping parts are merged so the result stays valid.
+    """
+    polys: list[Polygon] = []
+    stack = [geom]
+    while stack:
+        g = stack.pop()
+        if isinstance(g, Polygon):
+            if not g.is_empty and g.area > 0:
+                polys.append(g)
+        elif hasattr(g, "geoms"):
+            stack.extend(g.geoms)
+    if not polys:
+        return None
+    if len(polys) == 1:
+        return polys[0]
+    merged = shapely.union_all(polys)
+    return merged if isinstance(merged, (Polygon, MultiPolygon)) and not merged.is_empty else None
 
 
 def is_ignore_class(name: str | None) -> bool:

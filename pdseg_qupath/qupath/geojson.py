@@ -23,7 +23,7 @@ from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity
 
-from ..annotations import RGB, Annotation, ReadReport, default_color
+from ..annotations import RGB, Annotation, ReadReport, default_color, polygonal_part
 from ..errors import PdsegError
 from ..fileio import atomic_write_text
 
@@ -356,7 +356,7 @@ def _area(geometry: Any, label: str, report: ReadReport) -> BaseGeometry | None:
     if geom.is_valid:
         return geom
     reason = explain_validity(geom)
-    fixed = _polygonal(shapely.make_valid(geom))
+    fixed = polygonal_part(shapely.make_valid(geom))
     if fixed is None:
         report.skipped_empty += 1
         report.messages.append(f"{label} skipped: invalid geometry ({reason}) has no area once repaired")
@@ -463,27 +463,6 @@ def _polygon(rings: list[np.ndarray]) -> Polygon | None:
         return None
     holes = [h for h in (_ring(r) for r in rings[1:]) if h is not None]
     return Polygon(shell, holes)
-
-
-def _polygonal(geom: BaseGeometry) -> BaseGeometry | None:
-    """Only the areas of ``geom`` (e.g. after make_valid), as one valid Polygon/MultiPolygon, or None."""
-    polys: list[Polygon] = []
-
-    def collect(g: BaseGeometry) -> None:
-        if isinstance(g, Polygon):
-            if not g.is_empty and g.area > 0:
-                polys.append(g)
-        elif hasattr(g, "geoms"):
-            for sub in g.geoms:
-                collect(sub)
-
-    collect(geom)
-    if not polys:
-        return None
-    if len(polys) == 1:
-        return polys[0]
-    merged = shapely.union_all(polys)
-    return merged if isinstance(merged, (Polygon, MultiPolygon)) and not merged.is_empty else None
 
 
 # ----------------------------------------------------------------------------------------------- writing

@@ -15,10 +15,9 @@ from typing import Any, Iterable
 from urllib.parse import unquote, urlsplit
 
 import shapely
-from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
-from ..annotations import PDSEG_MARKER, Annotation
+from ..annotations import PDSEG_MARKER, Annotation, polygonal_part
 from ..errors import PdsegError
 
 MICROMETER_UNITS = {"µm", "μm", "um", "micron", "microns", "micrometer", "micrometre"}
@@ -178,24 +177,6 @@ def missing_classes(existing: Iterable[str], wanted: Iterable[str | None]) -> li
 # --------------------------------------------------------------------------------------------- geometry
 
 
-def _polygonal(geom: BaseGeometry) -> BaseGeometry | None:
-    polys: list[Polygon] = []
-    stack = [geom]
-    while stack:
-        g = stack.pop()
-        if isinstance(g, Polygon):
-            if not g.is_empty and g.area > 0:
-                polys.append(g)
-        elif hasattr(g, "geoms"):
-            stack.extend(g.geoms)
-    if not polys:
-        return None
-    if len(polys) == 1:
-        return polys[0]
-    merged = shapely.union_all(polys)
-    return merged if isinstance(merged, (Polygon, MultiPolygon)) and not merged.is_empty else None
-
-
 def clean_geometry(geom: BaseGeometry | None) -> tuple[BaseGeometry | None, str]:
     """An area geometry ready for rasterizing, and what was done: ``ok``, ``repaired``, or why it was
     dropped: ``point``, ``line``, ``empty`` (nothing with area, also after repair) or ``other``.
@@ -210,7 +191,7 @@ def clean_geometry(geom: BaseGeometry | None) -> tuple[BaseGeometry | None, str]
     if kind not in ("Polygon", "MultiPolygon", "GeometryCollection"):
         return None, "other"
     if geom.is_valid:
-        area = _polygonal(geom) if kind == "GeometryCollection" else geom
+        area = polygonal_part(geom) if kind == "GeometryCollection" else geom
         return (area, "ok") if area is not None and area.area > 0 else (None, "empty")
-    fixed = _polygonal(shapely.make_valid(geom))
+    fixed = polygonal_part(shapely.make_valid(geom))
     return (fixed, "repaired") if fixed is not None else (None, "empty")
