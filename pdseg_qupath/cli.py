@@ -47,6 +47,15 @@ def _classes_option(classes: Optional[str]) -> Optional[list[str]]:
     return [c.strip() for c in classes.split(",") if c.strip()] if classes else None
 
 
+def _class_weights_option(value: Optional[str]) -> Optional[str | list[float]]:
+    if not value or value == "balanced":
+        return value
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise PdsegError(f"--class-weights: expected 'balanced' or numbers like 1,2.5, got {value!r}") from None
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"pdseg-qupath {__version__}")
@@ -140,6 +149,12 @@ def train(
     val_images: Optional[str] = typer.Option(None, "--val-images", help="Comma-separated image names held out for validation."),
     seed: int = typer.Option(0, "--seed", help="Same seed and inputs → same metrics on CPU."),
     cache_mb: float = typer.Option(512.0, "--cache-mb", help="Upper bound of the in-memory feature cache."),
+    tiles_per_class: int = typer.Option(48, "--tiles-per-class", help="Training tiles sampled per class (stratified, so rare classes are seen)."),
+    t: Optional[str] = typer.Option(None, "--t", help="Diffusion timestep(s) of the features, comma-separated (default: the backbone's)."),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Decoder (up) blocks to tap, comma-separated, 0 = coarsest (default: the backbone's)."),
+    class_weights: Optional[str] = typer.Option(None, "--class-weights", help="'balanced' (inverse frequency) or one weight per class, comma-separated."),
+    rgb_skip: bool = typer.Option(False, "--rgb-skip", help="Give the head the RGB tile beside the features."),
+    keep_features: bool = typer.Option(False, "--keep-features", help="Keep the feature cache so a rerun with other head options skips extraction."),
 ) -> None:
     """Train the segmentation head on your annotations (sparse is fine: unannotated pixels are ignored)."""
     from .source import open_source
@@ -149,7 +164,13 @@ def train(
         result = train_model(
             src, out, backbone=backbone, mpp=mpp, classes=_classes_option(classes), image_mpp=image_mpp,
             epochs=epochs, device=device, val_images=_classes_option(val_images), seed=seed,
-            progress=progress, console=console, options=TrainOptions(cache_mb=cache_mb),
+            progress=progress, console=console,
+            options=TrainOptions(
+                cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
+                t=[int(v) for v in t.split(",")] if t else None,
+                blocks=[int(v) for v in blocks.split(",")] if blocks else None,
+                class_weights=_class_weights_option(class_weights),
+            ),
         )
     console.print(f"[green]model saved to {result.model_dir}[/] (best epoch {result.best_epoch}; backbone {result.backbone_label})")
 

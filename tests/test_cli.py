@@ -113,3 +113,17 @@ def test_atomic_writes_keep_ordinary_permissions_and_old_file_on_failure(tmp_pat
         atomic_write_with(target, boom)
     assert target.read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_train_options_reach_the_model_folder(gbm_folder: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "model"
+    code, text = run(["train", str(gbm_folder), "--out", str(out), "--backbone", "random:tiny", "--image-mpp", "0.5",
+                      "--epochs", "1", "--tiles-per-class", "4", "--t", "10,50", "--blocks", "0",
+                      "--class-weights", "balanced"], capsys)
+    assert code == 0, text
+    assert "RANDOM WEIGHTS" in text
+    record = json.loads((out / "model.json").read_text())
+    assert record["features"]["t"] == [10, 50] and record["features"]["blocks"] == [0]
+    code, text = run(["train", str(gbm_folder), "--out", str(tmp_path / "m2"), "--backbone", "random:tiny",
+                      "--class-weights", "heavy"], capsys)
+    assert code == 2 and "--class-weights" in text
