@@ -97,8 +97,11 @@ def _savefig(fig, path: Path) -> Path:
 
 
 def write_training_curve(history: Sequence[dict], path: str | Path, class_names: Sequence[str],
-                         best_epoch: int | None = None) -> Path:
-    """Loss (train, validation) and validation mIoU / per-class Dice against the epoch."""
+                         best_epoch: int | None = None, colors: Sequence[tuple[int, int, int]] | None = None) -> Path:
+    """Loss (train, validation) and validation mIoU / per-class Dice against the epoch.
+
+    ``colors`` (the class map's RGB) draw each class's Dice in its QuPath colour, as users know it.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -115,8 +118,9 @@ def write_training_curve(history: Sequence[dict], path: str | Path, class_names:
     ax1.legend()
     ax1.grid(alpha=0.3)
     ax2.plot(ep, [r["miou"] for r in history], "k-", lw=2, label="mIoU")
-    for n in class_names:
-        ax2.plot(ep, [r["per_class"].get(n, {}).get("dice") for r in history], "--", label=f"Dice {n}")
+    for i, n in enumerate(class_names):
+        style = {"color": tuple(c / 255 for c in colors[i])} if colors is not None else {}
+        ax2.plot(ep, [r["per_class"].get(n, {}).get("dice") for r in history], "--", label=f"Dice {n}", **style)
     if best_epoch:
         ax2.axvline(best_epoch, color="grey", ls=":", label=f"best (epoch {best_epoch})")
     ax2.set_xlabel("epoch")

@@ -719,7 +719,8 @@ def train_model(
                 best_state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
             else:
                 stale += 1 if va is not None else 0
-            write_training_curve(history, out / "training_curve.png", cmap.names, best_epoch=best_epoch)
+            write_training_curve(history, out / "training_curve.png", cmap.names, best_epoch=best_epoch,
+                                 colors=[c.color for c in cmap.classes])
             if resume.enabled:
                 ck = {"head": head.state_dict(), "optim": optim.state_dict(), "history": json.dumps(history),
                       "best_state": best_state, "best_epoch": best_epoch, "best_score": best_score,
