@@ -29,7 +29,7 @@ from .metrics import Confusion, scores
 from .modelio import SegModel, load_model
 from .predict import PredictOptions, Predictor, overlay_background, predict_image
 from .report import OverlayCanvas, render_overlay, scores_table, write_confusion_png, write_json
-from .source import AnnotationSource
+from .source import AnnotationSource, select_images
 
 
 def evaluate(
@@ -63,13 +63,7 @@ def evaluate(
     skipped: dict[str, str] = {}
     unknown: dict[str, int] = {}
     tiles = 0
-    records = source.images()
-    if images:
-        known = {r.name for r in records}
-        missing = [n for n in images if n not in known]
-        if missing:
-            raise PdsegError(f"--images {missing}: not in the source; it has {sorted(known)}")
-        records = [r for r in records if r.name in set(images)]
+    records = select_images(source.images(), images or None)
     task = progress.add_task("evaluate", total=None) if progress is not None else None
     for rec in records:
         if rec.error or rec.path is None:

@@ -35,7 +35,7 @@ from .features_cache import BatchRunner, resolve_device
 from .grid import Window, grid_size
 from .modelio import SegModel, load_model
 from .report import AreaRow, OverlayCanvas, areas_table, write_areas_csv
-from .source import AnnotationSource, WriteReport
+from .source import AnnotationSource, WriteReport, select_images
 from .pipeline import run_region
 from .stitch import Strip
 
@@ -484,13 +484,7 @@ def predict_source(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    records = source.images()
-    if images:
-        known = {r.name for r in records}
-        missing = [n for n in images if n not in known]
-        if missing:
-            raise PdsegError(f"--images {missing}: not in the source; it has {sorted(known)}")
-        records = [r for r in records if r.name in set(images)]
+    records = select_images(source.images(), images or None)
     results: list[ImageResult] = []
     total_tiles, t_all = 0, time.perf_counter()
     task = progress.add_task("predict", total=None) if progress is not None else None

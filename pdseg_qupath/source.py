@@ -60,6 +60,20 @@ class AnnotationSource(Protocol):
         """Release resources (and save, for writable sources)."""
 
 
+def select_images(records: Sequence[ImageRecord], names: Sequence[str] | None) -> list[ImageRecord]:
+    """The records named in ``names`` (all when None); an unknown name is an error that lists the known ones."""
+    if names is None:
+        return list(records)
+    known = {r.name for r in records}
+    missing = [n for n in names if n not in known]
+    if missing:
+        from .errors import PdsegError
+
+        raise PdsegError(f"image(s) {missing} not in the source; it has {sorted(known)}")
+    wanted = set(names)
+    return [r for r in records if r.name in wanted]
+
+
 def open_source(path: str | Path, *, writable: bool = False) -> AnnotationSource:
     """Open a ``.qpproj`` (paquo, imported lazily) or a folder of images with sidecar GeoJSON."""
     from .errors import PdsegError

@@ -54,7 +54,7 @@ from .grid import Window
 from .head import FCNHead, HeadConfig
 from .metrics import Confusion, scores
 from .modelio import SegModel, save_model
-from .source import AnnotationSource, ImageRecord
+from .source import AnnotationSource, ImageRecord, select_images
 
 RESUME_DIR = ".pdseg-train"
 
@@ -159,13 +159,7 @@ def load_training_images(
 ) -> tuple[list[_Image], ClassMap]:
     """Images with usable annotations, and the class map. Unusable images are reported, not fatal."""
     images: list[_Image] = []
-    records = source.images()
-    if names is not None:
-        known = {r.name for r in records}
-        missing = [n for n in names if n not in known]
-        if missing:
-            raise PdsegError(f"image(s) {missing} are not in the source; it has: {sorted(known)}")
-        records = [r for r in records if r.name in set(names)]
+    records = select_images(source.images(), names)
     for rec in records:
         if rec.error:
             messages.append(f"{rec.name}: skipped ({rec.error})")

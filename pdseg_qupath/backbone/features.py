@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -214,43 +215,24 @@ def _slice_cond(cond: Any, start: int, n: int) -> Any:
     raise PdsegError("cond must be None, a (B, tokens, D) tensor or a dict of per-tile embeddings")
 
 
-class _precision:
+def _precision(device: torch.device, autocast: bool) -> AbstractContextManager[Any]:
     """bf16 autocast when asked (default on CUDA); otherwise plain fp32."""
-
-    def __init__(self, device: torch.device, autocast: bool) -> None:
-        self.ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else None
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+    return torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
 
 
-class _sdpa:
+_SDPA_NAMES = {"math": "MATH", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
+               "cudnn": "CUDNN_ATTENTION"}
+
+
+def _sdpa(name: str | None) -> AbstractContextManager[Any]:
     """Optionally pin the scaled-dot-product-attention backend (for benchmarking large head dims)."""
+    if not name or name == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    _NAMES = {"math": "MATH", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
-              "cudnn": "CUDNN_ATTENTION"}
-
-    def __init__(self, name: str | None) -> None:
-        self.ctx = None
-        if name and name != "auto":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            if name not in self._NAMES:
-                raise PdsegError(f"unknown attention backend {name!r}; use one of auto, {', '.join(self._NAMES)}")
-            self.ctx = sdpa_kernel(getattr(SDPBackend, self._NAMES[name]))
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+    if name not in _SDPA_NAMES:
+        raise PdsegError(f"unknown attention backend {name!r}; use one of auto, {', '.join(_SDPA_NAMES)}")
+    return sdpa_kernel(getattr(SDPBackend, _SDPA_NAMES[name]))
 
 
 def _compile_mode(compile: bool | str, device: torch.device, expected_tiles: int | None) -> str | None:
