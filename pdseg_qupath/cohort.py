@@ -112,7 +112,7 @@ def collect_slides(inputs: Sequence[str | Path]) -> list[SlideJob]:
 
 
 def _qpproj_jobs(path: Path) -> list[SlideJob]:
-    from .qupath.qpproj import mpp_from_builder, path_from_file_uri, project_file, server_problem
+    from .qupath.qpproj import mpp_from_builder, path_from_file_uri, project_file, server_problem, uri_from_builder
 
     qp = project_file(path)
     try:
@@ -123,7 +123,7 @@ def _qpproj_jobs(path: Path) -> list[SlideJob]:
     for i, img in enumerate(data.get("images", []) if isinstance(data, dict) else []):
         builder = img.get("serverBuilder") if isinstance(img, dict) else None
         name = str(img.get("imageName") or f"image #{i + 1}") if isinstance(img, dict) else f"image #{i + 1}"
-        uri = _builder_uri(builder)
+        uri = uri_from_builder(builder)
         local = path_from_file_uri(uri) if uri else None
         job = SlideJob(name, str(local) if local else (uri or ""), mpp_from_builder(builder))
         problem = server_problem(builder)
@@ -135,14 +135,6 @@ def _qpproj_jobs(path: Path) -> list[SlideJob]:
     if not jobs:
         raise PdsegError(f"{qp}: the project has no images")
     return jobs
-
-
-def _builder_uri(builder: Any) -> str | None:
-    while isinstance(builder, dict):
-        if isinstance(builder.get("uri"), str):
-            return builder["uri"]
-        builder = builder.get("builder")
-    return None
 
 
 def parse_devices(devices: str | Sequence[str] | None, workers: int | None = None) -> list[str]:

@@ -73,13 +73,23 @@ def mpp_from_calibration(calibration: Any) -> float | None:
     return mpp_from_pair(*sizes)
 
 
-def _metadata(builder: Any) -> dict | None:
-    """The ``metadata`` of a server builder, looking into wrapping builders (rotated, cropped...)."""
+def _builder_field(builder: Any, key: str, kind: type) -> Any:
+    """``builder[key]`` of a server builder, looking into wrapping builders (rotated, cropped...)."""
     while isinstance(builder, dict):
-        if isinstance(builder.get("metadata"), dict):
-            return builder["metadata"]
+        if isinstance(builder.get(key), kind):
+            return builder[key]
         builder = builder.get("builder")
     return None
+
+
+def _metadata(builder: Any) -> dict | None:
+    """The ``metadata`` of a server builder (the image's size and calibration as QuPath recorded them)."""
+    return _builder_field(builder, "metadata", dict)
+
+
+def uri_from_builder(builder: Any) -> str | None:
+    """The image URI of a server builder (of the innermost one that names it)."""
+    return _builder_field(builder, "uri", str)
 
 
 def mpp_from_builder(builder: Any) -> float | None:
