@@ -13,8 +13,8 @@ from pathlib import Path
 
 from shapely.geometry import Point
 
-from pdseg_qupath.annotations import Annotation
-from pdseg_qupath.qupath.geojson import read_geojson, write_geojson
+from pdseg_qupath.core.annotations import Annotation
+from pdseg_qupath.sources.qupath.geojson import read_geojson, write_geojson
 
 
 def synthetic(n: int, vertices: int = 24) -> list[Annotation]:

@@ -5,7 +5,7 @@
     python benchmarks/bench_predict.py scaling [--slides 4] [--side 1024]
 
 - ``ratio``: end-to-end tiles/s over features-only tiles/s on the same device and tiles
-  (:func:`pdseg_qupath.predict_bench.bench_predict`, also ``pdseg-qupath bench predict``).
+  (:func:`pdseg_qupath.tasks.bench.bench_predict`, also ``pdseg-qupath bench predict``).
 - ``rss``: peak RSS of a fresh process predicting a synthetic ``size`` × ``size`` px pyramidal JPEG
   TIFF at 0.25 µm/px (levels 1, 4, 16) through the cohort path (GeoJSON, class map, overlay,
   summary.csv), tiny backbone at 0.5 µm/px, tissue in twelve islands (about 1 % of the slide, so the
@@ -89,7 +89,7 @@ def rss_child(slide: str, model: str, out: str, batch: int) -> None:
     """In a fresh process: predict the slide as `pdseg-qupath predict SLIDE --out DIR` would."""
     from rich.console import Console
 
-    from pdseg_qupath.cohort import CohortOptions, predict_cohort
+    from pdseg_qupath.tasks.cohort import CohortOptions, predict_cohort
 
     t0 = time.perf_counter()
     res = predict_cohort([slide], model, out, devices="cpu", console=Console(stderr=True),
@@ -100,7 +100,7 @@ def rss_child(slide: str, model: str, out: str, batch: int) -> None:
 
 
 def cmd_rss(args: argparse.Namespace) -> dict:
-    from pdseg_qupath.predict_bench import bench_model
+    from pdseg_qupath.tasks.bench import bench_model
 
     out = Path(args.out)
     slide = out / f"islands_{args.size}.tif"
@@ -129,8 +129,8 @@ def cmd_scaling(args: argparse.Namespace) -> dict:
     import torch
     from rich.console import Console
 
-    from pdseg_qupath.cohort import CohortOptions, predict_cohort
-    from pdseg_qupath.predict_bench import bench_model, synthetic_tissue
+    from pdseg_qupath.tasks.cohort import CohortOptions, predict_cohort
+    from pdseg_qupath.tasks.bench import bench_model, synthetic_tissue
 
     out = Path(args.out)
     slides = out / "slides"
@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/pdseg-bench-predict")
     args = ap.parse_args()
     if args.mode == "ratio":
-        from pdseg_qupath.predict_bench import bench_predict
+        from pdseg_qupath.tasks.bench import bench_predict
 
         data = bench_predict(args.backbone, args.device, args.batch_size, args.tiles,
                              tile=args.tile if args.backbone.endswith("tiny") else None, io_threads=args.io_threads)

@@ -30,11 +30,11 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import synthetic_slide
 
-    from pdseg_qupath.annotations import ClassInfo, ClassMap
-    from pdseg_qupath.head import FCNHead, HeadConfig
-    from pdseg_qupath.modelio import SegModel
-    from pdseg_qupath.predict import PredictOptions, predict_image
-    from pdseg_qupath.slide import open_slide
+    from pdseg_qupath.core.annotations import ClassInfo, ClassMap
+    from pdseg_qupath.learn.head import FCNHead, HeadConfig
+    from pdseg_qupath.learn.modelio import SegModel
+    from pdseg_qupath.tasks.predict import PredictOptions, predict_image
+    from pdseg_qupath.core.slide import open_slide
 
     args.out.mkdir(parents=True, exist_ok=True)
     slide_path = args.out / f"synthetic-{args.size}.tif"

@@ -27,9 +27,9 @@ import rasterio.features
 import shapely
 from shapely.geometry import Point, Polygon, shape
 
-from pdseg_qupath.annotations import IGNORE, Annotation, ClassInfo, ClassMap
-from pdseg_qupath.grid import Window, iter_windows
-from pdseg_qupath.raster import AnnotationIndex, vectorize
+from pdseg_qupath.core.annotations import IGNORE, Annotation, ClassInfo, ClassMap
+from pdseg_qupath.core.grid import Window, iter_windows
+from pdseg_qupath.core.raster import AnnotationIndex, vectorize
 
 NUCLEI_PER_PX = 4976 / 40 / 512**2
 

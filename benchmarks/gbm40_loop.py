@@ -50,9 +50,9 @@ def main() -> None:
     ap.add_argument("--skip-eval", action="store_true")
     args = ap.parse_args()
 
-    from pdseg_qupath.evaluate import evaluate
-    from pdseg_qupath.source import open_source
-    from pdseg_qupath.train import TrainOptions, train_model
+    from pdseg_qupath.tasks.evaluate import evaluate
+    from pdseg_qupath.sources.base import open_source
+    from pdseg_qupath.tasks.train import TrainOptions, train_model
 
     console = Console(stderr=True)
     train_dir = _link_split(args.gbm40, args.out / "train", 1, 30)

@@ -52,7 +52,7 @@ def main() -> None:
     import torch
     from rich.console import Console
 
-    from pdseg_qupath.backbone.pretrain import pretrain
+    from pdseg_qupath.learn.pretrain import pretrain
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

@@ -2,7 +2,7 @@
 
 Not a test; prints JSON and writes a PNG. Protocol (the loop issue's split): heads are trained on 1, 3,
 10 or 30 of tiles 01–30 and scored on all of tiles 31–40 (Nucleus Dice over all test pixels, as
-``evaluate`` pools it). For every feature kind the SAME head (``pdseg_qupath.head.FCNHead``, hidden
+``evaluate`` pools it). For every feature kind the SAME head (``pdseg_qupath.learn.head.FCNHead``, hidden
 (64, 32), dropout 0.1, pinned here), the same labelled pixels and the same optimisation budget are used; only the features differ:
 
 - ``small``: the shipped pretrained backbone (or ``--backbone DIR``), default t and blocks;
@@ -30,16 +30,16 @@ import torch.nn.functional as F
 
 CLASSES = ("Background", "Nucleus")
 NS = (1, 3, 10, 30)
-HIDDEN = (64, 32)  # the product's default head (pdseg_qupath.head), pinned so results stay comparable
+HIDDEN = (64, 32)  # the product's default head (pdseg_qupath.learn.head), pinned so results stay comparable
 
 
 def load_gbm40(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """(40, 512, 512, 3) uint8 tiles and (40, 512, 512) labels (0 background, 1 nucleus, 255 none)."""
-    from pdseg_qupath.annotations import ClassInfo, ClassMap
-    from pdseg_qupath.grid import Window
-    from pdseg_qupath.qupath.geojson import read_geojson
-    from pdseg_qupath.raster import rasterize
-    from pdseg_qupath.slide import open_slide
+    from pdseg_qupath.core.annotations import ClassInfo, ClassMap
+    from pdseg_qupath.core.grid import Window
+    from pdseg_qupath.sources.qupath.geojson import read_geojson
+    from pdseg_qupath.core.raster import rasterize
+    from pdseg_qupath.core.slide import open_slide
 
     cmap = ClassMap(tuple(ClassInfo(n, (0, 0, 0)) for n in CLASSES))
     tiles, labels = [], []
@@ -94,7 +94,7 @@ def sample_pixels(labels: np.ndarray, idx: list[int], per_tile: int, rng: np.ran
 
 def train_head(feats: torch.Tensor, labels: np.ndarray, idx: list[int], seed: int, *, per_tile: int,
                iters: int, batch: int):
-    from pdseg_qupath.head import FCNHead, HeadConfig, sample_features
+    from pdseg_qupath.learn.head import FCNHead, HeadConfig, sample_features
 
     rng = np.random.default_rng(seed)
     px = sample_pixels(labels, idx, per_tile, rng)
@@ -133,7 +133,7 @@ def nucleus_dice(head, feats: torch.Tensor, labels: np.ndarray, test: range) -> 
 def gbm40_psnr(backbone: str, tiles: np.ndarray) -> float:
     """Cross-domain reconstruction quality of the autoencoder (gbm40 is never trained on)."""
     from pdseg_qupath.backbone.model import load_backbone
-    from pdseg_qupath.backbone.pretrain import psnr
+    from pdseg_qupath.learn.pretrain import psnr
 
     crops = tiles[:, :256, :256]
     return psnr(load_backbone(backbone).vq, crops)

@@ -134,11 +134,11 @@ def _annotations(size: int, n_small: int, seed: int) -> dict:
 def measure(slide_path: Path, geo: Path, out: Path, mpp: float, tile_size: int) -> dict:
     """Runs in a fresh process: everything `pdseg-qupath masks` does for one image, then peak RSS."""
     t0 = time.perf_counter()
-    from pdseg_qupath.annotations import ClassMap
-    from pdseg_qupath.export import export_image_masks, write_classes_json
-    from pdseg_qupath.grid import Window
-    from pdseg_qupath.qupath.geojson import read_geojson
-    from pdseg_qupath.slide import open_slide, tissue_mask
+    from pdseg_qupath.core.annotations import ClassMap
+    from pdseg_qupath.outputs.masks import export_image_masks, write_classes_json
+    from pdseg_qupath.core.grid import Window
+    from pdseg_qupath.sources.qupath.geojson import read_geojson
+    from pdseg_qupath.core.slide import open_slide, tissue_mask
 
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     anns, _ = read_geojson(geo)

@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__
-from .errors import PdsegError
+from pdseg_qupath import __version__
+from pdseg_qupath.core.errors import PdsegError
 
 # Without a terminal rich assumes 80 columns, which truncates metric tables in logs and CI output.
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -84,7 +84,7 @@ def masks(
     overlay: bool = typer.Option(False, "--overlay", help="Also write overlays/<image>.png (mask blended on the image) to check by eye."),
 ) -> None:
     """Rasterize QuPath annotations into training label masks (class k → k, unannotated → 255)."""
-    from .masks import export_source_masks
+    from pdseg_qupath.tasks.masks import export_source_masks
 
     with progress_bar() as progress:
         result = export_source_masks(
@@ -157,8 +157,8 @@ def train(
     keep_features: bool = typer.Option(False, "--keep-features", help="Keep the feature cache so a rerun with other head options skips extraction."),
 ) -> None:
     """Train the segmentation head on your annotations (sparse is fine: unannotated pixels are ignored)."""
-    from .source import open_source
-    from .train import TrainOptions, train_model
+    from pdseg_qupath.sources.base import open_source
+    from pdseg_qupath.tasks.train import TrainOptions, train_model
 
     with closing(open_source(source)) as src, progress_bar() as progress:
         result = train_model(
@@ -201,7 +201,7 @@ def predict(
         raise PdsegError("several slides, --force, --devices, --workers, --cluster, --overlay and --classmap are "
                          "batch-mode options: give --out DIR (and leave out --write-back)")
     if batch:
-        from .cohort import CohortOptions, cohort_progress, predict_cohort
+        from pdseg_qupath.tasks.cohort import CohortOptions, cohort_progress, predict_cohort
 
         opts = CohortOptions(batch_size=batch_size, tissue_only=tissue_only, image_mpp=image_mpp, simplify=simplify,
                              min_area_um2=min_area, overlay=overlay, classmap=classmap, force=force)
@@ -214,8 +214,8 @@ def predict(
             raise typer.Exit(1)
         return
 
-    from .predict import predict_source
-    from .source import open_source
+    from pdseg_qupath.tasks.predict import predict_source
+    from pdseg_qupath.sources.base import open_source
 
     source = Path(sources[0])
     write_back = True if write_back is None else write_back
@@ -245,18 +245,18 @@ def evaluate(
     image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none."),
 ) -> None:
     """Score a model on annotated pixels only: per-class Dice and IoU, accuracy, mIoU, confusion matrix."""
-    from .evaluate import evaluate as run_evaluate
+    from pdseg_qupath.tasks.evaluate import evaluate as run_evaluate
 
     if source is None:
         raise PdsegError("give SOURCE: a QuPath project, a folder with GeoJSON, or a data set folder with --dataset")
     notes: list[str] = []
     if dataset:
-        from .datasets import open_dataset
+        from pdseg_qupath.sources.datasets import open_dataset
 
         src = open_dataset(dataset, source, **({"split": split} if dataset == "glas" else {}))
         notes = list(getattr(src, "notes", []))
     else:
-        from .source import open_source
+        from pdseg_qupath.sources.base import open_source
 
         src = open_source(source)
     with closing(src), progress_bar() as progress:
@@ -274,7 +274,7 @@ def demo(
     examples: Optional[Path] = typer.Option(None, "--examples", help="The examples/ folder (default: the one in this checkout)."),
 ) -> None:
     """Train on the bundled example slide, predict it whole, evaluate on held-out polygons (a few minutes on CPU)."""
-    from .demo import run_demo
+    from pdseg_qupath.tasks.demo import run_demo
 
     with progress_bar() as progress:
         result = run_demo(out, backbone=backbone, device=device, epochs=epochs, examples_dir=examples,
@@ -299,7 +299,7 @@ def pretrain(
     save_dtype: str = typer.Option("float32", "--save-dtype", help="float32, or float16 to halve the folder (loads as fp32)."),
 ) -> None:
     """Pretrain (or fine-tune) the latent diffusion backbone on your own unlabelled slides."""
-    from .backbone.pretrain import pretrain as run_pretrain
+    from pdseg_qupath.learn.pretrain import pretrain as run_pretrain
 
     record = run_pretrain(
         sources, out, config=config, from_spec=from_spec, mpp=mpp, steps_ae=steps_ae, steps_unet=steps_unet,
@@ -323,7 +323,7 @@ def convert_backbone(
 
     The checkpoint is opened with torch.load(weights_only=True): pickles that need arbitrary code are refused.
     """
-    from .backbone.convert import convert_checkpoint
+    from pdseg_qupath.backbone.convert import convert_checkpoint
 
     use_ema: bool | str = {"auto": "auto", "yes": True, "no": False}.get(ema.lower(), "auto")
     with console.status(f"converting {ckpt.name} …"):
@@ -349,7 +349,7 @@ def bench_features_cmd(
     channels_last: bool = typer.Option(False, "--channels-last"),
 ) -> None:
     """Feature-extraction tiles/s, GFLOP/tile, TFLOP/s, peak memory and error vs eager fp32, as JSON."""
-    from .backbone.bench import bench_features
+    from pdseg_qupath.backbone.bench import bench_features
 
     comp: bool | str = {"no": False, "yes": True}.get(compile, compile)
     result = bench_features(
@@ -372,7 +372,7 @@ def bench_predict_cmd(
     io_threads: int = typer.Option(2, "--io-threads", help="Tile-reading threads (0: no overlap of stages)."),
 ) -> None:
     """End-to-end predict tiles/s, its ratio to features-only tiles/s on the same device, peak RSS, as JSON."""
-    from .predict_bench import bench_predict
+    from pdseg_qupath.tasks.bench import bench_predict
 
     print(json.dumps(bench_predict(backbone, device, batch_size, tiles, tile=tile, slide=slide,
                                    io_threads=io_threads), indent=2))

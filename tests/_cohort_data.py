@@ -48,11 +48,11 @@ def tiny_model(out: Path, seed: int = 0, tile: int = 32, overlap: int = 8) -> Pa
     """A saved model on the ``random:tiny`` backbone with a seeded random 2-class head."""
     import torch
 
-    from pdseg_qupath.annotations import ClassInfo, ClassMap
+    from pdseg_qupath.core.annotations import ClassInfo, ClassMap
     from pdseg_qupath.backbone.features import LDMFeatures
     from pdseg_qupath.backbone.model import describe, load_backbone
-    from pdseg_qupath.head import FCNHead, HeadConfig
-    from pdseg_qupath.modelio import SegModel, save_model
+    from pdseg_qupath.learn.head import FCNHead, HeadConfig
+    from pdseg_qupath.learn.modelio import SegModel, save_model
 
     spec = "random:tiny"
     bb = load_backbone(spec, device="cpu")

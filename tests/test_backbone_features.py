@@ -10,7 +10,7 @@ from pdseg_qupath.backbone.features import LDMFeatures, _compile_mode
 from pdseg_qupath.backbone.model import build_backbone
 from pdseg_qupath.backbone.noise import position_noise
 from pdseg_qupath.backbone.taps import unet_taps
-from pdseg_qupath.errors import PdsegError
+from pdseg_qupath.core.errors import PdsegError
 
 
 @pytest.fixture(scope="module")

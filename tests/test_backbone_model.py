@@ -14,7 +14,7 @@ from pdseg_qupath.backbone import hub, model
 from pdseg_qupath.backbone.config import CONFIGS
 from pdseg_qupath.backbone.model import (RANDOM_LABEL, build_backbone, describe, load_backbone,
                                          save_backbone)
-from pdseg_qupath.errors import PdsegError
+from pdseg_qupath.core.errors import PdsegError
 
 
 def _params(m: torch.nn.Module) -> int:

@@ -94,8 +94,8 @@ def test_atomic_writes_keep_ordinary_permissions_and_old_file_on_failure(tmp_pat
     import os
     import stat
 
-    from pdseg_qupath.errors import PdsegError
-    from pdseg_qupath.fileio import atomic_write_text, atomic_write_with
+    from pdseg_qupath.core.errors import PdsegError
+    from pdseg_qupath.core.fileio import atomic_write_text, atomic_write_with
 
     target = tmp_path / "a.json"
     old = os.umask(0o022)

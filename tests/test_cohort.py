@@ -17,8 +17,8 @@ from PIL import Image
 from rich.console import Console
 
 from _cohort_data import tiny_model, write_pyramid
-from pdseg_qupath.cohort import CohortOptions, collect_slides, parse_devices, predict_cohort
-from pdseg_qupath.errors import PdsegError
+from pdseg_qupath.tasks.cohort import CohortOptions, collect_slides, parse_devices, predict_cohort
+from pdseg_qupath.core.errors import PdsegError
 
 QUIET = Console(file=open(os.devnull, "w"), width=200)
 
@@ -118,7 +118,7 @@ def test_batch_outputs_summary_failures_resume_and_force(tmp_path, model):
 
 KILLED_RUN = """
 import sys
-from pdseg_qupath.cohort import CohortOptions, predict_cohort
+from pdseg_qupath.tasks.cohort import CohortOptions, predict_cohort
 predict_cohort([sys.argv[1]], sys.argv[2], sys.argv[3], devices="cpu", options=CohortOptions(classmap=True))
 """
 

@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from _cohort_data import tiny_model, write_pyramid
-from pdseg_qupath.cohort import CohortOptions, predict_cohort
+from pdseg_qupath.tasks.cohort import CohortOptions, predict_cohort
 
 distributed = pytest.importorskip("distributed")
 

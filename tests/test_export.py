@@ -8,10 +8,10 @@ import pytest
 from PIL import Image, ImageDraw
 from shapely.geometry import box, shape
 
-from pdseg_qupath.errors import PdsegError
-from pdseg_qupath import export as export_mod
-from pdseg_qupath.annotations import IGNORE, Annotation, ClassInfo, ClassMap
-from pdseg_qupath.export import (
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.outputs import masks as export_mod
+from pdseg_qupath.core.annotations import IGNORE, Annotation, ClassInfo, ClassMap
+from pdseg_qupath.outputs.masks import (
     export_image_masks,
     format_downsample,
     mask_basename,
@@ -20,9 +20,9 @@ from pdseg_qupath.export import (
     write_classes_json,
     write_overlay,
 )
-from pdseg_qupath.grid import Window, grid_size
-from pdseg_qupath.raster import AnnotationIndex
-from pdseg_qupath.slide import open_slide
+from pdseg_qupath.core.grid import Window, grid_size
+from pdseg_qupath.core.raster import AnnotationIndex
+from pdseg_qupath.core.slide import open_slide
 
 GBM = Path(__file__).parent / "fixtures" / "gbm40"
 CM = ClassMap((ClassInfo("Background", (200, 200, 200)), ClassInfo("Nucleus", (0, 0, 200))))

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from shapely.geometry import Polygon
 
-from pdseg_qupath.annotations import Annotation
-from pdseg_qupath.errors import PdsegError
-from pdseg_qupath.qupath.folder import GeoJSONFolder
-from pdseg_qupath.qupath.geojson import read_geojson, write_geojson
-from pdseg_qupath.source import AnnotationSource, open_source
+from pdseg_qupath.core.annotations import Annotation
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.sources.qupath.folder import GeoJSONFolder
+from pdseg_qupath.sources.qupath.geojson import read_geojson, write_geojson
+from pdseg_qupath.sources.base import AnnotationSource, open_source
 
 FIX = Path(__file__).parent / "fixtures"
 

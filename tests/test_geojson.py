@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shapely.geometry import MultiPolygon, Point, Polygon
 
-from pdseg_qupath.annotations import Annotation, default_color
-from pdseg_qupath.errors import PdsegError
-from pdseg_qupath.qupath.geojson import (
+from pdseg_qupath.core.annotations import Annotation, default_color
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.sources.qupath.geojson import (
     annotation_to_feature,
     parse_geojson,
     read_geojson,
@@ -306,8 +306,8 @@ def test_writer_refuses_geometry_that_is_not_valid_geojson(tmp_path: Path) -> No
     """A NaN coordinate would be written as bare NaN, which no GeoJSON reader accepts; the old file survives."""
     from shapely.geometry import Polygon
 
-    from pdseg_qupath.annotations import Annotation
-    from pdseg_qupath.qupath.geojson import write_geojson
+    from pdseg_qupath.core.annotations import Annotation
+    from pdseg_qupath.sources.qupath.geojson import write_geojson
 
     target = tmp_path / "out.geojson"
     target.write_text("old")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pdseg_qupath.head import FCNHead, HeadConfig, sample_features
+from pdseg_qupath.learn.head import FCNHead, HeadConfig, sample_features
 
 
 def test_sampled_features_equal_upsampled_map():

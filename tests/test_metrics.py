@@ -10,9 +10,9 @@ from rich.console import Console
 from shapely.geometry import box
 
 from _loop_data import feature, make_folder, make_image, train_tiny
-from pdseg_qupath.errors import PdsegError
-from pdseg_qupath.metrics import Confusion, scores, scores_from_labels
-from pdseg_qupath.source import open_source
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.metrics import Confusion, scores, scores_from_labels
+from pdseg_qupath.sources.base import open_source
 
 QUIET = Console(file=open("/dev/null", "w"), width=200)
 
@@ -56,7 +56,7 @@ def test_merge_equals_one_shot():
 def test_evaluate_report(tmp_path):
     src = make_folder(tmp_path / "src", n=2, size=(64, 64))
     model = train_tiny(src, tmp_path / "model", epochs=2).model_dir
-    from pdseg_qupath.evaluate import evaluate
+    from pdseg_qupath.tasks.evaluate import evaluate
 
     test = tmp_path / "test"
     make_image(test, "t0", size=(72, 60), seed=11, extra_features=[feature(box(2, 2, 10, 10), "Tumor")])

@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-from pdseg_qupath.annotations import ClassInfo, ClassMap
-from pdseg_qupath.errors import PdsegError
-from pdseg_qupath.head import FCNHead, HeadConfig
-from pdseg_qupath.modelio import SegModel, load_model, save_model
+from pdseg_qupath.core.annotations import ClassInfo, ClassMap
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.learn.head import FCNHead, HeadConfig
+from pdseg_qupath.learn.modelio import SegModel, load_model, save_model
 
 
 @pytest.fixture()

@@ -12,9 +12,9 @@ import shapely
 from rich.console import Console
 
 from _loop_data import make_folder, make_image, train_tiny
-from pdseg_qupath.errors import PdsegError
-from pdseg_qupath.modelio import load_model
-from pdseg_qupath.predict import (
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.learn.modelio import load_model
+from pdseg_qupath.tasks.predict import (
     AREA_MEASUREMENT,
     PROB_MEASUREMENT,
     ObjectBuilder,
@@ -23,9 +23,9 @@ from pdseg_qupath.predict import (
     predict_image,
     predict_source,
 )
-from pdseg_qupath.slide import open_slide
-from pdseg_qupath.source import open_source
-from pdseg_qupath.stitch import Strip
+from pdseg_qupath.core.slide import open_slide
+from pdseg_qupath.sources.base import open_source
+from pdseg_qupath.learn.stitch import Strip
 
 QUIET = Console(file=open("/dev/null", "w"), width=200)
 

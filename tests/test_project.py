@@ -24,9 +24,9 @@ import tifffile
 from PIL import Image
 from shapely.geometry import LineString, Point, Polygon, box
 
-from pdseg_qupath.annotations import Annotation
-from pdseg_qupath.errors import PdsegError
-from pdseg_qupath.qupath.project import QuPathProjectSource
+from pdseg_qupath.core.annotations import Annotation
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.sources.qupath.project import QuPathProjectSource
 
 pytestmark = pytest.mark.qupath
 

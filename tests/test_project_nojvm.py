@@ -22,11 +22,11 @@ import pytest
 from PIL import Image
 from shapely.geometry import LineString, MultiPolygon, Point, Polygon, box
 
-from pdseg_qupath.annotations import Annotation
-from pdseg_qupath.errors import PdsegError
-from pdseg_qupath.qupath.backup import ProjectBackup, new_backup_dir
-from pdseg_qupath.qupath.names import UNSAFE_CHARS, predictions_geojson, safe_filename
-from pdseg_qupath.qupath.qpproj import (
+from pdseg_qupath.core.annotations import Annotation
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.sources.qupath.backup import ProjectBackup, new_backup_dir
+from pdseg_qupath.sources.qupath.names import UNSAFE_CHARS, predictions_geojson, safe_filename
+from pdseg_qupath.sources.qupath.qpproj import (
     clean_geometry,
     is_pdseg_name,
     missing_classes,
@@ -511,7 +511,7 @@ def project(tmp_path, fake_paquo):
 
 
 def test_no_qupath_is_a_clear_error(tmp_path, monkeypatch):
-    from pdseg_qupath.qupath.project import QuPathProjectSource
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
 
     (tmp_path / "project.qpproj").write_text("{}")
     monkeypatch.setitem(sys.modules, "paquo.projects", None)  # import fails as without QuPath
@@ -521,7 +521,7 @@ def test_no_qupath_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_images_pixel_sizes_and_missing_file(project):
-    from pdseg_qupath.qupath.project import QuPathProjectSource
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
 
     src = QuPathProjectSource(project)
     slide, tile, gone = src.images()
@@ -533,7 +533,7 @@ def test_images_pixel_sizes_and_missing_file(project):
 
 
 def test_read_annotations(project):
-    from pdseg_qupath.qupath.project import QuPathProjectSource
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
 
     src = QuPathProjectSource(project)
     slide = src.images()[0]
@@ -552,7 +552,7 @@ def test_read_annotations(project):
 
 
 def test_write_requires_writable(project):
-    from pdseg_qupath.qupath.project import QuPathProjectSource
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
 
     src = QuPathProjectSource(project)
     with pytest.raises(PdsegError, match="read-only"):
@@ -560,7 +560,7 @@ def test_write_requires_writable(project):
 
 
 def test_writable_reads_a_moved_image_from_its_data_file(project):
-    from pdseg_qupath.qupath.project import QuPathProjectSource
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
 
     src = QuPathProjectSource(project, writable=True)
     anns, _ = src.read_annotations(src.images()[2])
@@ -578,7 +578,7 @@ def predictions(n: int) -> list[Annotation]:
 
 
 def test_write_predictions_twice_replaces_only_pdseg_objects(project, fake_paquo):
-    from pdseg_qupath.qupath.project import QuPathProjectSource
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
 
     before, _ = QuPathProjectSource(project).read_annotations(QuPathProjectSource(project).images()[0])
     with QuPathProjectSource(project, writable=True) as src:
@@ -611,7 +611,7 @@ def test_write_predictions_twice_replaces_only_pdseg_objects(project, fake_paquo
 
 
 def test_prediction_objects_always_carry_the_marker(project, fake_paquo):
-    from pdseg_qupath.qupath.project import QuPathProjectSource
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
 
     with QuPathProjectSource(project, writable=True) as src:
         slide = src.images()[0]
@@ -621,15 +621,15 @@ def test_prediction_objects_always_carry_the_marker(project, fake_paquo):
 
 
 def test_open_source_dispatches_to_project(project):
-    from pdseg_qupath.qupath.project import QuPathProjectSource
-    from pdseg_qupath.source import AnnotationSource, open_source
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
+    from pdseg_qupath.sources.base import AnnotationSource, open_source
 
     src = open_source(project / "project.qpproj")
     assert isinstance(src, QuPathProjectSource) and isinstance(src, AnnotationSource)
 
 
 def test_close_without_writes_saves_nothing(project, fake_paquo):
-    from pdseg_qupath.qupath.project import QuPathProjectSource
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
 
     with QuPathProjectSource(project, writable=True) as src:
         for rec in src.images():
@@ -639,7 +639,7 @@ def test_close_without_writes_saves_nothing(project, fake_paquo):
 
 
 def test_rotated_view_is_an_error_for_that_image_only(project):
-    from pdseg_qupath.qupath.project import QuPathProjectSource
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
 
     qpproj = project / "project.qpproj"
     data = json.loads(qpproj.read_text(encoding="utf-8"))

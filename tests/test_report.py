@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 
-from pdseg_qupath.annotations import ClassInfo, ClassMap
-from pdseg_qupath.report import (
+from pdseg_qupath.core.annotations import ClassInfo, ClassMap
+from pdseg_qupath.outputs.report import (
     AreaRow,
     EpochTable,
     OverlayCanvas,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pdseg_qupath.errors import PdsegError
-from pdseg_qupath.source import ImageRecord, select_images
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.sources.base import ImageRecord, select_images
 
 RECORDS = [ImageRecord("a.svs", "file:///a.svs"), ImageRecord("b.svs", "file:///b.svs"), ImageRecord("c.png", "file:///c.png")]
 

@@ -11,7 +11,7 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pdseg_qupath.errors import PdsegError
+from pdseg_qupath.core.errors import PdsegError
 
 #: CompVis "linear" schedule (linspace of sqrt(beta), squared) is diffusers' "scaled_linear".
 LDM_SCHEDULER: dict[str, Any] = {

@@ -28,8 +28,8 @@ from pdseg_qupath import __version__
 from pdseg_qupath.backbone.conditioning import build_conditioner
 from pdseg_qupath.backbone.config import LDM_SCHEDULER, BackboneConfig, _unet, _vq, ldm_default_blocks
 from pdseg_qupath.backbone.model import write_folder
-from pdseg_qupath.errors import PdsegError
-from pdseg_qupath.fileio import sha256_file
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.fileio import sha256_file
 
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pdseg_qupath.backbone.model import Backbone
 from pdseg_qupath.backbone.noise import position_noise
 from pdseg_qupath.backbone.taps import check_supported, unet_taps
-from pdseg_qupath.errors import PdsegError
+from pdseg_qupath.core.errors import PdsegError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pdseg_qupath.errors import PdsegError
+from pdseg_qupath.core.errors import PdsegError
 
 MANIFEST = "pdseg_backbone.json"
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors")

@@ -32,8 +32,8 @@ from torch import nn
 from pdseg_qupath import __version__
 from pdseg_qupath.backbone.conditioning import Conditioner, build_conditioner
 from pdseg_qupath.backbone.config import CONFIGS, BackboneConfig, get_config
-from pdseg_qupath.errors import PdsegError
-from pdseg_qupath.fileio import sha256_file
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.fileio import sha256_file
 
 MANIFEST = "pdseg_backbone.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

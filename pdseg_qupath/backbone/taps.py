@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from diffusers import UNet2DConditionModel
 
-from pdseg_qupath.errors import PdsegError
+from pdseg_qupath.core.errors import PdsegError
 
 
 def check_supported(unet: UNet2DConditionModel) -> None:

@@ -1,0 +1,161 @@
+"""The model folder (DESIGN.md §2): ``head.safetensors`` plus ``model.json``.
+
+``model.json`` carries everything needed to predict again: the class map, the work resolution, tile
+size and overlap, the backbone spec and the sha256 of its weights, the timesteps and feature blocks, the
+head config, the training record, and the pdseg version. It also records the sha256 of
+``head.safetensors``: the weights are written first and the JSON last, each atomically, so an
+interrupted save or a truncated copy is detected on load and reported by file name, never half-used.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pdseg_qupath import __version__
+from pdseg_qupath.core.annotations import ClassMap
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.fileio import atomic_write_with, sha256_file
+from pdseg_qupath.learn.head import FCNHead, HeadConfig
+
+HEAD_FILE = "head.safetensors"
+META_FILE = "model.json"
+FORMAT = "pdseg-model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SegModel:
+    """A trained head and everything needed to run it on new slides."""
+
+    head: FCNHead
+    class_map: ClassMap
+    mpp: float
+    tile_size: int
+    overlap: int
+    backbone: dict[str, Any]
+    """``spec``, ``config``, ``sha256`` (of the backbone weights; None for random), ``random_weights``, ``label``."""
+    features: dict[str, Any]
+    """``t`` (list of timesteps), ``blocks``, ``channels``, ``out_stride``."""
+    training: dict[str, Any] = field(default_factory=dict)
+    model_id: str = ""
+    pdseg_version: str = __version__
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path is not None else "model"
+
+    def meta(self, head_sha256: str) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "pdseg_version": self.pdseg_version,
+            "model_id": self.model_id or head_sha256[:12],
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "class_map": self.class_map.to_json(),
+            "mpp": self.mpp,
+            "tile_size": self.tile_size,
+            "overlap": self.overlap,
+            "backbone": self.backbone,
+            "features": self.features,
+            "head": self.head.config.to_json(),
+            "head_file": HEAD_FILE,
+            "head_sha256": head_sha256,
+            "training": self.training,
+        }
+
+
+def save_model(model: SegModel, out_dir: str | Path) -> Path:
+    """Write ``out_dir/head.safetensors`` then ``out_dir/model.json``, each atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+    atomic_write_with(out / HEAD_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    digest = sha256_file(out / HEAD_FILE)
+    if not model.model_id:
+        model.model_id = digest[:12]
+    text = json.dumps(model.meta(digest), indent=2, ensure_ascii=False)
+    atomic_write_with(out / META_FILE, lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    model.path = out
+    return out
+
+
+def load_model(path: str | Path) -> SegModel:
+    """Load a model folder, or raise :class:`PdsegError` naming the missing, corrupt or mismatched file."""
+    folder = Path(path)
+    if folder.is_file() and folder.name in (META_FILE, HEAD_FILE):
+        folder = folder.parent
+    if not folder.is_dir():
+        raise PdsegError(f"{folder}: no such model folder (train one with `pdseg-qupath train ... --out {folder}`)")
+    meta_path = folder / META_FILE
+    head_path = folder / HEAD_FILE
+    retrain = "retrain the model or restore the folder from a backup"
+    if not meta_path.is_file():
+        raise PdsegError(f"{meta_path}: missing; {folder} is not a complete pdseg model folder ({retrain})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PdsegError(
+            f"{meta_path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+            f"the file is corrupt or truncated ({retrain})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PdsegError(f"{meta_path}: cannot be read ({exc}); {retrain}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise PdsegError(f"{meta_path}: not a pdseg model description (no \"format\": \"{FORMAT}\")")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise PdsegError(
+            f"{meta_path}: written by a newer pdseg (format {meta.get('format_version')}); upgrade pdseg-qupath"
+        )
+    if not head_path.is_file():
+        raise PdsegError(f"{head_path}: missing; the model folder is incomplete ({retrain})")
+    try:
+        digest = sha256_file(head_path)
+        expected = meta["head_sha256"]
+        class_map = ClassMap.from_json(meta["class_map"])
+        config = HeadConfig.from_json(meta["head"])
+        mpp, tile, overlap = float(meta["mpp"]), int(meta["tile_size"]), int(meta["overlap"])
+        backbone, features = dict(meta["backbone"]), dict(meta["features"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PdsegError(f"{meta_path}: incomplete or malformed model description ({exc!r}); {retrain}") from None
+    if digest != expected:
+        raise PdsegError(
+            f"{head_path}: its sha256 does not match {META_FILE} (truncated, or from another training run); "
+            f"{retrain}"
+        )
+    try:
+        state = load_file(str(head_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PdsegError(f"{head_path}: not a readable safetensors file ({exc}); {retrain}") from None
+    head = FCNHead(config)
+    try:
+        head.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise PdsegError(f"{head_path}: weights do not fit the head described in {META_FILE} ({first})") from None
+    head.eval()
+    if config.n_classes != len(class_map):
+        raise PdsegError(f"{meta_path}: the head has {config.n_classes} outputs but {len(class_map)} classes")
+    return SegModel(
+        head=head,
+        class_map=class_map,
+        mpp=mpp,
+        tile_size=tile,
+        overlap=overlap,
+        backbone=backbone,
+        features=features,
+        training=dict(meta.get("training") or {}),
+        model_id=str(meta.get("model_id") or digest[:12]),
+        pdseg_version=str(meta.get("pdseg_version", "")),
+        path=folder,
+    )
+
+
+__all__ = ["SegModel", "save_model", "load_model", "HEAD_FILE", "META_FILE", "sha256_file"]

@@ -1,0 +1,92 @@
+"""The one interface between the core and the outside world: a set of images with QuPath annotations.
+
+Two adapters implement it: :class:`pdseg_qupath.sources.qupath.folder.GeoJSONFolder` (slides plus sidecar
+``<image>.geojson``) and :class:`pdseg_qupath.sources.qupath.project.QuPathProjectSource` (a ``.qpproj`` via paquo).
+Train, predict and evaluate only ever see this interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport
+
+
+@dataclass
+class ImageRecord:
+    """One image of a source. ``mpp`` is µm/px at level 0, or ``None`` when the image records none."""
+
+    name: str
+    uri: str
+    path: Path | None = None
+    width: int | None = None
+    height: int | None = None
+    mpp: float | None = None
+    error: str | None = None
+    """Why the image cannot be used (missing file, unreadable); the other images go on."""
+
+
+@dataclass
+class WriteReport:
+    """What a write-back did: pdseg objects removed and added, user objects left untouched."""
+
+    image: str
+    removed: int = 0
+    added: int = 0
+    kept: int = 0
+    backup: Path | None = None
+    messages: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class AnnotationSource(Protocol):
+    """A collection of images and their annotations, readable and (unless read-only) writable."""
+
+    def images(self) -> list[ImageRecord]:
+        """All images, in a stable order; unusable ones carry ``error`` instead of raising."""
+
+    def read_annotations(self, image: ImageRecord) -> tuple[list[Annotation], ReadReport]:
+        """The image's annotation objects (areas only), with what was repaired or skipped."""
+
+    def write_predictions(self, image: ImageRecord, annotations: Sequence[Annotation]) -> WriteReport:
+        """Replace earlier pdseg objects of ``image`` with ``annotations``; never touch user objects."""
+
+    def class_colors(self) -> dict[str, RGB]:
+        """Colours of the source's own class list (QuPath's project classes), by name."""
+
+    def close(self) -> None:
+        """Release resources (and save, for writable sources)."""
+
+
+def select_images(records: Sequence[ImageRecord], names: Sequence[str] | None) -> list[ImageRecord]:
+    """The records named in ``names`` (all when None); an unknown name is an error that lists the known ones."""
+    if names is None:
+        return list(records)
+    known = {r.name for r in records}
+    missing = [n for n in names if n not in known]
+    if missing:
+        from pdseg_qupath.core.errors import PdsegError
+
+        raise PdsegError(f"image(s) {missing} not in the source; it has {sorted(known)}")
+    wanted = set(names)
+    return [r for r in records if r.name in wanted]
+
+
+def open_source(path: str | Path, *, writable: bool = False) -> AnnotationSource:
+    """Open a ``.qpproj`` (paquo, imported lazily) or a folder of images with sidecar GeoJSON."""
+    from pdseg_qupath.core.errors import PdsegError
+
+    p = Path(path)
+    if not p.exists():
+        raise PdsegError(f"{p}: no such project or folder")
+    if p.suffix == ".qpproj" or (p.is_dir() and (p / "project.qpproj").exists()):
+        from pdseg_qupath.sources.qupath.project import QuPathProjectSource
+
+        return QuPathProjectSource(p, writable=writable)
+    if p.is_dir():
+        from pdseg_qupath.sources.qupath.folder import GeoJSONFolder
+
+        return GeoJSONFolder(p)
+    raise PdsegError(f"{p}: expected a QuPath project (.qpproj) or a folder of images with <name>.geojson")
