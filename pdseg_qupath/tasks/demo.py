@@ -58,7 +58,7 @@ class DemoResult:
 
 def default_examples_dir() -> Path:
     """``examples/`` of the source tree this package runs from."""
-    return Path(__file__).resolve().parent.parent / "examples"
+    return Path(__file__).resolve().parents[2] / "examples"
 
 
 def choose_demo_backbone(device: str) -> str:
