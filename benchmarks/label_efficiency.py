@@ -68,8 +68,8 @@ def features_for(kind: str, backbone: str, tiles: np.ndarray, taps: dict | None 
         ex, info = RawPixels(), {"label": "raw pixels (4x4 folded RGB)"}
     else:
         from pdseg_qupath.backbone.features import LDMFeatures
-        from pdseg_qupath.backbone.model import describe, load_backbone
-
+        from pdseg_qupath.backbone.model import describe
+        from pdseg_qupath.backbone.spec import load_backbone
         bb = load_backbone(backbone if kind == "pretrained" else f"random:{load_backbone(backbone).config.name}")
         ex = LDMFeatures(bb, batch_size=2, **(taps or {}))
         info = {"label": describe(bb), "t": list(ex.t), "blocks": list(ex.blocks)}
@@ -132,7 +132,7 @@ def nucleus_dice(head, feats: torch.Tensor, labels: np.ndarray, test: range) -> 
 @torch.no_grad()
 def gbm40_psnr(backbone: str, tiles: np.ndarray) -> float:
     """Cross-domain reconstruction quality of the autoencoder (gbm40 is never trained on)."""
-    from pdseg_qupath.backbone.model import load_backbone
+    from pdseg_qupath.backbone.spec import load_backbone
     from pdseg_qupath.learn.pretrain import psnr
 
     crops = tiles[:, :256, :256]

@@ -3,7 +3,7 @@
  *
  * Writes <project>/pdseg/annotations/<image name>.geojson (a FeatureCollection, as QuPath writes it).
  * In the file name, each of  / \ : * ? " < > |  in the image name becomes _  (the same rule as
- * pdseg_qupath.qupath.names.safe_filename).
+ * pdseg_qupath.core.names.safe_filename).
  *
  * QuPath 0.5 and 0.6.
  *
@@ -22,7 +22,7 @@
 import qupath.lib.io.PathIO
 
 def pdsegFileName(String imageName) {
-    // Same characters as pdseg_qupath.qupath.names.UNSAFE_CHARS; the regex is  [/\\:*?"<>|]
+    // Same characters as pdseg_qupath.core.names.UNSAFE_CHARS; the regex is  [/\\:*?"<>|]
     return imageName.replaceAll('[/\\\\:*?"<>|]', '_') + '.geojson'
 }
 

@@ -7,7 +7,7 @@
  *   - adds their classes to the project's class list,
  *   - saves the image data.
  * Your own annotations are never touched. In the file name, each of  / \ : * ? " < > |  in the image name
- * becomes _  (the same rule as pdseg_qupath.qupath.names.safe_filename).
+ * becomes _  (the same rule as pdseg_qupath.core.names.safe_filename).
  *
  * QuPath 0.5 and 0.6.
  *
@@ -27,7 +27,7 @@ import qupath.lib.io.PathIO
 def PDSEG = "pdseg"
 
 def pdsegFileName(String imageName) {
-    // Same characters as pdseg_qupath.qupath.names.UNSAFE_CHARS; the regex is  [/\\:*?"<>|]
+    // Same characters as pdseg_qupath.core.names.UNSAFE_CHARS; the regex is  [/\\:*?"<>|]
     return imageName.replaceAll('[/\\\\:*?"<>|]', '_') + '.geojson'
 }
 

@@ -1,4 +1,8 @@
-"""The ``pdseg-qupath`` command line: thin wiring of the core functions, with rich progress and tables."""
+"""The ``pdseg-qupath`` command line: options in, a task run with the console's events, results out.
+
+Wiring only: each command turns its options into the arguments of one task (:mod:`pdseg_qupath.tasks`)
+and shows what the task reports through :mod:`pdseg_qupath.ui`.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
-from pdseg_qupath import __version__
+from pdseg_qupath import __version__, ui
 from pdseg_qupath.core.errors import PdsegError
-
-# Without a terminal rich assumes 80 columns, which truncates metric tables in logs and CI output.
-console = Console(width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True, soft_wrap=True)
+from pdseg_qupath.ui import console, err_console
 
 app = typer.Typer(
     name="pdseg-qupath",
@@ -27,20 +25,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def progress_bar() -> Progress:
-    """The one progress display every long command uses."""
-    return Progress(
-        TextColumn("[bold blue]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 def _classes_option(classes: Optional[str]) -> Optional[list[str]]:
@@ -84,39 +68,13 @@ def masks(
     overlay: bool = typer.Option(False, "--overlay", help="Also write overlays/<image>.png (mask blended on the image) to check by eye."),
 ) -> None:
     """Rasterize QuPath annotations into training label masks (class k → k, unannotated → 255)."""
-    from pdseg_qupath.tasks.masks import export_source_masks
+    from pdseg_qupath.sources.inputs import open_source
+    from pdseg_qupath.tasks.masks import masks as run_masks
 
-    with progress_bar() as progress:
-        result = export_source_masks(
-            source,
-            out,
-            mpp=mpp,
-            image_mpp=image_mpp,
-            tile_size=tile_size,
-            classes=_classes_option(classes),
-            overlay=overlay,
-            progress=progress,
-        )
-    table = Table(title=f"Masks at {mpp:g} µm/px → {out}")
-    table.add_column("image")
-    for name in result.class_map.names:
-        table.add_column(f"{name} px", justify="right")
-    table.add_column("ignored px", justify="right")
-    table.add_column("files", justify="right")
-    table.add_column("repaired / skipped", justify="right")
-    table.add_column("status")
-    for row in result.rows:
-        stats = row.stats
-        cells = [f"{stats.pixels.get(n, 0):,}" if stats else "" for n in result.class_map.names]
-        table.add_row(
-            row.image,
-            *cells,
-            f"{stats.ignored_pixels:,}" if stats else "",
-            str(len(stats.files)) if stats else "",
-            f"{row.report.repaired} / {row.report.skipped}" if row.report else "",
-            "[green]ok" if row.error is None else f"[red]{row.error}",
-        )
-    console.print(table)
+    with closing(open_source(source)) as src, ui.session() as events:
+        result = run_masks(src, out, mpp=mpp, image_mpp=image_mpp, tile_size=tile_size,
+                           classes=_classes_option(classes), overlay=overlay, events=events)
+    console.print(ui.masks_table(result, mpp, out))
     for row in result.rows:
         messages = row.report.messages if row.report else []
         for message in messages[:5]:
@@ -157,14 +115,14 @@ def train(
     keep_features: bool = typer.Option(False, "--keep-features", help="Keep the feature cache so a rerun with other head options skips extraction."),
 ) -> None:
     """Train the segmentation head on your annotations (sparse is fine: unannotated pixels are ignored)."""
-    from pdseg_qupath.sources.base import open_source
-    from pdseg_qupath.tasks.train import TrainOptions, train_model
+    from pdseg_qupath.learn.options import TrainOptions
+    from pdseg_qupath.sources.inputs import open_source
+    from pdseg_qupath.tasks.train import train as run_train
 
-    with closing(open_source(source)) as src, progress_bar() as progress:
-        result = train_model(
+    with closing(open_source(source)) as src, ui.session() as events:
+        result = run_train(
             src, out, backbone=backbone, mpp=mpp, classes=_classes_option(classes), image_mpp=image_mpp,
-            epochs=epochs, device=device, val_images=_classes_option(val_images), seed=seed,
-            progress=progress, console=console,
+            epochs=epochs, device=device, val_images=_classes_option(val_images), seed=seed, events=events,
             options=TrainOptions(
                 cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
                 t=[int(v) for v in t.split(",")] if t else None,
@@ -196,36 +154,35 @@ def predict(
     classmap: bool = typer.Option(False, "--classmap", help="Batch mode: also write <slide>.classes.png (pixel = class index)."),
 ) -> None:
     """Predict tissue classes: write them back into a project or folder, or batch-predict a cohort into --out."""
+    from pdseg_qupath.learn.options import PredictOptions
+
     batch = out is not None and not write_back
     if not batch and (len(sources) != 1 or any(v for v in (force, devices, workers, cluster, overlay, classmap))):
         raise PdsegError("several slides, --force, --devices, --workers, --cluster, --overlay and --classmap are "
                          "batch-mode options: give --out DIR (and leave out --write-back)")
+    opts = PredictOptions(batch_size=batch_size, tissue_only=tissue_only, image_mpp=image_mpp, simplify=simplify,
+                          min_area_um2=min_area, overlay=overlay or (out is not None and not batch),
+                          classmap=classmap)
     if batch:
-        from pdseg_qupath.tasks.cohort import CohortOptions, cohort_progress, predict_cohort
+        from pdseg_qupath.tasks.cohort import predict_cohort
 
-        opts = CohortOptions(batch_size=batch_size, tissue_only=tissue_only, image_mpp=image_mpp, simplify=simplify,
-                             min_area_um2=min_area, overlay=overlay, classmap=classmap, force=force)
-        with cohort_progress(console) as progress:
-            res = predict_cohort(sources, model, out, options=opts, devices=devices or device, workers=workers,
-                                 cluster=cluster, progress=progress, console=console)
+        with ui.session() as events:
+            res = predict_cohort(sources, model, out, options=opts, force=force, devices=devices or device,
+                                 workers=workers, cluster=cluster, events=events)
         console.print(f"{res.count('ok')} predicted, {res.count('skipped')} already done, {res.count('failed')} failed "
                       f"· {res.tiles} tiles in {res.seconds:.1f} s ({res.tiles_per_second:.2f} tiles/s) · {res.summary}")
         if res.count("failed"):
             raise typer.Exit(1)
         return
 
-    from pdseg_qupath.tasks.predict import predict_source
-    from pdseg_qupath.sources.base import open_source
+    from pdseg_qupath.sources.inputs import is_project, open_source
+    from pdseg_qupath.tasks.predict import predict as run_predict
 
     source = Path(sources[0])
     write_back = True if write_back is None else write_back
-    writable = write_back and (source.suffix == ".qpproj" or (source / "project.qpproj").exists())
-    with closing(open_source(source, writable=writable)) as src, progress_bar() as progress:
-        result = predict_source(
-            src, model, images=images, out_dir=out, device=device, batch_size=batch_size,
-            tissue_only=tissue_only, image_mpp=image_mpp, simplify=simplify, min_area_um2=min_area,
-            write_back=write_back, progress=progress, console=console,
-        )
+    with closing(open_source(source, writable=write_back and is_project(source))) as src, ui.session() as events:
+        result = run_predict(src, model, images=images, out_dir=out, device=device, options=opts,
+                             write_back=write_back, events=events)
     console.print(f"{result.tiles} tiles in {result.seconds:.1f} s ({result.tiles_per_second:.2f} tiles/s); backbone {result.backbone_label}")
     if result.failed:
         for r in result.failed:
@@ -256,12 +213,12 @@ def evaluate(
         src = open_dataset(dataset, source, **({"split": split} if dataset == "glas" else {}))
         notes = list(getattr(src, "notes", []))
     else:
-        from pdseg_qupath.sources.base import open_source
+        from pdseg_qupath.sources.inputs import open_source
 
         src = open_source(source)
-    with closing(src), progress_bar() as progress:
+    with closing(src), ui.session() as events:
         metrics = run_evaluate(src, model, report, images=images, device=device, image_mpp=image_mpp,
-                               notes=notes, progress=progress, console=console)
+                               notes=notes, events=events)
     console.print(f"[green]report written to {report}[/] (accuracy {metrics['accuracy']:.3f}, mIoU {metrics['miou']:.3f}, macro Dice {metrics['macro_dice']:.3f})")
 
 
@@ -276,9 +233,8 @@ def demo(
     """Train on the bundled example slide, predict it whole, evaluate on held-out polygons (a few minutes on CPU)."""
     from pdseg_qupath.tasks.demo import run_demo
 
-    with progress_bar() as progress:
-        result = run_demo(out, backbone=backbone, device=device, epochs=epochs, examples_dir=examples,
-                          console=console, progress=progress)
+    with ui.session() as events:
+        result = run_demo(out, backbone=backbone, device=device, epochs=epochs, examples_dir=examples, events=events)
     console.print(f"[green]demo finished in {result.seconds:.0f} s[/] with backbone {result.backbone_label}")
 
 
@@ -299,13 +255,14 @@ def pretrain(
     save_dtype: str = typer.Option("float32", "--save-dtype", help="float32, or float16 to halve the folder (loads as fp32)."),
 ) -> None:
     """Pretrain (or fine-tune) the latent diffusion backbone on your own unlabelled slides."""
-    from pdseg_qupath.learn.pretrain import pretrain as run_pretrain
+    from pdseg_qupath.tasks.pretrain import pretrain as run_pretrain
 
-    record = run_pretrain(
-        sources, out, config=config, from_spec=from_spec, mpp=mpp, steps_ae=steps_ae, steps_unet=steps_unet,
-        batch_size=batch_size, device=device, resume=resume, seed=seed, image_mpp=image_mpp, console=console,
-        save_dtype=save_dtype,
-    )
+    with ui.session() as events:
+        record = run_pretrain(
+            sources, out, config=config, from_spec=from_spec, mpp=mpp, steps_ae=steps_ae, steps_unet=steps_unet,
+            batch_size=batch_size, device=device, resume=resume, seed=seed, image_mpp=image_mpp, events=events,
+            save_dtype=save_dtype,
+        )
     console.print(f"[green]backbone written to {out}[/]; use it with --backbone {out}")
     if isinstance(record, dict) and "psnr_db" in record:
         console.print(f"held-out reconstruction PSNR {record['psnr_db']:.1f} dB")

@@ -50,9 +50,11 @@ def tiny_model(out: Path, seed: int = 0, tile: int = 32, overlap: int = 8) -> Pa
 
     from pdseg_qupath.core.annotations import ClassInfo, ClassMap
     from pdseg_qupath.backbone.features import LDMFeatures
-    from pdseg_qupath.backbone.model import describe, load_backbone
+    from pdseg_qupath.backbone.model import describe
+    from pdseg_qupath.backbone.spec import load_backbone
     from pdseg_qupath.learn.head import FCNHead, HeadConfig
     from pdseg_qupath.learn.modelio import SegModel, save_model
+    from pdseg_qupath.learn.options import IOConfig
 
     spec = "random:tiny"
     bb = load_backbone(spec, device="cpu")
@@ -60,7 +62,7 @@ def tiny_model(out: Path, seed: int = 0, tile: int = 32, overlap: int = 8) -> Pa
     torch.manual_seed(seed)
     head = FCNHead(HeadConfig(fx.channels, 2, hidden=(16, 8), rgb_skip=True))
     cmap = ClassMap((ClassInfo("Stroma", (200, 120, 160)), ClassInfo("Nucleus", (60, 30, 160))))
-    model = SegModel(head.eval(), cmap, 0.5, tile, overlap,
+    model = SegModel(head.eval(), cmap, IOConfig(0.5, tile, overlap, fx.out_stride),
                      backbone={"spec": spec, "sha256": bb.sha256, "random_weights": bb.random_weights,
                                "label": describe(bb)},
                      features={"t": list(fx.t), "blocks": list(fx.blocks), "channels": fx.channels,

@@ -61,7 +61,7 @@ def feature(geom, cls: str, color=(10, 200, 10)) -> dict:
 
 def small_options(**kw):
     """TrainOptions for the tiny backbone: few tiles, one view, small cache, quick epochs."""
-    from pdseg_qupath.tasks.train import TrainOptions
+    from pdseg_qupath.learn.options import TrainOptions
 
     base = dict(tiles_per_class=6, views=2, pixels_per_tile=256, overlap=8, max_val_tiles=8, batch_pixels=512,
                 patience=50)
@@ -76,12 +76,9 @@ def make_folder(root: Path, n: int = 2, size=(96, 96)) -> Path:
 
 
 def train_tiny(src_dir: Path, out: Path, epochs: int = 3, seed: int = 0, **opts):
-    from rich.console import Console
-
-    from pdseg_qupath.sources.base import open_source
-    from pdseg_qupath.tasks.train import train_model
+    from pdseg_qupath.sources.inputs import open_source
+    from pdseg_qupath.tasks.train import train as train_model
 
     source = open_source(src_dir)
     return train_model(source, out, backbone="random:tiny", mpp=0.5, image_mpp=0.5, epochs=epochs,
-                       device="cpu", seed=seed, options=small_options(**opts),
-                       console=Console(file=open("/dev/null", "w"), width=200))
+                       device="cpu", seed=seed, options=small_options(**opts))

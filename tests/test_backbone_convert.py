@@ -19,7 +19,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 
 from pdseg_qupath.backbone.config import CONFIGS, BackboneConfig
 from pdseg_qupath.backbone.convert import config_from_ldm_yaml, convert_checkpoint, read_state_dict
-from pdseg_qupath.backbone.model import build_backbone, load_backbone
+from pdseg_qupath.backbone.model import build_backbone
+from pdseg_qupath.backbone.spec import load_backbone
 from pdseg_qupath.core.errors import PdsegError
 
 _RES = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),

@@ -10,10 +10,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 
-from pdseg_qupath.backbone import hub, model
+from pdseg_qupath.backbone import hub, spec
 from pdseg_qupath.backbone.config import CONFIGS
-from pdseg_qupath.backbone.model import (RANDOM_LABEL, build_backbone, describe, load_backbone,
-                                         save_backbone)
+from pdseg_qupath.backbone.model import RANDOM_LABEL, build_backbone, describe
+from pdseg_qupath.backbone.folder import save_backbone
+from pdseg_qupath.backbone.spec import load_backbone
 from pdseg_qupath.core.errors import PdsegError
 
 
@@ -73,7 +74,7 @@ def test_random_weights_are_seeded_and_labelled() -> None:
 
 
 def test_config_name_without_shipped_weights_is_random(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(model, "SHIPPED_WEIGHTS", tmp_path)
+    monkeypatch.setattr(spec, "SHIPPED_WEIGHTS", tmp_path)
     bb = load_backbone("tiny")
     assert bb.random_weights and bb.spec == "tiny" and RANDOM_LABEL in describe(bb)
 
@@ -81,7 +82,7 @@ def test_config_name_without_shipped_weights_is_random(monkeypatch, tmp_path: Pa
 def test_shipped_weights_are_used(monkeypatch, tmp_path: Path) -> None:
     src = build_backbone("tiny")
     save_backbone(src, tmp_path / "tiny", {"trained_on": "test"}, random_weights=False)
-    monkeypatch.setattr(model, "SHIPPED_WEIGHTS", tmp_path)
+    monkeypatch.setattr(spec, "SHIPPED_WEIGHTS", tmp_path)
     bb = load_backbone("tiny")
     assert not bb.random_weights and RANDOM_LABEL not in describe(bb)
     assert bb.sha256 and bb.sha256[:12] in describe(bb)

@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from rich.console import Console
 
 from _cohort_data import tiny_model, write_pyramid
-from pdseg_qupath.tasks.cohort import CohortOptions, collect_slides, parse_devices, predict_cohort
+from pdseg_qupath.learn.options import PredictOptions
+from pdseg_qupath.learn.runtime import parse_devices
+from pdseg_qupath.tasks.cohort import collect_slides, predict_cohort
 from pdseg_qupath.core.errors import PdsegError
-
-QUIET = Console(file=open(os.devnull, "w"), width=200)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,7 @@ def test_collect_slides_from_globs_folders_and_a_qpproj(tmp_path):
     (proj / "project.qpproj").write_text(json.dumps({"version": "0.6.0", "images": images}))
     pj = collect_slides([proj / "project.qpproj"])
     assert [(j.name, j.mpp, j.error) for j in pj][0] == ("case 7", 0.25, None)
-    assert pj[0].path == str(b) and "not a local file" in pj[1].error
+    assert pj[0].path == b and "not a local file" in pj[1].error
     write_pyramid(tmp_path / "c" / "s1.tif", seed=4)
     with pytest.raises(PdsegError, match="share the output name 's1.tif'"):
         collect_slides([tmp_path / "a", tmp_path / "c"])
@@ -78,8 +77,8 @@ def test_batch_outputs_summary_failures_resume_and_force(tmp_path, model):
         write_pyramid(slides / f"s{i}.tif", w=80, h=64, seed=i, glass_right=0.4)
     (slides / "broken.svs").write_bytes(b"II*\x00 truncated")
     out = tmp_path / "out"
-    opts = CohortOptions(overlay=True, classmap=True, batch_size=8)
-    res = predict_cohort([slides], model, out, devices="cpu", options=opts, console=QUIET)
+    opts = PredictOptions(overlay=True, classmap=True, batch_size=8)
+    res = predict_cohort([slides], model, out, devices="cpu", options=opts)
     assert [r["status"] for r in res.rows] == ["failed", "ok", "ok"]
     rows = _summary(out)
     assert "broken.svs" in rows["broken.svs"]["error"]  # names the file; the run went on
@@ -100,26 +99,27 @@ def test_batch_outputs_summary_failures_resume_and_force(tmp_path, model):
 
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("s?.tif.*")}
     time.sleep(0.02)
-    again = predict_cohort([slides], model, out, devices="cpu", options=opts, console=QUIET)
+    again = predict_cohort([slides], model, out, devices="cpu", options=opts)
     assert [r["status"] for r in again.rows] == ["failed", "skipped", "skipped"]  # failures are retried
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("s?.tif.*")} == mtimes
     assert _summary(out)["s0.tif"]["status"] == "skipped" and _summary(out)["s0.tif"]["tiles"] == rows["s0.tif"]["tiles"]
 
     forced = predict_cohort([slides / "s0.tif"], model, out, devices="cpu",
-                            options=CohortOptions(force=True), console=QUIET)
+                            options=PredictOptions(), force=True)
     assert forced.rows[0]["status"] == "ok"
     assert (out / "s0.tif.geojson").stat().st_mtime_ns > mtimes["s0.tif.geojson"]
     assert (out / "s1.tif.geojson").stat().st_mtime_ns == mtimes["s1.tif.geojson"]
 
     other = tiny_model(tmp_path / "other", seed=5)  # another model id: nothing counts as done
-    redo = predict_cohort([slides / "s1.tif"], other, out, devices="cpu", console=QUIET)
+    redo = predict_cohort([slides / "s1.tif"], other, out, devices="cpu")
     assert redo.rows[0]["status"] == "ok" and _summary(out)["s1.tif"]["model_id"] == redo.model_id != res.model_id
 
 
 KILLED_RUN = """
 import sys
-from pdseg_qupath.tasks.cohort import CohortOptions, predict_cohort
-predict_cohort([sys.argv[1]], sys.argv[2], sys.argv[3], devices="cpu", options=CohortOptions(classmap=True))
+from pdseg_qupath.learn.options import PredictOptions
+from pdseg_qupath.tasks.cohort import predict_cohort
+predict_cohort([sys.argv[1]], sys.argv[2], sys.argv[3], devices="cpu", options=PredictOptions(classmap=True))
 """
 
 
@@ -152,7 +152,7 @@ def test_killed_run_resumes_without_redoing_finished_slides(tmp_path, model):
     for g in out.glob("*.geojson"):  # whatever the kill left is complete (atomic renames)
         json.loads(g.read_text())
 
-    res = predict_cohort([slides], model, out, devices="cpu", options=CohortOptions(classmap=True), console=QUIET)
+    res = predict_cohort([slides], model, out, devices="cpu", options=PredictOptions(classmap=True))
     status = {r["slide"]: r["status"] for r in res.rows}
     assert len(status) == n and all(s in ("ok", "skipped") for s in status.values())
     assert {k for k, s in status.items() if s == "skipped"} >= set(done)
@@ -165,8 +165,8 @@ def test_two_worker_processes_share_the_slides(tmp_path, model):
     slides = tmp_path / "slides"
     for i in range(4):
         write_pyramid(slides / f"w{i}.tif", w=64, h=64, seed=20 + i)
-    ref = predict_cohort([slides / "w0.tif"], model, tmp_path / "ref", devices="cpu", console=QUIET)
-    res = predict_cohort([slides], model, tmp_path / "out", devices="cpu", workers=2, console=QUIET)
+    ref = predict_cohort([slides / "w0.tif"], model, tmp_path / "ref", devices="cpu")
+    res = predict_cohort([slides], model, tmp_path / "out", devices="cpu", workers=2)
     assert res.engine == "processes" and res.devices == ["cpu", "cpu"]
     assert [r["status"] for r in res.rows] == ["ok"] * 4
     a = json.loads((tmp_path / "ref" / "w0.tif.geojson").read_text())["features"]

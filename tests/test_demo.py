@@ -12,6 +12,7 @@ from rich.console import Console
 
 from _loop_data import make_image
 from pdseg_qupath.tasks.demo import EXAMPLE_IMAGE, SETUP_MESSAGE, choose_demo_backbone, run_demo
+from pdseg_qupath.ui import session
 
 
 def test_demo_on_a_miniature_example(tmp_path):
@@ -25,8 +26,8 @@ def test_demo_on_a_miniature_example(tmp_path):
     shutil.copy(tmp_path / "v" / "scene.geojson", ex / "validation" / "CMU-1-Small-Region.geojson")
     png.unlink()
     out = tmp_path / "out"
-    text = Console(file=open(tmp_path / "log.txt", "w"), width=200)
-    res = run_demo(out, backbone="random:tiny", device="cpu", epochs=2, examples_dir=ex, console=text)
+    with open(tmp_path / "log.txt", "w") as log_file, session(Console(file=log_file, width=200), plain=True) as events:
+        res = run_demo(out, backbone="random:tiny", device="cpu", epochs=2, examples_dir=ex, events=events)
     assert "RANDOM WEIGHTS" in res.backbone_label
     fc = json.loads(res.geojson.read_text())
     assert fc["type"] == "FeatureCollection" and fc["features"]
@@ -39,5 +40,13 @@ def test_demo_on_a_miniature_example(tmp_path):
     assert "convert-backbone" in SETUP_MESSAGE
 
 
-def test_demo_backbone_choice_on_cpu():
-    assert choose_demo_backbone("cpu") == "small"
+def test_demo_prefers_the_largest_installed_backbone_on_a_gpu(tmp_path, monkeypatch):
+    from pdseg_qupath.backbone import spec
+    from pdseg_qupath.backbone.folder import MANIFEST
+
+    monkeypatch.setattr(spec, "SHIPPED_WEIGHTS", tmp_path)
+    assert choose_demo_backbone("cuda") == "small"  # nothing installed: small (random weights, labelled)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / MANIFEST).write_text("{}")
+    assert choose_demo_backbone("cuda") == "base"
+    assert choose_demo_backbone("cpu") == "small"  # base does not fit the demo's CPU budget

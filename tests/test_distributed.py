@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 
 import pytest
-from rich.console import Console
 
 from _cohort_data import tiny_model, write_pyramid
-from pdseg_qupath.tasks.cohort import CohortOptions, predict_cohort
+from pdseg_qupath.learn.options import PredictOptions
+from pdseg_qupath.tasks.cohort import predict_cohort
 
 distributed = pytest.importorskip("distributed")
-
-QUIET = Console(file=open(os.devnull, "w"), width=200)
 
 
 def test_local_cluster_predicts_into_the_shared_folder_and_resumes(tmp_path):
@@ -28,8 +25,7 @@ def test_local_cluster_predicts_into_the_shared_folder_and_resumes(tmp_path):
     # for it, so each worker runs one slide at a time; without CUDA they run on the CPU.
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        res = predict_cohort([slides], model, out, cluster=client, options=CohortOptions(classmap=True),
-                             console=QUIET)
+        res = predict_cohort([slides], model, out, cluster=client, options=PredictOptions(classmap=True))
         assert res.engine == "dask" and len(res.devices) == 2
         status = {r["slide"]: r["status"] for r in res.rows}
         assert status == {"bad.tif": "failed", "d0.tif": "ok", "d1.tif": "ok", "d2.tif": "ok", "d3.tif": "ok"}
@@ -40,7 +36,7 @@ def test_local_cluster_predicts_into_the_shared_folder_and_resumes(tmp_path):
         for i in range(4):
             assert json.loads((out / f"d{i}.tif.geojson").read_text())["features"]
         mtime = (out / "d0.tif.geojson").stat().st_mtime_ns
-        again = predict_cohort([slides], model, out, cluster=cluster.scheduler_address, console=QUIET)
+        again = predict_cohort([slides], model, out, cluster=cluster.scheduler_address)
         assert sorted(r["status"] for r in again.rows) == ["failed"] + ["skipped"] * 4
         assert (out / "d0.tif.geojson").stat().st_mtime_ns == mtime
     assert not list(out.glob(".*.tmp"))

@@ -9,16 +9,16 @@ from PIL import Image, ImageDraw
 from shapely.geometry import box, shape
 
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.names import qupath_export_basename
 from pdseg_qupath.outputs import masks as export_mod
+from pdseg_qupath.outputs.overlay import render_overlay
 from pdseg_qupath.core.annotations import IGNORE, Annotation, ClassInfo, ClassMap
 from pdseg_qupath.outputs.masks import (
     export_image_masks,
     format_downsample,
-    mask_basename,
     parse_tile_name,
     tile_name,
     write_classes_json,
-    write_overlay,
 )
 from pdseg_qupath.core.grid import Window, grid_size
 from pdseg_qupath.core.raster import AnnotationIndex
@@ -146,8 +146,8 @@ def test_stale_tiles_from_an_earlier_export_are_reported(tmp_path: Path) -> None
 
 
 def test_names() -> None:
-    assert mask_basename("CMU-1.svs") == "CMU-1" and mask_basename("x.ome.tiff") == "x"
-    assert mask_basename('a:b?"c.png') == "abc" and mask_basename("slide 1.2") == "slide 1.2"
+    assert qupath_export_basename("CMU-1.svs") == "CMU-1" and qupath_export_basename("x.ome.tiff") == "x"
+    assert qupath_export_basename('a:b?"c.png') == "abc" and qupath_export_basename("slide 1.2") == "slide 1.2"
     assert [format_downsample(v) for v in (1.0, 2.0, 1.5, 1 / 3, 1.996, 4.000004)] == ["1", "2", "1.5", "0.33333", "1.996", "4"]
     win = Window(3, 2, 100, 100, 2.5)
     assert tile_name("s", win, (10_000, 10_000)) == "s [d=2.5,x=8,y=5,w=250,h=250].png"
@@ -164,24 +164,36 @@ def test_classes_json(tmp_path: Path) -> None:
 
 
 def test_overlay(gbm: list[Annotation], tmp_path: Path) -> None:
+    """The masks overlay is drawn like every overlay: classes filled at 30 %, outlined, with a legend."""
     with open_slide(GBM / "01.png", fallback_mpp=0.5) as s:
-        path = write_overlay(s, gbm, CM, tmp_path / "ov.png", max_size=256)
-        rgb = s.read(Window(0, 0, 256, 256, 2.0)).astype(float)
         stats = export_image_masks((512, 512), 0.5, gbm, CM, tmp_path, "01.png", mpp=0.5, overlay_reader=s.read)
-    ov = np.asarray(Image.open(path)).astype(float)
-    assert ov.shape == (256, 256, 3)
-    lab = AnnotationIndex(gbm, CM).rasterize(Window(0, 0, 256, 256, 2.0))
-    nuc = lab == 1
-    want = rgb * 0.6 + np.array([0, 0, 200]) * 0.4
-    assert np.abs(ov[nuc] - want[nuc]).max() <= 1
+        rgb = s.read(Window(0, 0, 512, 512, 1.0)).astype(float)
     assert stats.overlay == tmp_path / "overlays" / "01.png" and stats.overlay.exists()
-    # a label map instead of annotations: ignore (255) stays clear
+    ov = np.asarray(Image.open(stats.overlay)).astype(float)
+    assert ov.shape == (512, 512, 3)
+    lab = AnnotationIndex(gbm, CM).rasterize(Window(0, 0, 512, 512, 1.0))
+    below_legend = np.zeros(lab.shape, bool)
+    below_legend[80:] = True
+    edge = np.zeros(lab.shape, bool)
+    edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edge[:, :-1] |= lab[:, 1:] != lab[:, :-1]
+    edge[1:] |= lab[1:] != lab[:-1]
+    edge[:-1] |= lab[1:] != lab[:-1]
+    for k, color in enumerate(c.color for c in CM.classes):
+        inside = (lab == k) & ~edge & below_legend
+        want = rgb * 0.7 + np.array(color) * 0.3
+        assert inside.sum() > 100 and np.abs(ov[inside] - want[inside]).max() <= 1
+        assert (ov[(lab == k) & edge & below_legend] == color).all()  # outlines in the class colour
+
+
+def test_overlay_of_a_label_map_leaves_ignored_pixels_clear(tmp_path: Path) -> None:
+    with open_slide(GBM / "01.png", fallback_mpp=0.5) as s:
+        rgb = s.read(Window(0, 0, 512, 512, 1.0))
     labels = np.full((512, 512), IGNORE, np.uint8)
     labels[:, :256] = 1
-    with open_slide(GBM / "01.png", fallback_mpp=0.5) as s:
-        ov2 = np.asarray(Image.open(write_overlay(s, labels, CM, tmp_path / "ov2.png", max_size=256))).astype(float)
-    np.testing.assert_allclose(ov2[:, 128:], rgb[:, 128:], atol=0.5)
-    assert np.abs(ov2[:, :128] - rgb[:, :128]).mean() > 10
+    ov = np.asarray(Image.open(render_overlay(rgb, labels, CM, tmp_path / "ov2.png"))).astype(float)
+    np.testing.assert_array_equal(ov[:, 257:], rgb[:, 257:])
+    assert np.abs(ov[100:, :255] - rgb[100:, :255]).mean() > 10
 
 
 def test_atomic_write_leaves_no_partial_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

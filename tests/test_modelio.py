@@ -11,6 +11,7 @@ import torch
 from pdseg_qupath.core.annotations import ClassInfo, ClassMap
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.learn.head import FCNHead, HeadConfig
+from pdseg_qupath.learn.options import IOConfig
 from pdseg_qupath.learn.modelio import SegModel, load_model, save_model
 
 
@@ -19,7 +20,7 @@ def saved(tmp_path):
     torch.manual_seed(0)
     head = FCNHead(HeadConfig(in_channels=8, n_classes=2, hidden=(8, 4)))
     cmap = ClassMap((ClassInfo("Tumor", (200, 0, 0)), ClassInfo("Stroma", (150, 200, 150))))
-    model = SegModel(head, cmap, mpp=0.5, tile_size=256, overlap=64,
+    model = SegModel(head, cmap, IOConfig(0.5, 256, 64),
                      backbone={"spec": "random:tiny", "sha256": None, "random_weights": True, "label": "x"},
                      features={"t": [50], "blocks": [0, 1], "channels": 8, "out_stride": 4},
                      training={"seed": 0})
@@ -30,7 +31,7 @@ def test_round_trip(saved):
     path, head = saved
     m = load_model(path)
     assert m.class_map.names == ["Tumor", "Stroma"] and m.class_map.classes[0].color == (200, 0, 0)
-    assert (m.mpp, m.tile_size, m.overlap) == (0.5, 256, 64)
+    assert (m.io.mpp, m.io.tile, m.io.overlap, m.io.stride) == (0.5, 256, 64, 4)
     assert m.features["blocks"] == [0, 1] and m.training == {"seed": 0}
     x = torch.randn(1, 8, 3, 3)
     head.eval()

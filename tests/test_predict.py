@@ -9,26 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
-from rich.console import Console
-
 from _loop_data import make_folder, make_image, train_tiny
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.learn.modelio import load_model
-from pdseg_qupath.tasks.predict import (
-    AREA_MEASUREMENT,
-    PROB_MEASUREMENT,
-    ObjectBuilder,
-    PredictOptions,
-    Predictor,
-    predict_image,
-    predict_source,
-)
+from pdseg_qupath.learn.inference import AREA_MEASUREMENT, PROB_MEASUREMENT, ObjectBuilder, predict_image
+from pdseg_qupath.learn.options import PredictOptions
+from pdseg_qupath.learn.predictor import Predictor
+from pdseg_qupath.tasks.predict import predict
 from pdseg_qupath.core.slide import open_slide
-from pdseg_qupath.sources.base import open_source
+from pdseg_qupath.sources.inputs import open_source
 from pdseg_qupath.learn.stitch import Strip
-
-QUIET = Console(file=open("/dev/null", "w"), width=200)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
@@ -46,7 +36,7 @@ def predictor(model_dir) -> Predictor:
 
 def _labels(slide, predictor, **kw) -> np.ndarray:
     rows = []
-    predict_image(slide, predictor, options=PredictOptions(tissue_only=False, overlay=False, **kw),
+    predict_image(slide, predictor, options=PredictOptions(tissue_only=False, **kw),
                   strip_sink=lambda reg, s: rows.append(s.labels.copy()), vectorize=False)
     return np.concatenate(rows)
 
@@ -133,7 +123,7 @@ def test_blank_slide_with_tissue_detection_predicts_nothing(tmp_path, predictor)
     assert "no tissue detected" in pred.messages[0]
 
 
-def test_predict_source_writes_geojson_back_and_replaces_only_pdseg_objects(tmp_path, model_dir):
+def test_predict_writes_geojson_back_and_replaces_only_pdseg_objects(tmp_path, model_dir):
     src = make_folder(tmp_path / "src", n=2, size=(64, 64))
     # a user object already in the predictions file must survive
     pred_dir = src / "pdseg" / "predictions"
@@ -146,8 +136,8 @@ def test_predict_source_writes_geojson_back_and_replaces_only_pdseg_objects(tmp_
     (src / "moved.geojson").write_text((src / "img1.geojson").read_text())
     out = tmp_path / "out"
     for _ in range(2):
-        res = predict_source(open_source(src), model_dir, out_dir=out, device="cpu", image_mpp=0.5,
-                             tissue_only=False, console=QUIET)
+        res = predict(open_source(src), model_dir, out_dir=out, device="cpu",
+                      options=PredictOptions(image_mpp=0.5, tissue_only=False, overlay=True))
     by = {r.image: r for r in res.images}
     assert by["moved"].error and "not found" in by["moved"].error.lower()
     assert by["img0.png"].error is None and by["img0.png"].objects > 0
@@ -175,7 +165,7 @@ def test_corrupt_model_is_a_clear_error(tmp_path, model_dir):
     (bad / "head.safetensors").write_bytes(data[: len(data) // 2])
     src = make_folder(tmp_path / "src", n=1, size=(40, 40))
     with pytest.raises(PdsegError, match="head.safetensors"):
-        predict_source(open_source(src), bad, device="cpu", image_mpp=0.5, console=QUIET)
+        predict(open_source(src), bad, device="cpu", options=PredictOptions(image_mpp=0.5))
 
 
 def test_model_from_another_backbone_is_refused(tmp_path, model_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -12,16 +13,19 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from pdseg_qupath.learn.stain import hed_jitter, hed_to_rgb, rgb_to_hed
+from pdseg_qupath.core.stain import hed_jitter, hed_to_rgb, rgb_to_hed
 from pdseg_qupath.learn import pretrain as pt
+from pdseg_qupath.tasks.pretrain import pretrain
 from pdseg_qupath.backbone.features import LDMFeatures
-from pdseg_qupath.backbone.model import MANIFEST, SHIPPED_WEIGHTS, build_backbone, load_backbone
+from pdseg_qupath.backbone.folder import MANIFEST, save_backbone
+from pdseg_qupath.backbone.model import build_backbone
+from pdseg_qupath.backbone.spec import SHIPPED_WEIGHTS, load_backbone
 from pdseg_qupath.learn.pretrain_data import collect_images, sample_pool
 from pdseg_qupath.core.errors import MissingPixelSizeError, PdsegError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pretrain"
 TINY = dict(config="tiny", steps_ae=4, steps_unet=3, batch_size=4, image_mpp=0.5, pool_size=16,
-            heldout=4, checkpoint_every=100, console=Console(quiet=True))
+            heldout=4, checkpoint_every=100)
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +43,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rec = pt.pretrain([FIXTURE], out, **TINY)
+        rec = pretrain([FIXTURE], out, **TINY)
     finally:
         torch.set_num_threads(n)
     return out, rec
@@ -77,10 +81,10 @@ def test_resume_after_interrupt_is_bit_identical(tiny_run: tuple[Path, dict], tm
                 raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):
-            pt.pretrain([FIXTURE], out, on_step=hook, resume=True, **TINY)
+            pretrain([FIXTURE], out, on_step=hook, resume=True, **TINY)
         assert (tmp_path / "resumed.pretrain-state" / pt.CHECKPOINT).is_file()
         assert not (out / MANIFEST).exists()
-    rec_b = pt.pretrain([FIXTURE], out, resume=True, **TINY)
+    rec_b = pretrain([FIXTURE], out, resume=True, **TINY)
     assert rec_b["sha256"] == rec_a["sha256"]
     assert rec_b["history"]["ae_loss"] == rec_a["history"]["ae_loss"]
 
@@ -90,20 +94,21 @@ def test_fine_tune_from_existing_backbone_keeps_its_latent_space(tiny_run: tuple
     src, _ = tiny_run
     kw = {**TINY, "steps_ae": 0, "steps_unet": 2}
     del kw["config"]
-    rec = pt.pretrain([FIXTURE], tmp_path / "ft", from_spec=str(src), **kw)
+    rec = pretrain([FIXTURE], tmp_path / "ft", from_spec=str(src), **kw)
     assert rec["from"] == str(src) and rec["config"] == "tiny"
     assert rec["latent"]["normalised"] is False and rec["unet"]["lr"] == 5e-5
     a, b = load_backbone(src), load_backbone(tmp_path / "ft")
     assert all(torch.equal(p, q) for p, q in zip(a.vq.parameters(), b.vq.parameters()))
     assert not torch.equal(a.unet.conv_in.weight, b.unet.conv_in.weight)
     with pytest.raises(PdsegError, match="differs"):
-        pt.pretrain([FIXTURE], tmp_path / "x", from_spec=str(src), **{**kw, "config": "small"})
+        pretrain([FIXTURE], tmp_path / "x", from_spec=str(src), **{**kw, "config": "small"})
 
 
 def test_half_precision_folder_loads_as_fp32(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
     src, _ = tiny_run
-    half = pt.export_backbone(src, tmp_path / "half", "float16")
-    a, b = load_backbone(src), load_backbone(half, verify=True)
+    a = load_backbone(src)
+    half = save_backbone(copy.deepcopy(a).to(torch.float16), tmp_path / "half", {"weights_dtype": "float16"})
+    b = load_backbone(half, verify=True)
     assert b.unet.conv_in.weight.dtype == torch.float32 and not b.random_weights
     assert json.loads((half / MANIFEST).read_text())["record"]["weights_dtype"] == "float16"
     tile = np.asarray(Image.open(FIXTURE / "cmu1_crop.png"))[None, :32, :32]
@@ -116,19 +121,19 @@ def test_half_precision_folder_loads_as_fp32(tiny_run: tuple[Path, dict], tmp_pa
 def test_refuses_to_overwrite_or_silently_restart(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
     out, _ = tiny_run
     with pytest.raises(PdsegError, match="already exists"):
-        pt.pretrain([FIXTURE], out, **TINY)
-    assert pt.pretrain([FIXTURE], out, resume=True, **TINY)["ae"]["steps"] == 4  # finished: no-op
+        pretrain([FIXTURE], out, **TINY)
+    assert pretrain([FIXTURE], out, resume=True, **TINY)["ae"]["steps"] == 4  # finished: no-op
     new = tmp_path / "b"
 
     def stop(stage: str, step: int) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pt.pretrain([FIXTURE], new, on_step=stop, **TINY)
+        pretrain([FIXTURE], new, on_step=stop, **TINY)
     with pytest.raises(PdsegError, match="--resume"):
-        pt.pretrain([FIXTURE], new, **TINY)
+        pretrain([FIXTURE], new, **TINY)
     with pytest.raises(PdsegError, match="steps_ae"):
-        pt.pretrain([FIXTURE], new, resume=True, **{**TINY, "steps_ae": 5})
+        pretrain([FIXTURE], new, resume=True, **{**TINY, "steps_ae": 5})
 
 
 def test_latent_normalisation_keeps_reconstructions() -> None:

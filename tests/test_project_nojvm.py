@@ -22,18 +22,16 @@ import pytest
 from PIL import Image
 from shapely.geometry import LineString, MultiPolygon, Point, Polygon, box
 
-from pdseg_qupath.core.annotations import Annotation
+from pdseg_qupath.core.annotations import Annotation, is_pdseg_name, prediction_name
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.sources.qupath.backup import ProjectBackup, new_backup_dir
-from pdseg_qupath.sources.qupath.names import UNSAFE_CHARS, predictions_geojson, safe_filename
+from pdseg_qupath.core.geometry import clean_geometry
+from pdseg_qupath.core.names import UNSAFE_CHARS, output_name, safe_filename
 from pdseg_qupath.sources.qupath.qpproj import (
-    clean_geometry,
-    is_pdseg_name,
     missing_classes,
     mpp_from_builder,
     mpp_from_calibration,
     path_from_file_uri,
-    prediction_name,
     project_file,
     read_server_builders,
     server_problem,
@@ -63,7 +61,7 @@ def builder(uri: str, w: int, h: int, mpp: float | None) -> dict:
 def test_safe_filename_replaces_exactly_the_unsafe_characters():
     assert safe_filename('a/b\\c:d*e?f"g<h>i|j') == "a_b_c_d_e_f_g_h_i_j"
     assert safe_filename("CMU-1 (copy).svs - Series #2 µm") == "CMU-1 (copy).svs - Series #2 µm"
-    assert predictions_geojson(Path("/p"), "x:y.svs") == Path("/p/pdseg/predictions/x_y.svs.geojson")
+    assert output_name("x:y.svs", ".geojson") == "x_y.svs.geojson"
 
 
 @pytest.mark.parametrize("script", ["export_annotations.groovy", "import_predictions.groovy"])
@@ -622,7 +620,8 @@ def test_prediction_objects_always_carry_the_marker(project, fake_paquo):
 
 def test_open_source_dispatches_to_project(project):
     from pdseg_qupath.sources.qupath.project import QuPathProjectSource
-    from pdseg_qupath.sources.base import AnnotationSource, open_source
+    from pdseg_qupath.sources.base import AnnotationSource
+    from pdseg_qupath.sources.inputs import open_source
 
     src = open_source(project / "project.qpproj")
     assert isinstance(src, QuPathProjectSource) and isinstance(src, AnnotationSource)

@@ -9,16 +9,11 @@ from PIL import Image
 from rich.console import Console
 
 from pdseg_qupath.core.annotations import ClassInfo, ClassMap
-from pdseg_qupath.outputs.report import (
-    AreaRow,
-    EpochTable,
-    OverlayCanvas,
-    areas_table,
-    render_overlay,
-    write_areas_csv,
-    write_confusion_png,
-    write_training_curve,
-)
+from pdseg_qupath.learn.inference import AreaRow, LabelCanvas
+from pdseg_qupath.outputs.overlay import render_overlay
+from pdseg_qupath.outputs.plots import write_confusion_png, write_training_curve
+from pdseg_qupath.outputs.tables import write_areas_csv
+from pdseg_qupath.ui import EpochTable, areas_table
 
 CMAP = ClassMap((ClassInfo("Tumor", (200, 0, 0)), ClassInfo("Stroma", (0, 160, 0))))
 
@@ -45,7 +40,7 @@ def test_epoch_table_prints_rows():
 
 
 def test_overlay_canvas_downsamples_strips_and_renders(tmp_path):
-    canvas = OverlayCanvas(5000, 1000, max_size=1000)
+    canvas = LabelCanvas(5000, 1000, max_size=1000)
     assert canvas.scale == 5 and (canvas.ow, canvas.oh) == (1000, 200)
     labels = np.zeros((600, 5000), dtype=np.uint8)
     labels[:, 2500:] = 1
@@ -54,7 +49,7 @@ def test_overlay_canvas_downsamples_strips_and_renders(tmp_path):
     assert (canvas.labels[:120, :500] == 0).all() and (canvas.labels[:120, 500:] == 1).all()
     assert (canvas.labels[120:] == 255).all()
     bg = np.full((200, 1000, 3), 240, dtype=np.uint8)
-    out = np.asarray(Image.open(canvas.render(bg, CMAP, tmp_path / "o.png", title="slide")))
+    out = np.asarray(Image.open(render_overlay(bg, canvas.labels, CMAP, tmp_path / "o.png", title="slide")))
     assert out.shape == (200, 1000, 3)
     assert tuple(out[100, 499]) == (200, 0, 0)  # outline in the class colour
     assert tuple(out[150, 300]) == (240, 240, 240)  # unpredicted rows: tissue untouched

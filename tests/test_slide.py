@@ -11,7 +11,8 @@ from PIL import Image
 from pdseg_qupath.core import slide as slide_mod
 from pdseg_qupath.core.errors import MissingPixelSizeError, PdsegError
 from pdseg_qupath.core.grid import Window, grid_size
-from pdseg_qupath.core.slide import open_slide, probe, tissue_mask
+from pdseg_qupath.core.slide import open_slide, probe
+from pdseg_qupath.core.tissue import tissue_mask
 
 CMU = Path(__file__).resolve().parents[1] / "examples" / "CMU-1-Small-Region.svs"
 W0, H0, MPP0 = 640, 512, 0.25

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pdseg_qupath.learn.stitch import StripStitcher, blend_weights, blend_weights_1d, stitch_region, tile_starts
+from _helpers import stitch_region
+from pdseg_qupath.learn.stitch import StripStitcher, blend_weights, blend_weights_1d, tile_starts
 
 
 def _tiles_of(field: np.ndarray, tile: int, bias=None):

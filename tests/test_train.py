@@ -62,7 +62,7 @@ def test_same_seed_same_metrics(trained, data, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_result(trained, data, tmp_path, monkeypatch):
-    import pdseg_qupath.outputs.report as report
+    import pdseg_qupath.outputs.plots as report
 
     real = report.write_training_curve
     calls = {"n": 0}
@@ -110,8 +110,8 @@ def test_class_without_pixels(data, tmp_path):
 
 
 def test_unknown_class_and_single_class_are_clear_errors(data, tmp_path):
-    from pdseg_qupath.sources.base import open_source
-    from pdseg_qupath.tasks.train import train_model
+    from pdseg_qupath.sources.inputs import open_source
+    from pdseg_qupath.tasks.train import train as train_model
 
     with pytest.raises(PdsegError, match="unknown class"):
         train_model(open_source(data), tmp_path / "m", backbone="random:tiny", classes=["Nucleus", "Tumour"],
@@ -128,8 +128,8 @@ def test_no_annotations_at_all(tmp_path):
 
 
 def test_missing_pixel_size_names_the_option(data, tmp_path):
-    from pdseg_qupath.sources.base import open_source
-    from pdseg_qupath.tasks.train import train_model
+    from pdseg_qupath.sources.inputs import open_source
+    from pdseg_qupath.tasks.train import train as train_model
 
     with pytest.raises(PdsegError, match="--image-mpp"):
         train_model(open_source(data), tmp_path / "m", backbone="random:tiny", epochs=1, device="cpu")
@@ -138,8 +138,8 @@ def test_missing_pixel_size_names_the_option(data, tmp_path):
 def test_validation_images_option(data, tmp_path):
     res = train_tiny(data, tmp_path / "m", epochs=1, val_fraction=0.5)
     assert res.val_mode == "image"
-    from pdseg_qupath.sources.base import open_source
-    from pdseg_qupath.tasks.train import split_images
+    from pdseg_qupath.sources.inputs import open_source
+    from pdseg_qupath.learn.sampling import split_images
 
     with pytest.raises(PdsegError, match="--val-images"):
         split_images([], ["nope.png"], 0.2, np.random.default_rng(0))
@@ -228,7 +228,7 @@ def test_kept_features_are_reused_by_a_run_with_other_head_options(data, tmp_pat
 def test_prior_correction_is_recorded_and_folded_into_the_head(trained):
     import math
 
-    from pdseg_qupath.tasks.train import logit_adjustment
+    from pdseg_qupath.learn.fit import logit_adjustment
 
     adj = logit_adjustment(np.array([0.75, 0.25, 0.0]), np.array([50.0, 50.0, 10.0]))
     assert adj[0] == pytest.approx(math.log(0.75 / (50 / 110)))

@@ -27,7 +27,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 from pdseg_qupath import __version__
 from pdseg_qupath.backbone.conditioning import build_conditioner
 from pdseg_qupath.backbone.config import LDM_SCHEDULER, BackboneConfig, _unet, _vq, ldm_default_blocks
-from pdseg_qupath.backbone.model import write_folder
+from pdseg_qupath.backbone.folder import write_folder
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.fileio import sha256_file
 

@@ -7,15 +7,14 @@ up-block outputs are bilinearly resized to latent resolution (tile / 4) and conc
 timesteps are concatenated too, timestep-major.
 
 The noise ``eps`` is keyed by absolute latent position (``noise.position_noise``), so overlapping tiles
-agree and runs are bit-identical. On CUDA the pass runs under bf16 autocast with an automatic batch
-size (halved on out-of-memory); on CPU it runs in fp32.
+agree and runs are bit-identical. On CUDA the pass runs under bf16 autocast; on CPU it runs in fp32.
+Batches are cut into chunks of ``batch_size`` tiles; out-of-memory back-off belongs to the caller
+(:class:`pdseg_qupath.learn.runtime.BatchRunner`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -28,8 +27,6 @@ from pdseg_qupath.backbone.model import Backbone
 from pdseg_qupath.backbone.noise import position_noise
 from pdseg_qupath.backbone.taps import check_supported, unet_taps
 from pdseg_qupath.core.errors import PdsegError
-
-log = logging.getLogger(__name__)
 
 #: ``compile="auto"`` compiles only when a run is long enough to repay compilation: with ~100 s to
 #: compile cold and ~2.4 ms/tile saved on an H100 (235 -> 535 tiles/s), break-even is ~40k tiles cold;
@@ -128,33 +125,9 @@ class LDMFeatures:
         x = self._as_tiles(tiles)
         b, h, w, _ = x.shape
         org = self._as_origins(origins, b)
-        out: list[torch.Tensor] = []
-        start = 0
-        while start < b:
-            n = min(self.batch_size, b - start)
-            try:
-                out.append(self._chunk(x[start:start + n], org[start:start + n], _slice_cond(cond, start, n)))
-            except torch.OutOfMemoryError:
-                if self.device.type != "cuda" or self.batch_size == 1:
-                    raise PdsegError(f"out of memory on {self.device} even at batch size {self.batch_size}; "
-                                     "use smaller tiles or --device cpu") from None
-                torch.cuda.empty_cache()
-                self.batch_size = max(1, self.batch_size // 2)
-                log.warning("out of GPU memory: batch size lowered to %d", self.batch_size)
-                continue
-            start += n
+        out = [self._chunk(x[s:s + self.batch_size], org[s:s + self.batch_size], _slice_cond(cond, s, self.batch_size))
+               for s in range(0, b, self.batch_size)]
         return torch.cat(out) if len(out) > 1 else out[0]
-
-    def warmup(self, tile_size: int | None = None) -> float:
-        """Run one batch (compiling if enabled); returns and records the seconds it took."""
-        size = tile_size or self.backbone.config.tile_size
-        tiles = torch.zeros(self.batch_size, size, size, 3, dtype=torch.uint8)
-        t0 = time.perf_counter()
-        self.extract(tiles)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.compile_seconds = time.perf_counter() - t0
-        return self.compile_seconds
 
     # --------------------------------------------------------------------------------------- helpers
     def _chunk(self, x: torch.Tensor, org: torch.Tensor, cond: Any) -> torch.Tensor:

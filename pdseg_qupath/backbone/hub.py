@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pdseg_qupath.backbone.folder import MANIFEST
 from pdseg_qupath.core.errors import PdsegError
 
-MANIFEST = "pdseg_backbone.json"
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".safetensors")
 
 

@@ -1,45 +1,24 @@
-"""The backbone object, its diffusers-format folder, and ``--backbone SPEC`` resolution.
+"""The backbone object: PathSegDiff's frozen latent-diffusion parts (VQ first stage, UNet, schedule, conditioner).
 
-Folder layout (what ``save_backbone`` and ``convert-backbone`` write)::
-
-    DIR/unet/{config.json, diffusion_pytorch_model.safetensors}     UNet2DConditionModel.from_pretrained
-    DIR/vqvae/{config.json, diffusion_pytorch_model.safetensors}    VQModel.from_pretrained
-    DIR/scheduler/scheduler_config.json                             DDPMScheduler.from_pretrained
-    DIR/conditioner/{config.json, model.safetensors}                only for conditioned models
-    DIR/pdseg_backbone.json                                         source, config, sha256, record
-
-Spec resolution (``load_backbone``): existing folder -> load it; ``random:<config>`` -> random weights;
-a config name -> shipped weights in ``pdseg_qupath/weights/<name>/`` else random weights; ``owner/repo``
-(optionally ``owner/repo:subfolder``) -> Hugging Face snapshot. Random weights are flagged everywhere
-(``describe``) because features from them mean nothing for real tissue.
+``build_backbone`` makes one with seeded random weights (for tests and benchmarks, and as the start of
+pretraining); :mod:`pdseg_qupath.backbone.folder` saves and loads one; :mod:`pdseg_qupath.backbone.spec`
+resolves ``--backbone SPEC``. Random weights are flagged everywhere (:func:`describe`) because features
+from them mean nothing for real tissue.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 from torch import nn
 
-from pdseg_qupath import __version__
 from pdseg_qupath.backbone.conditioning import Conditioner, build_conditioner
-from pdseg_qupath.backbone.config import CONFIGS, BackboneConfig, get_config
+from pdseg_qupath.backbone.config import BackboneConfig, get_config
 from pdseg_qupath.core.errors import PdsegError
-from pdseg_qupath.core.fileio import sha256_file
 
-MANIFEST = "pdseg_backbone.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-COND_WEIGHTS = "model.safetensors"
 RANDOM_LABEL = "RANDOM WEIGHTS (for tests/benchmarks only)"
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 _RANDOM_SEED = 0
 
 
@@ -116,209 +95,6 @@ def _build_parts(cfg: BackboneConfig) -> tuple[VQModel, UNet2DConditionModel, DD
             build_conditioner(cfg.conditioner))
 
 
-# ---------------------------------------------------------------------------------------------- save
-
-def save_backbone(backbone: Backbone, out_dir: str | Path, record: Mapping[str, Any] | None = None, *,
-                  overwrite: bool = False, random_weights: bool | None = None) -> Path:
-    """Write the diffusers-format folder atomically (temp folder beside it, then rename).
-
-    The folder keeps ``backbone.random_weights`` so random weights stay labelled after a round trip;
-    after training a backbone, pass ``random_weights=False`` (or clear the flag) before saving.
-    """
-    parts: dict[str, tuple[Any, dict[str, torch.Tensor]]] = {
-        "unet": (backbone.unet, backbone.unet.state_dict()),
-        "vqvae": (backbone.vq, backbone.vq.state_dict()),
-    }
-    cond = None
-    if backbone.conditioner is not None:
-        cond = (backbone.conditioner.config(), backbone.conditioner.state_dict())
-    return write_folder(out_dir, backbone.config, parts, backbone.scheduler, cond,
-                        source=backbone.source or backbone.spec, record=dict(record or {}),
-                        random_weights=backbone.random_weights if random_weights is None else random_weights,
-                        overwrite=overwrite)
-
-
-def write_folder(out_dir: str | Path, config: BackboneConfig,
-                 parts: Mapping[str, tuple[Any, Mapping[str, torch.Tensor]]], scheduler: DDPMScheduler,
-                 conditioner: tuple[dict[str, Any], Mapping[str, torch.Tensor]] | None, *, source: str,
-                 record: dict[str, Any], random_weights: bool = False, overwrite: bool = False) -> Path:
-    """Shared by ``save_backbone`` and the checkpoint converter; ``parts`` maps subfolder -> (model
-    or config-holder with ``save_config``, state dict)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PdsegError(f"{out}: exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise PdsegError(f"{out}: folder exists and is not empty; choose a new --out folder "
-                         "(pdseg never overwrites a backbone in place)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        files: dict[str, str] = {}
-        for sub, (holder, state) in parts.items():
-            (tmp / sub).mkdir()
-            holder.save_config(tmp / sub)
-            save_file(_contiguous(state), tmp / sub / WEIGHTS_NAME, metadata={"format": "pt"})
-            files[f"{sub}/{WEIGHTS_NAME}"] = sha256_file(tmp / sub / WEIGHTS_NAME)
-        scheduler.save_pretrained(tmp / "scheduler")
-        if conditioner is not None:
-            (tmp / "conditioner").mkdir()
-            (tmp / "conditioner" / "config.json").write_text(json.dumps(conditioner[0], indent=2))
-            save_file(_contiguous(conditioner[1]), tmp / "conditioner" / COND_WEIGHTS,
-                      metadata={"format": "pt"})
-            files[f"conditioner/{COND_WEIGHTS}"] = sha256_file(tmp / "conditioner" / COND_WEIGHTS)
-        manifest = {
-            "format": "pdseg-backbone/1",
-            "config_name": config.name,
-            "config": config.to_dict(),
-            "source": source,
-            "sha256": _combined_sha(files),
-            "files": {k: {"sha256": v, "bytes": (tmp / k).stat().st_size} for k, v in files.items()},
-            "random_weights": random_weights,
-            "pdseg_version": __version__,
-            "record": record,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in state.items()}
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished temp folder into place; an old folder is kept as a backup until then."""
-    backup = None
-    if out.exists():
-        backup = out.with_name(f".{out.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(out, backup)
-    os.replace(tmp, out)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
-def _combined_sha(files: Mapping[str, str]) -> str:
-    """One digest for the whole folder: sha256 over sorted "path sha256" lines."""
-    text = "".join(f"{k} {files[k]}\n" for k in sorted(files))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------- load
-
-def load_backbone(spec: str | Path, device: torch.device | str = "cpu", *, verify: bool = False) -> Backbone:
-    """Resolve ``--backbone SPEC`` (see module docstring) and load it onto ``device``."""
-    spec_s = str(spec)
-    path = Path(spec_s).expanduser()
-    if path.is_dir():
-        return load_folder(path, device, spec=spec_s, verify=verify)
-    if spec_s.startswith("random:"):
-        return build_backbone(spec_s.split(":", 1)[1], device, spec=spec_s, random_weights=True)
-    if spec_s in CONFIGS:
-        shipped = SHIPPED_WEIGHTS / spec_s
-        if (shipped / MANIFEST).is_file():
-            return load_folder(shipped, device, spec=spec_s, verify=verify)
-        return build_backbone(spec_s, device, spec=spec_s, random_weights=True)
-    if "/" in spec_s and not spec_s.startswith((".", "/", "~")) and not path.exists():
-        from pdseg_qupath.backbone.hub import fetch_hub_backbone
-
-        return load_folder(fetch_hub_backbone(spec_s), device, spec=spec_s, verify=verify)
-    if path.exists():
-        raise PdsegError(f"{path}: is a file, not a backbone folder. For an original latent-diffusion "
-                         f"checkpoint run: pdseg-qupath convert-backbone {path} --config CONFIG.yaml --out DIR")
-    raise PdsegError(
-        f"backbone {spec_s!r} is not a folder, a known config ({', '.join(sorted(CONFIGS))}), "
-        "'random:<config>', or a Hugging Face repo id (owner/name)")
-
-
-def load_folder(folder: str | Path, device: torch.device | str = "cpu", *, spec: str | None = None,
-                verify: bool = False) -> Backbone:
-    """Load a diffusers-format backbone folder, naming the broken file if anything is wrong."""
-    folder = Path(folder)
-    manifest = _read_json(folder / MANIFEST)
-    try:
-        cfg = BackboneConfig.from_dict(manifest["config"])
-    except (KeyError, TypeError) as e:
-        raise PdsegError(f"{folder / MANIFEST}: no valid 'config' entry ({e}); re-create the folder "
-                         "with pdseg-qupath convert-backbone") from None
-    files = manifest.get("files", {})
-    for rel, info in files.items():
-        p = folder / rel
-        if not p.is_file():
-            raise PdsegError(f"{p}: missing; the backbone folder is incomplete — copy it again")
-        if "bytes" in info and p.stat().st_size != info["bytes"]:
-            raise PdsegError(f"{p}: has {p.stat().st_size} bytes, expected {info['bytes']} (truncated "
-                             "copy?); copy the backbone folder again")
-        if verify and sha256_file(p) != info.get("sha256"):
-            raise PdsegError(f"{p}: sha256 does not match {MANIFEST}; the file is corrupt — copy it again")
-    device = torch.device(device)
-    unet = _load_model(UNet2DConditionModel, folder / "unet", device)
-    vq = _load_model(VQModel, folder / "vqvae", device)
-    sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
-    scheduler = DDPMScheduler.from_config(sched_cfg)
-    conditioner = None
-    if (folder / "conditioner").is_dir():
-        ccfg = _read_json(folder / "conditioner" / "config.json")
-        try:
-            with torch.device("meta"):
-                conditioner = build_conditioner(ccfg)
-        except TypeError as e:
-            raise PdsegError(f"{folder / 'conditioner' / 'config.json'}: invalid ({e})") from None
-        _load_state(conditioner, folder / "conditioner" / COND_WEIGHTS, device)
-    bb = Backbone(cfg, vq, unet, scheduler, conditioner, spec=spec or str(folder),
-                  random_weights=bool(manifest.get("random_weights", False)),
-                  sha256=manifest.get("sha256"), source=manifest.get("source"))
-    return bb.to(device).eval().requires_grad_(False)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise PdsegError(f"{path}: missing; this is not a complete pdseg backbone folder "
-                         "(create one with pdseg-qupath convert-backbone)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PdsegError(f"{path}: not valid JSON ({e}); copy or convert the backbone again") from None
-
-
-def _load_model(cls: type, sub: Path, device: torch.device) -> Any:
-    cfg = _read_json(sub / "config.json")
-    try:
-        with torch.device("meta"):
-            model = cls.from_config(cfg)
-    except (TypeError, ValueError) as e:
-        raise PdsegError(f"{sub / 'config.json'}: cannot build {cls.__name__} ({e})") from None
-    _load_state(model, sub / WEIGHTS_NAME, device)
-    return model
-
-
-def _load_state(model: nn.Module, path: Path, device: torch.device) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise PdsegError(f"{path}: missing; copy the backbone folder again")
-    dev = "cpu" if device.type == "meta" else str(device)
-    try:
-        state = load_file(path, device=dev)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise PdsegError(f"{path}: unreadable safetensors file ({e}); the copy is corrupt or "
-                         "truncated — copy or convert the backbone again") from None
-    # Weights may be stored in half precision to halve the folder (the shipped `small`); models run fp32.
-    state = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0:3]
-        raise PdsegError(f"{path}: weights do not fit the config beside it ({' '.join(first)})") from None
-
-
-# ------------------------------------------------------------------------------------------ describe
 
 def describe(backbone: Backbone) -> str:
     """One-line label for every printed result; loudly flags random weights."""
@@ -327,17 +103,3 @@ def describe(backbone: Backbone) -> str:
         return f"{name} — {RANDOM_LABEL}"
     sha = (backbone.sha256 or "unknown")[:12]
     return f"{name} from {backbone.source or backbone.spec} (sha256 {sha})"
-
-
-@dataclass(frozen=True)
-class BackboneInfo:
-    """Plain record of a loaded backbone, for model JSON files (DESIGN §2 "Models on disk")."""
-
-    spec: str
-    config_name: str
-    sha256: str | None
-    random_weights: bool
-
-    @classmethod
-    def of(cls, backbone: Backbone) -> BackboneInfo:
-        return cls(backbone.spec, backbone.config.name, backbone.sha256, backbone.random_weights)

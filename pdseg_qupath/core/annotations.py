@@ -6,8 +6,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-import shapely
-from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
 RGB = tuple[int, int, int]
@@ -37,7 +35,7 @@ class Annotation:
     @property
     def is_pdseg(self) -> bool:
         """True for objects pdseg wrote earlier (the only ones a write-back may replace)."""
-        return bool(self.name) and self.name.startswith(PDSEG_MARKER)
+        return is_pdseg_name(self.name)
 
     @property
     def is_ignore(self) -> bool:
@@ -45,27 +43,16 @@ class Annotation:
         return is_ignore_class(self.classification)
 
 
-def polygonal_part(geom: BaseGeometry) -> Polygon | MultiPolygon | None:
-    """The area of a geometry as one valid (Multi)Polygon (e.g. after ``make_valid``), or None if it has none.
+def is_pdseg_name(name: object) -> bool:
+    """True for the name of an object pdseg wrote (it starts with the marker); only these are ever replaced."""
+    return isinstance(name, str) and name.startswith(PDSEG_MARKER)
 
-    Collections can mix polygons with the points and lines that a repair leaves behind; only polygons
-    with area are kept, and overlapping parts are merged so the result stays valid.
-    """
-    polys: list[Polygon] = []
-    stack = [geom]
-    while stack:
-        g = stack.pop()
-        if isinstance(g, Polygon):
-            if not g.is_empty and g.area > 0:
-                polys.append(g)
-        elif hasattr(g, "geoms"):
-            stack.extend(g.geoms)
-    if not polys:
-        return None
-    if len(polys) == 1:
-        return polys[0]
-    merged = shapely.union_all(polys)
-    return merged if isinstance(merged, (Polygon, MultiPolygon)) and not merged.is_empty else None
+
+def prediction_name(a: Annotation) -> str:
+    """The name a prediction object gets in QuPath: always starts with the pdseg marker."""
+    if is_pdseg_name(a.name):
+        return str(a.name)
+    return f"{PDSEG_MARKER} {a.name or a.classification or 'unclassified'}"
 
 
 def is_ignore_class(name: str | None) -> bool:

@@ -8,10 +8,12 @@ crash) sees the old file or the new one, never half of one. New files get ordina
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pdseg_qupath.core.errors import PdsegError
 
@@ -58,6 +60,41 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 ``text`` (``\\n`` line ends) to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Atomic, pretty JSON (NaN-free: undefined scores are ``null``)."""
+    return atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Let ``fill(tmp)`` fill a temp folder beside ``path``, then move it into place.
+
+    An existing folder at ``path`` is renamed aside first and deleted only once the new one is in place,
+    so a crash leaves the old folder, the new one, or the old one beside an unused temp folder.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise PdsegError(f"{path}: cannot write here ({e.strerror or e}); check the folder is writable") from None
+    try:
+        fill(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise PdsegError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise
+    return path
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -12,7 +12,6 @@ from typing import Sequence
 
 import numpy as np
 
-from pdseg_qupath.core.annotations import IGNORE
 
 
 @dataclass
@@ -94,11 +93,4 @@ def scores(conf: Confusion, class_names: Sequence[str]) -> dict:
     }
 
 
-def scores_from_labels(truth: np.ndarray, pred: np.ndarray, class_names: Sequence[str]) -> dict:
-    """Convenience: :func:`scores` of a single pair of label arrays."""
-    conf = Confusion(len(class_names))
-    conf.update(truth, pred)
-    return scores(conf, class_names)
-
-
-__all__ = ["Confusion", "scores", "scores_from_labels", "IGNORE"]
+__all__ = ["Confusion", "scores"]

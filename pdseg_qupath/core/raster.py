@@ -8,7 +8,7 @@ simplified: ``rasterize(vectorize(labels)) == labels``.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import rasterio.features
@@ -17,6 +17,7 @@ from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
 from pdseg_qupath.core.annotations import IGNORE, Annotation, ClassMap
+from pdseg_qupath.core.geometry import polygonal_part
 from pdseg_qupath.core.grid import Window
 
 UNCLASSIFIED = "(unclassified)"
@@ -25,19 +26,6 @@ UNCLASSIFIED = "(unclassified)"
 CLIP_MIN_VERTICES = 256
 """Geometries with more vertices than this are clipped to the window before rasterizing: GDAL's fill
 visits every edge on every row, so a huge tissue outline would otherwise cost the same in every tile."""
-
-
-def _polygonal(geom: BaseGeometry) -> BaseGeometry | None:
-    """The area-bearing part of a geometry (polygons of a collection), or None if it has no area."""
-    if geom is None or geom.is_empty:
-        return None
-    if isinstance(geom, (Polygon, MultiPolygon)):
-        return geom if geom.area > 0 else None
-    parts = [p for p in shapely.get_parts(geom) if isinstance(p, (Polygon, MultiPolygon)) and p.area > 0]
-    if not parts:
-        return None
-    polys = [q for p in parts for q in (p.geoms if isinstance(p, MultiPolygon) else [p])]
-    return polys[0] if len(polys) == 1 else MultiPolygon(polys)
 
 
 class AnnotationIndex:
@@ -59,7 +47,7 @@ class AnnotationIndex:
             if label is None:
                 self.skipped_unknown[a.classification or UNCLASSIFIED] += 1
                 continue
-            g = _polygonal(a.geometry)
+            g = polygonal_part(a.geometry)
             if g is None:
                 self.skipped_no_area += 1
                 continue
@@ -106,7 +94,7 @@ class AnnotationIndex:
             clip = box(cx0, cy0, cx1, cy1)
             for i in np.flatnonzero(big):
                 try:
-                    geoms[i] = _polygonal(shapely.intersection(geoms[i], clip))
+                    geoms[i] = polygonal_part(shapely.intersection(geoms[i], clip))
                 except shapely.errors.GEOSException:  # invalid input: GDAL's even-odd fill copes unclipped
                     pass
         shapes = [(g, int(v)) for g, v in zip(geoms, self.labels[idx]) if g is not None and not g.is_empty]
@@ -122,15 +110,21 @@ class AnnotationIndex:
         )
 
 
-def rasterize(annotations: Sequence[Annotation] | AnnotationIndex, class_map: ClassMap, window: Window) -> np.ndarray:
-    """Label map of ``window`` (see :class:`AnnotationIndex`; build one yourself to rasterize many windows)."""
-    index = annotations if isinstance(annotations, AnnotationIndex) else AnnotationIndex(annotations, class_map)
-    return index.rasterize(window)
-
-
 def _polygon_from_geojson(g: dict) -> Polygon:
     rings = g["coordinates"]
     return Polygon(rings[0], rings[1:])
+
+
+def polygons(values: np.ndarray, window: Window, mask: np.ndarray) -> dict[int, BaseGeometry]:
+    """One (Multi)Polygon per value, of the 4-connected regions where ``mask`` is set, in level-0 px.
+
+    Pixels touching only at a corner are separate parts. This is the one vectorizer: class maps go
+    through :func:`vectorize`, per-object maps (each region its own value) through prediction.
+    """
+    parts: dict[int, list[Polygon]] = {}
+    for geom, value in rasterio.features.shapes(values, mask=mask, connectivity=4, transform=window.transform):
+        parts.setdefault(int(value), []).append(_polygon_from_geojson(geom))
+    return {v: _union(p) for v, p in parts.items()}
 
 
 def vectorize(
@@ -157,13 +151,11 @@ def vectorize(
     valid = labels < len(class_map)
     if not valid.any():
         return {}
-    parts: dict[int, list[Polygon]] = {}
-    for geom, value in rasterio.features.shapes(labels, mask=valid, connectivity=4, transform=window.transform):
-        parts.setdefault(int(value), []).append(_polygon_from_geojson(geom))
+    by_class = polygons(labels, window, valid)
     min_px = min_area_um2 / (mpp * mpp) if min_area_um2 > 0 and mpp else 0.0
     out: dict[str, BaseGeometry] = {}
-    for k in sorted(parts):
-        geom = _union(parts[k])
+    for k in sorted(by_class):
+        geom = by_class[k]
         if simplify > 0:
             geom = shapely.simplify(geom, simplify, preserve_topology=True)
         if min_px > 0:

@@ -1,6 +1,6 @@
 """Training augmentation: the 8 flips/rotations of a tile, and H&E stain jitter in HED space.
 
-Stain jitter (Tellez et al. 2018; :mod:`pdseg_qupath.learn.stain`, shared with pretraining) scales
+Stain jitter (Tellez et al. 2018; :mod:`pdseg_qupath.core.stain`, shared with pretraining) scales
 and shifts each stain's optical density a little. It imitates another lab's staining protocol or scanner
 without inventing colours that H&E cannot produce, so a head trained here survives slides from
 elsewhere. Geometric transforms are applied to the tile and its labels together; stain jitter to the
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdseg_qupath.learn.stain import hed_jitter
+from pdseg_qupath.core.stain import hed_jitter
 
 __all__ = ["AugmentConfig", "augment", "dihedral", "hed_jitter"]
 

@@ -21,13 +21,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pdseg_qupath.core.annotations import IGNORE
+from pdseg_qupath.core.fileio import atomic_write_with
+from pdseg_qupath.core.grid import Window
+from pdseg_qupath.learn.augment import AugmentConfig, augment
+from pdseg_qupath.learn.data import TrainingImage
 from pdseg_qupath.learn.head import sample_features
+from pdseg_qupath.learn.options import IOConfig
+from pdseg_qupath.learn.runtime import BatchRunner
+from pdseg_qupath.learn.sampling import Tile, stratified_pixels, uniform_pixels
+
+SHARD_VIEWS = 64
+"""Tile views per feature shard: the unit that is written to disk, and redone after an interruption."""
 
 BYTES_PER_PIXEL_OVERHEAD = 3 + 1 + 4  # rgb (uint8 × 3), label (uint8), tile index (int32)
 
@@ -41,42 +51,6 @@ def pixels_per_view(cache_mb: float, channels: int, n_views: int, cap: int) -> i
     """How many pixels each tile view may keep so that ``n_views`` views fit in ``cache_mb``."""
     total = int(cache_mb * 2**20) // bytes_per_pixel(channels)
     return max(1, min(cap, total // max(1, n_views)))
-
-
-def stratified_pixels(labels: np.ndarray, n: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:
-    """Flat indices of up to ``n`` labelled pixels, shared equally among the classes present.
-
-    A class with fewer pixels than its share gives the rest to the others, so small structures are
-    fully used and large ones fill the quota. Unlabelled (255) pixels are never chosen.
-    """
-    flat = labels.reshape(-1)
-    pools = [np.flatnonzero(flat == k) for k in range(n_classes)]
-    pools = [p for p in pools if len(p)]
-    if not pools:
-        return np.zeros(0, dtype=np.int64)
-    quota = [0] * len(pools)
-    remaining = n
-    open_ = list(range(len(pools)))
-    while remaining > 0 and open_:
-        share = max(1, remaining // len(open_))
-        for i in list(open_):
-            take = min(share, len(pools[i]) - quota[i], remaining)
-            quota[i] += take
-            remaining -= take
-            if quota[i] >= len(pools[i]):
-                open_.remove(i)
-            if remaining <= 0:
-                break
-    chosen = [rng.choice(p, size=q, replace=False) for p, q in zip(pools, quota) if q > 0]
-    return np.sort(np.concatenate(chosen)).astype(np.int64)
-
-
-def uniform_pixels(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``n`` labelled pixels drawn uniformly: an unbiased sample for validation scores."""
-    pool = np.flatnonzero(labels.reshape(-1) != IGNORE)
-    if len(pool) <= n:
-        return pool.astype(np.int64)
-    return np.sort(rng.choice(pool, size=n, replace=False)).astype(np.int64)
 
 
 @dataclass
@@ -142,9 +116,8 @@ class PixelCache:
 
     def save(self, path: Path) -> None:
         """One shard, written atomically (resume after an interruption)."""
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(self.tensors(), str(tmp), metadata={"channels": str(self.channels)})
-        tmp.replace(path)
+        tensors = self.tensors()
+        atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"channels": str(self.channels)}))
 
     @classmethod
     def load(cls, path: Path) -> "PixelCache":
@@ -161,78 +134,69 @@ class PixelCache:
 # ------------------------------------------------------------------------------------- extraction
 
 
-def resolve_device(device: str | None) -> str:
-    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; asking for a missing GPU is an error."""
-    from pdseg_qupath.core.errors import PdsegError
+def extract_views(
+    name: str,
+    tiles: Sequence[Tile],
+    images: Sequence[TrainingImage],
+    n_classes: int,
+    extractor: Any,
+    io: IOConfig,
+    *,
+    views: int,
+    n_pixels: int,
+    stratified: bool,
+    aug: AugmentConfig,
+    seed: int,
+    runner: BatchRunner,
+    shard: Callable[[str, int], Path | None] = lambda name, i: None,
+    on_views: Callable[[int], None] | None = None,
+) -> PixelCache:
+    """Features at sampled pixels of every (tile, view): view 0 is the tile, later views are augmented.
 
-    d = (device or "auto").lower()
-    if d == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if d.startswith("cuda") and not torch.cuda.is_available():
-        raise PdsegError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu (or auto)")
-    if d != "cpu" and not d.startswith("cuda"):
-        raise PdsegError(f"--device {device}: expected auto, cpu or cuda")
-    return d
-
-
-def is_oom(exc: BaseException) -> bool:
-    """A GPU (or allocator) out-of-memory error, whatever torch version raised it."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
-
-
-class BatchRunner:
-    """Run ``fn`` over items in batches; on out-of-memory, halve the batch size and retry that batch.
-
-    The smaller size is kept for the rest of the run. At batch size 1 the error becomes a
-    :class:`~pdseg_qupath.core.errors.PdsegError` that says what to try. Nothing is lost: a batch either
-    completes or is retried whole.
+    Work goes in shards of 64 views; with ``shard(name, i)`` giving a path, each finished shard is
+    written there and a shard already on disk is loaded instead of extracted (resume).
     """
-
-    def __init__(self, batch_size: int, on_backoff=None) -> None:
-        self.batch_size = max(1, int(batch_size))
-        self.on_backoff = on_backoff
-        self.backoffs = 0
-
-    def __call__(self, fn, items: list):
-        """``fn(batch) -> list`` of per-item results; returns the results of all items, in order."""
-        from pdseg_qupath.core.errors import PdsegError
-
-        out: list = []
-        i = 0
-        while i < len(items):
-            batch = items[i : i + self.batch_size]
+    cache = PixelCache(int(extractor.channels))
+    jobs = [(ti, v) for ti in range(len(tiles)) for v in range(views)]
+    for s, start in enumerate(range(0, len(jobs), SHARD_VIEWS)):
+        chunk = jobs[start : start + SHARD_VIEWS]
+        path = shard(name, s)
+        if path is not None and path.is_file():
             try:
-                out.extend(fn(batch))
-            except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-                if not is_oom(exc):
-                    raise
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if self.batch_size == 1:
-                    raise PdsegError(
-                        "out of GPU memory even at batch size 1; close other GPU programs, use a smaller "
-                        "backbone, or run with --device cpu"
-                    ) from None
-                self.batch_size = max(1, self.batch_size // 2)
-                self.backoffs += 1
-                if self.on_backoff is not None:
-                    self.on_backoff(self.batch_size)
+                cache.extend(PixelCache.load(path))
+                if on_views:
+                    on_views(len(chunk))
                 continue
-            i += len(batch)
-        return out
+            except Exception:  # a shard cut short by the interruption: extract it again
+                path.unlink(missing_ok=True)
+        part = PixelCache(cache.channels)
 
+        def run(batch: list[tuple[int, int]]) -> list[int]:
+            rgbs, labs, origins = [], [], []
+            for ti, v in batch:
+                t = tiles[ti]
+                im = images[t.image]
+                win = Window(t.x, t.y, io.tile, io.tile, io.downsample(im.slide.mpp))
+                rgb, lab = im.slide.read(win), im.index.rasterize(win)
+                if v > 0:
+                    rgb, lab = augment(rgb, lab, np.random.default_rng([seed, 1, ti, v]), aug)
+                rgbs.append(rgb)
+                labs.append(lab)
+                origins.append((t.x, t.y))
+            with torch.no_grad():
+                feats = extractor.extract(np.stack(rgbs), origins=origins).float().cpu()
+            counts = []
+            for (ti, v), f, rgb, lab in zip(batch, feats, rgbs, labs):
+                rng = np.random.default_rng([seed, 2, ti, v])
+                idx = (stratified_pixels(lab, n_pixels, n_classes, rng) if stratified
+                       else uniform_pixels(lab, n_pixels, rng))
+                counts.append(part.add_tile(f, rgb, lab, idx, io.stride, ti))
+            if on_views:
+                on_views(len(batch))
+            return counts
 
-def load_extractor(spec: str, device: str, t=None, blocks=None):
-    """(backbone, LDMFeatures) for a ``--backbone`` spec, with the backbone's default t and blocks."""
-    from pdseg_qupath.backbone.features import LDMFeatures
-    from pdseg_qupath.backbone.model import load_backbone
-
-    backbone = load_backbone(spec, device=device)
-    kwargs = {}
-    if t is not None:
-        kwargs["t"] = t
-    if blocks is not None:
-        kwargs["blocks"] = tuple(blocks)
-    return backbone, LDMFeatures(backbone, device=device, **kwargs)
+        runner(run, chunk)
+        if path is not None:
+            part.save(path)
+        cache.extend(part)
+    return cache

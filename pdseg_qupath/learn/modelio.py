@@ -1,4 +1,4 @@
-"""The model folder (DESIGN.md §2): ``head.safetensors`` plus ``model.json``.
+"""The model folder: ``head.safetensors`` plus ``model.json``.
 
 ``model.json`` carries everything needed to predict again: the class map, the work resolution, tile
 size and overlap, the backbone spec and the sha256 of its weights, the timesteps and feature blocks, the
@@ -23,6 +23,7 @@ from pdseg_qupath.core.annotations import ClassMap
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.fileio import atomic_write_with, sha256_file
 from pdseg_qupath.learn.head import FCNHead, HeadConfig
+from pdseg_qupath.learn.options import IOConfig
 
 HEAD_FILE = "head.safetensors"
 META_FILE = "model.json"
@@ -36,9 +37,8 @@ class SegModel:
 
     head: FCNHead
     class_map: ClassMap
-    mpp: float
-    tile_size: int
-    overlap: int
+    io: IOConfig
+    """Work resolution, tile size, overlap and feature stride: how the model sees a slide."""
     backbone: dict[str, Any]
     """``spec``, ``config``, ``sha256`` (of the backbone weights; None for random), ``random_weights``, ``label``."""
     features: dict[str, Any]
@@ -60,9 +60,9 @@ class SegModel:
             "model_id": self.model_id or head_sha256[:12],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "class_map": self.class_map.to_json(),
-            "mpp": self.mpp,
-            "tile_size": self.tile_size,
-            "overlap": self.overlap,
+            "mpp": self.io.mpp,
+            "tile_size": self.io.tile,
+            "overlap": self.io.overlap,
             "backbone": self.backbone,
             "features": self.features,
             "head": self.head.config.to_json(),
@@ -121,10 +121,13 @@ def load_model(path: str | Path) -> SegModel:
         expected = meta["head_sha256"]
         class_map = ClassMap.from_json(meta["class_map"])
         config = HeadConfig.from_json(meta["head"])
-        mpp, tile, overlap = float(meta["mpp"]), int(meta["tile_size"]), int(meta["overlap"])
         backbone, features = dict(meta["backbone"]), dict(meta["features"])
+        io = IOConfig(float(meta["mpp"]), int(meta["tile_size"]), int(meta["overlap"]),
+                      int(features.get("out_stride", config.stride)))
     except (KeyError, TypeError, ValueError) as exc:
         raise PdsegError(f"{meta_path}: incomplete or malformed model description ({exc!r}); {retrain}") from None
+    except PdsegError as exc:
+        raise PdsegError(f"{meta_path}: {exc}; {retrain}") from None
     if digest != expected:
         raise PdsegError(
             f"{head_path}: its sha256 does not match {META_FILE} (truncated, or from another training run); "
@@ -146,9 +149,7 @@ def load_model(path: str | Path) -> SegModel:
     return SegModel(
         head=head,
         class_map=class_map,
-        mpp=mpp,
-        tile_size=tile,
-        overlap=overlap,
+        io=io,
         backbone=backbone,
         features=features,
         training=dict(meta.get("training") or {}),
@@ -158,4 +159,4 @@ def load_model(path: str | Path) -> SegModel:
     )
 
 
-__all__ = ["SegModel", "save_model", "load_model", "HEAD_FILE", "META_FILE", "sha256_file"]
+__all__ = ["SegModel", "save_model", "load_model", "HEAD_FILE", "META_FILE"]

@@ -12,7 +12,8 @@ vectorizing polygons are CPU work that, run inline, leaves the GPU idle between 
 
 All queues are bounded (``prefetch`` batches of tiles, ``prefetch`` batches of logits), so host memory
 is a few batches plus one tile row of the stitcher, whatever the slide size. The tiles and their order
-are exactly those of :func:`pdseg_qupath.learn.stitch.stitch_region`, so results are identical to it.
+are exactly those of a plain loop over the :class:`~pdseg_qupath.learn.stitch.StripStitcher` rows, so
+the results are identical to it.
 """
 
 from __future__ import annotations

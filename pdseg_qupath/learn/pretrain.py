@@ -19,27 +19,28 @@ beside the output (``<out>.pretrain-state/``) and ``resume=True`` continues bit-
 from __future__ import annotations
 
 import copy
-import json
+import io
 import math
 import os
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
 
 from pdseg_qupath import __version__
-from pdseg_qupath.backbone.config import get_config
-from pdseg_qupath.backbone.model import MANIFEST, Backbone, build_backbone, load_backbone, save_backbone
-from pdseg_qupath.learn.pretrain_data import TilePool, augment_batch, collect_images, sample_pool
+from pdseg_qupath.backbone.config import BackboneConfig, get_config
+from pdseg_qupath.backbone.model import Backbone
+from pdseg_qupath.backbone.spec import load_backbone
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.events import SILENT, Events
+from pdseg_qupath.core.fileio import atomic_write_bytes
+from pdseg_qupath.learn.pretrain_data import TilePool, augment_batch
+from pdseg_qupath.learn.runtime import resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -74,156 +75,56 @@ class _Settings:
         return dict(self.__dict__)
 
 
-def pretrain(
-    sources: Sequence[str | Path],
-    out_dir: str | Path,
-    *,
-    config: str | None = None,
-    from_spec: str | None = None,
-    mpp: float = 0.5,
-    steps_ae: int = 3000,
-    steps_unet: int = 3000,
-    batch_size: int | None = None,
-    device: str = "auto",
-    resume: bool = False,
-    seed: int = 0,
-    image_mpp: float | None = None,
-    console: Console | None = None,
-    pool_size: int = 1024,
-    heldout: int = 32,
-    ae_crop: int | None = None,
-    unet_crop: int | None = None,
-    lr_ae: float | None = None,
-    lr_unet: float | None = None,
-    stain_sigma: float = 0.15,
-    stain_bias: float = 0.03,
-    checkpoint_every: int = 100,
-    on_step: Callable[[str, int], None] | None = None,
-    save_dtype: str = "float32",
-) -> dict[str, Any]:
-    """Pretrain (or, with ``from_spec``, fine-tune) a backbone on unlabelled slides; returns the record.
+@dataclass
+class Plan:
+    """A run about to start: the backbone it starts from (None: random weights), its config and settings."""
 
-    ``config`` defaults to ``small``, or to the config of ``from_spec``. ``ae_crop`` defaults to half the
-    tile (the autoencoder is fully convolutional, so smaller crops train it at the same quality per pixel
-    for less compute); ``unet_crop`` defaults to the full tile, the size features are extracted at.
-    ``on_step(stage, step)`` is called after every step (progress hooks, tests). ``save_dtype``
-    "float16" halves the folder (weights are upcast to fp32 on load; features change by ~2e-4 relative).
-    """
-    console = console or Console(stderr=True)
-    out = Path(out_dir).expanduser()
-    state_dir = out.with_name(out.name + ".pretrain-state")
-    ckpt_path = state_dir / CHECKPOINT
-    if (out / MANIFEST).is_file():
-        if resume:
-            console.print(f"[green]{out}: pretraining already finished; nothing to resume[/]")
-            return json.loads((out / MANIFEST).read_text()).get("record", {})
-        raise PdsegError(f"{out}: a backbone already exists there; choose another --out (pdseg never "
-                         "overwrites a backbone)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PdsegError(f"{out}: exists and is not an empty folder; choose another --out")
-    if ckpt_path.exists() and not resume:
-        raise PdsegError(f"{out}: an unfinished pretraining run is in {state_dir}; pass --resume to "
-                         "continue it, or delete that folder to start again")
-    if resume and not ckpt_path.exists():
-        console.print(f"[yellow]no checkpoint in {state_dir}; starting a new run[/]")
+    start: Backbone | None
+    config: BackboneConfig
+    settings: _Settings
+    device: torch.device
+    fresh: bool
+    """Starting from random weights (the latent is normalised and the codebook fitted afresh)."""
+
+
+def plan_run(sources: list[str], *, config: str | None, from_spec: str | None, mpp: float, image_mpp: float | None,
+             steps_ae: int, steps_unet: int, batch_size: int | None, device: str, seed: int, pool_size: int,
+             heldout: int, ae_crop: int | None, unet_crop: int | None, lr_ae: float | None, lr_unet: float | None,
+             stain_sigma: float, stain_bias: float) -> Plan:
+    """Check the options, load the backbone to fine-tune (if any) and fix every setting of the run."""
     for name, v in (("--steps-ae", steps_ae), ("--steps-unet", steps_unet)):
         if v < 0:
             raise PdsegError(f"{name} must be 0 or more, got {v}")
     if not (math.isfinite(mpp) and mpp > 0):
         raise PdsegError(f"--mpp must be a positive pixel size in µm/px, got {mpp}")
-    if save_dtype not in SAVE_DTYPES:
-        raise PdsegError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
-
-    dev = _device(device)
-    start_bb = load_backbone(from_spec) if from_spec else None
-    if start_bb is not None and config is not None and config != start_bb.config.name:
+    dev = torch.device(resolve_device(device))
+    start = load_backbone(from_spec) if from_spec else None
+    if start is not None and config is not None and config != start.config.name:
         raise PdsegError(f"--config {config} differs from the config of --from {from_spec} "
-                         f"({start_bb.config.name}); leave --config out when fine-tuning")
-    cfg = start_bb.config if start_bb is not None else get_config(config or "small")
-    fresh = start_bb is None or start_bb.random_weights
+                         f"({start.config.name}); leave --config out when fine-tuning")
+    cfg = start.config if start is not None else get_config(config or "small")
+    fresh = start is None or start.random_weights
     tile = cfg.tile_size
-    bs = int(batch_size or (64 if dev.type == "cuda" else 8))
     settings = _Settings(
-        config=cfg.name, from_spec=from_spec, sources=[str(Path(s).expanduser().resolve()) for s in sources],
-        mpp=float(mpp), image_mpp=image_mpp, steps_ae=int(steps_ae), steps_unet=int(steps_unet),
-        batch_size=bs, seed=int(seed), pool_size=int(pool_size), heldout=int(heldout),
+        config=cfg.name, from_spec=from_spec, sources=sources, mpp=float(mpp), image_mpp=image_mpp,
+        steps_ae=int(steps_ae), steps_unet=int(steps_unet), batch_size=int(batch_size or (64 if dev.type == "cuda" else 8)),
+        seed=int(seed), pool_size=int(pool_size), heldout=int(heldout),
         ae_crop=int(ae_crop or max(8 * cfg.vq_factor, tile // 2)), unet_crop=int(unet_crop or tile),
         lr_ae=float(lr_ae or (2e-4 if fresh else 2e-5)), lr_unet=float(lr_unet or (2e-4 if fresh else 5e-5)),
         stain_sigma=float(stain_sigma), stain_bias=float(stain_bias))
-    _check_crops(settings, cfg, tile)
-
-    ckpt = _load_checkpoint(ckpt_path, settings) if ckpt_path.exists() else None
-    t_start = time.time()
-    console.print(f"pretraining [bold]{cfg.name}[/] on {dev} "
-                  f"({'fine-tuning ' + from_spec if not fresh else 'from random weights'}); "
-                  f"state in {state_dir}")
-    with _progress(console) as prog:
-        task = prog.add_task("reading tissue tiles", total=1, status="")
-        refs = collect_images(sources)
-        pool = sample_pool(refs, mpp=mpp, tile=tile, n_train=pool_size, n_heldout=heldout, seed=seed,
-                           image_mpp=image_mpp,
-                           progress=lambda i, n: prog.update(task, completed=i, total=n))
-        console.print(f"tile pool: {pool.summary()}")
-
-        bb = start_bb if start_bb is not None else build_backbone(cfg, "cpu", spec=f"pretrain:{cfg.name}")
-        run = _Run(bb, pool, settings, dev, fresh, state_dir, checkpoint_every, on_step, console)
-        if ckpt is not None:
-            run.restore(ckpt)
-            console.print(f"resumed at stage {run.stage}, step {run.step}")
-        run.train(prog)
-    record = run.record(pool, time.time() - t_start, refs_count=len(refs))
-    record["weights_dtype"] = save_dtype
-    final = run.final_backbone()
-    if save_dtype != "float32":  # a cast copy: the figures below still use the fp32 models
-        final = copy.deepcopy(final).to(SAVE_DTYPES[save_dtype])
-    save_backbone(final, out, record, random_weights=False)
-    _write_figures(run, out / "pretrain")
-    (out / "pretrain" / "record.json").write_text(json.dumps(record, indent=2))
-    manifest = json.loads((out / MANIFEST).read_text())
-    record["sha256"] = manifest["sha256"]
-    _remove_state(state_dir)
-    console.print(f"[green]backbone written to {out}[/] (sha256 {manifest['sha256'][:12]}); "
-                  f"held-out PSNR {record['ae'].get('psnr_db')} dB")
-    return record
-
-
-def export_backbone(src: str | Path, dst: str | Path, dtype: str = "float16", *,
-                    default_t: int | None = None, default_blocks: Sequence[int] | None = None,
-                    note: str | None = None) -> Path:
-    """Re-save a backbone folder with its weights in ``dtype`` and, optionally, new feature defaults.
-
-    The weights are those of ``src`` (rounded to ``dtype``); ``default_t``/``default_blocks`` change
-    only which timestep and up blocks ``LDMFeatures`` taps by default, recorded with ``note`` (how they
-    were chosen). This made the shipped ``small`` copy (fp16: 13.8 MB instead of 27.4 MB) from the
-    fp32 run.
-    """
-    if dtype not in SAVE_DTYPES:
-        raise PdsegError(f"dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
-    src = Path(src)
-    bb = load_backbone(src)
-    record = dict(json.loads((src / MANIFEST).read_text()).get("record", {}))
-    record["weights_dtype"] = dtype
-    changes: dict[str, Any] = {}
-    if default_t is not None:
-        changes["default_t"] = int(default_t)
-    if default_blocks is not None:
-        changes["default_blocks"] = [int(b) for b in default_blocks]
-    if changes:
-        record["feature_defaults"] = {"from": {"t": bb.config.default_t, "blocks": list(bb.config.default_blocks)},
-                                      "to": changes, "note": note}
-        bb.config = bb.config.replace(**changes)
-    return save_backbone(bb.to(SAVE_DTYPES[dtype]), dst, record, random_weights=bb.random_weights)
+    check_crops(settings, cfg, tile)
+    return Plan(start, cfg, settings, dev, fresh)
 
 
 # ------------------------------------------------------------------------------------------ the run
 
-class _Run:
+class PretrainRun:
     """Training state of both stages, and how it is stepped, evaluated, checkpointed and restored."""
 
     def __init__(self, bb: Backbone, pool: TilePool, s: _Settings, dev: torch.device, fresh: bool,
                  state_dir: Path, checkpoint_every: int, on_step: Callable[[str, int], None] | None,
-                 console: Console) -> None:
-        self.s, self.dev, self.fresh, self.console = s, dev, fresh, console
+                 events: Events = SILENT) -> None:
+        self.s, self.dev, self.fresh, self.events = s, dev, fresh, events
         self.pool, self.state_dir, self.every, self.on_step = pool, state_dir, checkpoint_every, on_step
         bb.to(dev).float()
         self.vq = bb.vq.requires_grad_(True)
@@ -269,20 +170,21 @@ class _Run:
         self.gen.set_state(ck["gen"])
 
     def checkpoint(self, rng_state: tuple[Any, torch.Tensor] | None = None) -> None:
-        """Write the full state atomically (temp file, then ``os.replace``)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        """Write the full state atomically: tensors and plain containers only, so that resuming can load
+        it with ``torch.load(weights_only=True)``."""
         rng, gen = rng_state or (self.rng.bit_generator.state, self.gen.get_state())
         ck = {"settings": self.s.as_dict(), "stage": self.stage, "step": self.step,
               "vq": self.vq.state_dict(), "unet": self.unet.state_dict(), "ema": self.ema.state_dict(),
               "opt": self.opt.state_dict() if self.opt else None,
               "lr": self.lr.state_dict() if self.lr else None,
               "rng": rng, "gen": gen, "hist": self.hist, "info": self.info, "pdseg_version": __version__}
-        tmp = self.state_dir / (CHECKPOINT + ".tmp")
-        torch.save(ck, tmp)
-        os.replace(tmp, self.state_dir / CHECKPOINT)
+        buf = io.BytesIO()
+        torch.save(ck, buf)
+        atomic_write_bytes(self.state_dir / CHECKPOINT, buf.getvalue())
 
     # -- the loop ---------------------------------------------------------------------------------
-    def train(self, prog: Progress) -> None:
+    def train(self) -> None:
+        """Step through the stages to the end, checkpointing on the way (Ctrl-C saves the state)."""
         while self.stage != "done":
             if self.stage == "latent":
                 self._latent_stage()
@@ -291,7 +193,7 @@ class _Run:
                 continue
             total = self.s.steps_ae if self.stage == "ae" else self.s.steps_unet
             name = "autoencoder" if self.stage == "ae" else "UNet (ε-DDPM)"
-            task = prog.add_task(name, total=total, completed=self.step, status="")
+            progress = self.events.step(name, total=total, done=self.step)
             eval_every = max(1, total // 10)
             t0 = time.time()
             dirty, snap = False, None
@@ -312,22 +214,21 @@ class _Run:
                     dirty, snap = False, None
                     if self.step % eval_every == 0 or self.step == total:
                         self._evaluate()
-                        if not self.console.is_terminal:  # logs get a line; terminals get the bar
-                            self.console.print(f"{name} step {self.step}/{total}: {self._status()}, "
-                                               f"{self._eval_text()}")
                     self.info["seconds"][self.stage] += time.time() - t0
                     t0 = time.time()
                     if self.step % self.every == 0 and self.step < total:
                         self.checkpoint()
-                    prog.update(task, completed=self.step, status=self._status())
+                    progress.describe(", ".join(x for x in (self._status(), self._eval_text()) if x))
+                    progress.advance(1)
                     if self.on_step:
                         self.on_step(self.stage, self.step)
             except KeyboardInterrupt:
                 if not dirty:
                     self.checkpoint(snap)
-                    self.console.print(f"[yellow]interrupted: state saved at {self.stage} step "
-                                       f"{self.step}; rerun with --resume to continue[/]")
+                    self.events.message(f"interrupted: state saved at {self.stage} step {self.step}; "
+                                        "rerun with --resume to continue", "warn")
                 raise
+            progress.close()
             self._advance("latent" if self.stage == "ae" else "done")
             self.checkpoint()
 
@@ -493,16 +394,7 @@ class _Run:
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PdsegError("--device cuda was asked for, but this PyTorch has no CUDA GPU; use --device cpu")
-    return dev
-
-
-def _check_crops(s: _Settings, cfg: Any, tile: int) -> None:
+def check_crops(s: _Settings, cfg: Any, tile: int) -> None:
     multiple = cfg.vq_factor * 2 ** (len(cfg.unet["block_out_channels"]) - 1)
     for name, c in (("ae_crop", s.ae_crop), ("unet_crop", s.unet_crop)):
         if c > tile or c % multiple:
@@ -511,9 +403,10 @@ def _check_crops(s: _Settings, cfg: Any, tile: int) -> None:
         raise PdsegError("--batch-size and the pool size must be at least 1")
 
 
-def _load_checkpoint(path: Path, settings: _Settings) -> dict[str, Any]:
+def load_checkpoint(path: Path, settings: _Settings) -> dict[str, Any]:
+    """The state of an interrupted run, if it was made with the same settings."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise PdsegError(f"{path}: unreadable checkpoint ({e}); delete it to start again") from None
     old = ck.get("settings", {})
@@ -525,9 +418,8 @@ def _load_checkpoint(path: Path, settings: _Settings) -> dict[str, Any]:
     return ck
 
 
-def _remove_state(state_dir: Path) -> None:
-    for f in (CHECKPOINT, CHECKPOINT + ".tmp"):
-        (state_dir / f).unlink(missing_ok=True)
+def remove_state(state_dir: Path) -> None:
+    (state_dir / CHECKPOINT).unlink(missing_ok=True)
     try:
         state_dir.rmdir()
     except OSError:
@@ -585,6 +477,14 @@ def _bake_normalisation(vq: Any, mean: torch.Tensor, std: torch.Tensor) -> None:
     q.bias.sub_(mean).div_(std)
     p.bias.add_(p.weight.sum(dim=(2, 3)) @ mean)
     p.weight.mul_(std.view(1, -1, 1, 1))
+
+
+@torch.no_grad()
+def reconstructions(vq: Any, tiles: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
+    """uint8 (N, H, W, 3) reconstructions of tiles through the pre-quantisation latent."""
+    vq.eval()
+    rec = _reconstruct(vq, _to_input(tiles, torch.device(device))).float().clamp(-1, 1)
+    return torch.round((rec + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -654,78 +554,3 @@ def reproduce_command(s: _Settings) -> str:
     if s.image_mpp:
         parts.append(f"--image-mpp {s.image_mpp}")
     return " ".join(parts)
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console, transient=False)
-
-
-# ------------------------------------------------------------------------------------------ figures
-
-def _write_figures(run: _Run, folder: Path) -> None:
-    """Loss curves and a reconstruction grid (held-out tiles over their reconstructions)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    write_loss_plots(run.hist, folder)
-    tiles = run.pool.heldout[:8] if len(run.pool.heldout) else run.pool.train[:8]
-    write_recon_grid(run.vq, tiles, folder / "reconstructions.png", run.dev)
-
-
-def write_loss_plots(hist: dict[str, list[Any]], folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    folder.mkdir(parents=True, exist_ok=True)
-    for stage, loss_key, eval_key, eval_label in (("ae", "ae_loss", "ae_psnr", "held-out PSNR (dB)"),
-                                                   ("unet", "unet_loss", "unet_heldout", "held-out ε-loss (EMA)")):
-        raw = hist.get(loss_key) or []
-        if not raw:
-            continue
-        # Raw per-step losses, or the record's thinned [step, mean] pairs.
-        steps, xs = ((np.array(raw, float)[:, 0], np.array(raw, float)[:, 1]) if np.ndim(raw) == 2
-                     else (np.arange(1, len(raw) + 1), np.asarray(raw, float)))
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=90)
-        ax.plot(steps, xs, color="0.75", lw=0.6, label="train loss")
-        k = max(1, len(xs) // 30)
-        smooth = np.convolve(xs, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smooth, color="C0", lw=1.5, label=f"train loss ({k}-point mean)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("L1 + gradient loss" if stage == "ae" else "ε MSE")
-        ax.set_yscale("log")
-        ev = hist.get(eval_key) or []
-        if ev:
-            ax2 = ax.twinx() if stage == "ae" else ax
-            e = np.array(ev, dtype=float)
-            ax2.plot(e[:, 0], e[:, 1], "o-", color="C3", ms=3, label=eval_label)
-            if stage == "ae":
-                ax2.set_ylabel(eval_label)
-        fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
-        ax.set_title("autoencoder" if stage == "ae" else "UNet (ε-prediction DDPM)")
-        fig.tight_layout(rect=(0, 0.07, 1, 1))
-        p = folder / f"loss_{stage}.png"
-        fig.savefig(p)
-        plt.close(fig)
-        paths.append(p)
-    return paths
-
-
-@torch.no_grad()
-def write_recon_grid(vq: Any, tiles: np.ndarray, path: Path, device: torch.device | str = "cpu") -> Path:
-    """Top row: tiles; bottom row: their reconstructions through the pre-quantisation latent."""
-    from PIL import Image
-
-    vq.eval()
-    x = _to_input(tiles, torch.device(device))
-    rec = _reconstruct(vq, x).float().clamp(-1, 1)
-    rec_u8 = torch.round((rec + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    grid = np.concatenate([np.concatenate(list(tiles), 1), np.concatenate(list(rec_u8), 1)], 0)
-    img = Image.fromarray(grid)
-    if img.width > 1600:
-        img = img.resize((1600, round(img.height * 1600 / img.width)), Image.LANCZOS)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, optimize=True)
-    return path

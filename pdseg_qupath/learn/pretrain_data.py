@@ -9,29 +9,22 @@ overlapped by a training tile, to measure reconstruction honestly.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pdseg_qupath.learn.stain import hed_jitter
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.grid import Window, grid_size
+from pdseg_qupath.core.slide import open_slide
+from pdseg_qupath.core.stain import hed_jitter
+from pdseg_qupath.core.tissue import TissueMap
+from pdseg_qupath.sources.base import ImageRecord
+from pdseg_qupath.sources.inputs import expand_inputs
 
-IMAGE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff", ".png", ".jpg", ".jpeg",
-                  ".bmp"}
 MIN_TISSUE = 0.5
 """A tile counts as tissue when at least this fraction of it lies in the tissue mask."""
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """One image to sample from; ``mpp`` is the project's calibration (None: the file's own)."""
-
-    path: Path
-    mpp: float | None = None
 
 
 @dataclass
@@ -48,83 +41,46 @@ class TilePool:
                 "heldout_tiles": len(self.heldout), "tile_px": int(self.train.shape[1])}
 
 
-def collect_images(sources: Sequence[str | Path]) -> list[ImageRef]:
-    """Expand SOURCES (slides, image folders searched recursively, ``.qpproj`` projects) to images."""
-    refs: list[ImageRef] = []
-    for src in sources:
-        p = Path(src).expanduser()
-        if not p.exists():
-            raise PdsegError(f"{p}: no such slide, image folder or QuPath project")
-        if p.suffix == ".qpproj" or (p.is_dir() and (p / "project.qpproj").exists()):
-            refs.extend(_project_images(p))
-        elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                raise PdsegError(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            refs.extend(ImageRef(f) for f in found)
-        else:
-            refs.append(ImageRef(p))
-    if not refs:
-        raise PdsegError("no images to pretrain on; give slides, image folders or .qpproj files")
-    return refs
-
-
-def _project_images(p: Path) -> list[ImageRef]:
-    from pdseg_qupath.sources.base import open_source
-
-    src = open_source(p)
-    try:
-        refs = [ImageRef(r.path, r.mpp) for r in src.images() if r.error is None and r.path is not None]
-    finally:
-        src.close()
-    if not refs:
-        raise PdsegError(f"{p}: no readable images in this QuPath project (moved or missing files?)")
-    return refs
+def collect_images(sources: Sequence[str | Path]) -> list[ImageRecord]:
+    """The images of SOURCES (slides, image folders searched recursively, ``.qpproj`` projects read
+    without QuPath); images a project cannot give (moved, remote) are left out."""
+    records = expand_inputs(sources, recursive=True)
+    usable = [r for r in records if r.error is None and r.path is not None]
+    if not usable:
+        raise PdsegError("no readable images to pretrain on; give slides, image folders or .qpproj files "
+                         "(moved or missing files?)")
+    return usable
 
 
 @dataclass
 class _Image:
-    ref: ImageRef
+    ref: ImageRecord
     width: int  # on the work grid
     height: int
     downsample: float
-    integral: np.ndarray  # summed-area table of the tissue mask
-    mask_scale: float  # work-grid px per mask px
+    tissue: TissueMap
     mpp: float
     tissue_mm2: float
     cells: list[tuple[int, int]] = field(default_factory=list)
 
-    def tissue_fraction(self, x: int, y: int, size: int) -> float:
-        s = self.mask_scale
-        h, w = self.integral.shape[0] - 1, self.integral.shape[1] - 1
-        x0, y0 = min(w, int(x / s)), min(h, int(y / s))
-        x1, y1 = min(w, max(x0 + 1, math.ceil((x + size) / s))), min(h, max(y0 + 1, math.ceil((y + size) / s)))
-        ii = self.integral
-        inside = ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
-        return float(inside) / max(1, (x1 - x0) * (y1 - y0))
 
-
-def _survey(ref: ImageRef, mpp: float, tile: int, image_mpp: float | None) -> _Image:
-    from pdseg_qupath.core.slide import open_slide, tissue_mask
-
+def _survey(ref: ImageRecord, mpp: float, tile: int, image_mpp: float | None) -> _Image:
     with open_slide(ref.path, mpp=ref.mpp, fallback_mpp=image_mpp) as slide:
         d = mpp / slide.mpp
         w, h = grid_size(slide.width, slide.height, d)
         mask_mpp = min(8.0, max(slide.mpp, mpp * tile / 16))  # >= 16 mask px per tile side
-        mask, md = tissue_mask(slide, mpp=mask_mpp)
-        integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-        area = float(mask.sum()) * (md * slide.mpp) ** 2 / 1e6
-        img = _Image(ref, w, h, d, integral, md / d, slide.mpp, area)
+        tissue = TissueMap.detect(slide, d, mask_mpp)
+        area = tissue.area_px() * mpp**2 / 1e6
+        img = _Image(ref, w, h, d, tissue, slide.mpp, area)
     for y in range(0, max(1, h - tile + 1), tile):
         for x in range(0, max(1, w - tile + 1), tile):
-            if img.tissue_fraction(x, y, tile) >= MIN_TISSUE:
+            if tissue.fraction_in(x, y, tile) >= MIN_TISSUE:
                 img.cells.append((x, y))
     return img
 
 
 def sample_pool(
-    refs: Sequence[ImageRef],
+    refs: Sequence[ImageRecord],
     *,
     mpp: float,
     tile: int,
@@ -166,8 +122,6 @@ def sample_pool(
     train = np.empty((n_train, tile, tile, 3), np.uint8)
     heldout = np.empty((n_held, tile, tile, 3), np.uint8)
     n_t = n_h = 0
-    from pdseg_qupath.core.slide import open_slide
-
     for k, img in enumerate(images):
         todo, hold = positions.get(k, []), held.get(k, [])
         if todo or hold:
@@ -197,7 +151,7 @@ def _random_position(img: _Image, tile: int, held: list[tuple[int, int]], rng: n
         x, y = int(rng.integers(mx + 1)), int(rng.integers(my + 1))
         if any(abs(x - hx) < tile and abs(y - hy) < tile for hx, hy in held):
             continue
-        if img.tissue_fraction(x, y, tile) >= MIN_TISSUE:
+        if img.tissue.fraction_in(x, y, tile) >= MIN_TISSUE:
             return x, y
     free = [c for c in img.cells if c not in held]
     return free[int(rng.integers(len(free)))]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -142,40 +141,3 @@ def _finalize(acc: np.ndarray, wsum: np.ndarray, y: int) -> Strip:
     labels[~covered] = IGNORE
     prob = np.where(covered, prob, 0.0).astype(np.float32)
     return Strip(y, labels, prob)
-
-
-InferFn = Callable[[Sequence[tuple[int, int]]], np.ndarray]
-"""Logits (B, n_classes, tile, tile) for a batch of tile origins (region coordinates)."""
-
-
-def stitch_region(
-    width: int,
-    height: int,
-    n_classes: int,
-    tile: int,
-    overlap: int,
-    infer: InferFn,
-    *,
-    keep: Callable[[int, int], bool] | None = None,
-    batch_size: int = 8,
-    offset: tuple[int, int] = (0, 0),
-    on_tiles: Callable[[int], None] | None = None,
-) -> Iterator[Strip]:
-    """Run ``infer`` over the tile grid of a region in batches and yield its stitched strips in order.
-
-    ``keep(x, y)`` skips tiles (no tissue, no annotation); their pixels stay 255 unless a neighbour
-    covers them. ``on_tiles(n)`` reports progress.
-    """
-    st = StripStitcher(width, height, n_classes, tile, overlap, offset)
-    for y in st.row_ys:
-        origins = [(x, y) for x in st.col_xs if keep is None or keep(x, y)]
-        for i in range(0, len(origins), batch_size):
-            batch = origins[i : i + batch_size]
-            logits = infer(batch)
-            for (bx, by), lg in zip(batch, logits):
-                st.add(bx, by, lg)
-            if on_tiles is not None:
-                on_tiles(len(batch))
-        strip = st.finish_row()
-        if strip is not None:
-            yield strip

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -23,33 +23,14 @@ from pdseg_qupath.core.annotations import IGNORE, Annotation, ClassMap
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.fileio import atomic_write_text, atomic_write_with
 from pdseg_qupath.core.grid import Window, grid_size, iter_windows
+from pdseg_qupath.core.names import qupath_export_basename
 from pdseg_qupath.core.raster import AnnotationIndex
+from pdseg_qupath.outputs.overlay import render_overlay
 
 Reader = Callable[[Window], np.ndarray]
 """Reads RGB uint8 pixels of a grid window (``Slide.read``)."""
 
 OVERLAY_DIR = "overlays"
-OVERLAY_ALPHA = 0.4
-
-# Extensions QuPath's GeneralTools.getNameWithoutExtension would strip; multi-part ones first.
-_IMAGE_EXTENSIONS = (
-    ".ome.tiff", ".ome.tif", ".ome.zarr", ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
-    ".bif", ".svslide", ".czi", ".qptiff", ".dcm", ".isyntax", ".png", ".jpg", ".jpeg", ".bmp", ".gif",
-    ".jp2", ".zarr", ".lif", ".nd2", ".vsi",
-)
-_INVALID_CHARS = re.compile(r'[\\/:*?"<>|\n\r\t]')
-
-
-def mask_basename(image_name: str) -> str:
-    """The base name QuPath gives exports of an image: no image extension, no characters invalid in files."""
-    name = image_name
-    low = name.lower()
-    for ext in _IMAGE_EXTENSIONS:
-        if low.endswith(ext) and len(name) > len(ext):
-            name = name[: -len(ext)]
-            break
-    return _INVALID_CHARS.sub("", name) or "image"
-
 
 def format_downsample(d: float) -> str:
     """A downsample as QuPath writes it in tile names: up to 5 decimals, trailing zeros dropped."""
@@ -173,7 +154,7 @@ def export_image_masks(
     index = annotations if isinstance(annotations, AnnotationIndex) else AnnotationIndex(annotations, class_map)
     d = mpp / slide_mpp
     gw, gh = grid_size(slide_size[0], slide_size[1], d)
-    base = mask_basename(image_name)
+    base = qupath_export_basename(image_name)
     stats = MaskExportStats(
         image=image_name, mpp=mpp, downsample=d, grid=(gw, gh), annotations_used=len(index),
         skipped_unknown=dict(index.skipped_unknown), skipped_no_area=index.skipped_no_area,
@@ -213,7 +194,7 @@ def export_image_masks(
             stats.stale_files.append(p)
     if overlay_reader is not None:
         stats.overlay = out / OVERLAY_DIR / f"{base}.png"
-        _write_overlay(overlay_reader, slide_size, index, class_map, stats.overlay)
+        _write_overlay(overlay_reader, slide_size, index, class_map, stats.overlay, f"{image_name} · masks at {mpp:g} µm/px")
     return stats
 
 
@@ -234,57 +215,10 @@ def write_classes_json(out_dir: str | Path, class_map: ClassMap, mpp: float) -> 
     return atomic_write_text(out / "classes.json", json.dumps(data, indent=2, ensure_ascii=False))
 
 
-class SlideLike(Protocol):
-    width: int
-    height: int
-
-    def read(self, window: Window) -> np.ndarray: ...
-
-
-def write_overlay(
-    slide: SlideLike,
-    labels: Sequence[Annotation] | AnnotationIndex | np.ndarray,
-    class_map: ClassMap,
-    path: str | Path,
-    max_size: int = 2048,
-) -> Path:
-    """A downsampled PNG of the image with the labels blended in class colours (ignore stays clear).
-
-    ``labels`` is either annotations (rasterized at the overlay's resolution) or a label map covering the
-    whole image at any resolution (resampled nearest-neighbour).
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if not isinstance(labels, np.ndarray) and not isinstance(labels, AnnotationIndex):
-        labels = AnnotationIndex(labels, class_map)
-    _write_overlay(slide.read, (slide.width, slide.height), labels, class_map, p, max_size)
-    return p
-
-
-def _write_overlay(
-    reader: Reader,
-    slide_size: tuple[int, int],
-    labels: AnnotationIndex | np.ndarray,
-    class_map: ClassMap,
-    path: Path,
-    max_size: int = 2048,
-) -> None:
+def _write_overlay(reader: Reader, slide_size: tuple[int, int], index: AnnotationIndex, class_map: ClassMap,
+                   path: Path, title: str, max_size: int = 2048) -> None:
+    """The masks over a downsampled image (at most ``max_size`` px a side), drawn as every overlay is."""
     d = max(1.0, max(slide_size) / max_size)
     gw, gh = grid_size(slide_size[0], slide_size[1], d)
-    gw, gh = min(gw, max_size), min(gh, max_size)
-    win = Window(0, 0, gw, gh, d)
-    rgb = reader(win)
-    if isinstance(labels, np.ndarray):
-        lab = np.asarray(Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8)).resize((gw, gh), Image.Resampling.NEAREST))
-    else:
-        lab = labels.rasterize(win)
-    lut = np.zeros((256, 3), dtype=np.float32)
-    for k, c in enumerate(class_map.classes):
-        lut[k] = c.color
-    shown = lab < len(class_map)  # blend labelled pixels only: ignore stays clear, memory stays small
-    blended = rgb.copy()
-    a = np.float32(OVERLAY_ALPHA)
-    blended[shown] = (rgb[shown].astype(np.float32) * (1 - a) + lut[lab[shown]] * a).round().astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save(Image.fromarray(blended), path)
-
+    win = Window(0, 0, min(gw, max_size), min(gh, max_size), d)
+    render_overlay(reader(win), index.rasterize(win), class_map, path, title=title)

@@ -1,8 +1,8 @@
 """The one interface between the core and the outside world: a set of images with QuPath annotations.
 
 Two adapters implement it: :class:`pdseg_qupath.sources.qupath.folder.GeoJSONFolder` (slides plus sidecar
-``<image>.geojson``) and :class:`pdseg_qupath.sources.qupath.project.QuPathProjectSource` (a ``.qpproj`` via paquo).
-Train, predict and evaluate only ever see this interface.
+``<image>.geojson``) and :class:`pdseg_qupath.sources.qupath.project.QuPathProjectSource` (a ``.qpproj``
+via paquo). Train, predict and evaluate only ever see this interface.
 """
 
 from __future__ import annotations
@@ -12,6 +12,13 @@ from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport
+from pdseg_qupath.core.errors import PdsegError
+
+
+IMAGE_SUFFIXES: tuple[str, ...] = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff", ".png", ".jpg", ".jpeg", ".bmp",
+)
+"""Images tiffslide or PIL open. MIRAX (.mrxs) is left out: its pixels live in a side folder tiffslide can't read."""
 
 
 @dataclass
@@ -67,26 +74,6 @@ def select_images(records: Sequence[ImageRecord], names: Sequence[str] | None) -
     known = {r.name for r in records}
     missing = [n for n in names if n not in known]
     if missing:
-        from pdseg_qupath.core.errors import PdsegError
-
         raise PdsegError(f"image(s) {missing} not in the source; it has {sorted(known)}")
     wanted = set(names)
     return [r for r in records if r.name in wanted]
-
-
-def open_source(path: str | Path, *, writable: bool = False) -> AnnotationSource:
-    """Open a ``.qpproj`` (paquo, imported lazily) or a folder of images with sidecar GeoJSON."""
-    from pdseg_qupath.core.errors import PdsegError
-
-    p = Path(path)
-    if not p.exists():
-        raise PdsegError(f"{p}: no such project or folder")
-    if p.suffix == ".qpproj" or (p.is_dir() and (p / "project.qpproj").exists()):
-        from pdseg_qupath.sources.qupath.project import QuPathProjectSource
-
-        return QuPathProjectSource(p, writable=writable)
-    if p.is_dir():
-        from pdseg_qupath.sources.qupath.folder import GeoJSONFolder
-
-        return GeoJSONFolder(p)
-    raise PdsegError(f"{p}: expected a QuPath project (.qpproj) or a folder of images with <name>.geojson")

@@ -63,9 +63,11 @@ def bench_model(backbone: str, device: str, tile: int | None = None, overlap: in
     :func:`_colour_weights`); ``colour_head=False``: random head weights."""
     from pdseg_qupath.core.annotations import ClassInfo, ClassMap
     from pdseg_qupath.backbone.features import LDMFeatures
-    from pdseg_qupath.backbone.model import describe, load_backbone
+    from pdseg_qupath.backbone.model import describe
+    from pdseg_qupath.backbone.spec import load_backbone
     from pdseg_qupath.learn.head import FCNHead, HeadConfig
     from pdseg_qupath.learn.modelio import SegModel, save_model
+    from pdseg_qupath.learn.options import IOConfig
 
     bb = load_backbone(backbone, device="cpu")
     fx = LDMFeatures(bb, device="cpu")
@@ -76,8 +78,7 @@ def bench_model(backbone: str, device: str, tile: int | None = None, overlap: in
     head = FCNHead(HeadConfig(fx.channels, n_classes, rgb_skip=colour_head)).eval()
     if colour_head:
         _colour_weights(head)
-    model = SegModel(head, cmap, mpp, t,
-                     overlap if overlap is not None else t // 4,
+    model = SegModel(head, cmap, IOConfig(mpp, t, overlap if overlap is not None else t // 4, fx.out_stride),
                      backbone={"spec": backbone, "sha256": bb.sha256, "random_weights": bb.random_weights,
                                "label": describe(bb)},
                      features={"t": list(fx.t), "blocks": list(fx.blocks), "channels": fx.channels,
@@ -95,20 +96,22 @@ def bench_predict(backbone: str = "small", device: str = "cpu", batch_size: int 
                   tile: int | None = None, slide: str | Path | None = None, io_threads: int = 2,
                   compare_inline: bool = True, mpp: float = 0.5) -> dict[str, Any]:
     """Time end-to-end prediction of about ``tiles`` tiles and the backbone alone on the same tiles."""
-    from pdseg_qupath.learn.cache import resolve_device
     from pdseg_qupath.core.grid import Window, grid_size
-    from pdseg_qupath.tasks.predict import PredictOptions, Predictor, predict_image
     from pdseg_qupath.core.slide import open_slide
+    from pdseg_qupath.learn.inference import predict_image
+    from pdseg_qupath.learn.options import PredictOptions
+    from pdseg_qupath.learn.predictor import Predictor
+    from pdseg_qupath.learn.runtime import resolve_device
 
     device = resolve_device(device)
     model = bench_model(backbone, device, tile=tile, mpp=mpp)
     predictor = Predictor(model, device, batch_size)
-    t, step = model.tile_size, model.tile_size - model.overlap
+    t, step = model.io.tile, model.io.tile - model.io.overlap
     tmp = Path(tempfile.mkdtemp(prefix="pdseg-bench-"))
-    side = int(math.ceil(math.sqrt(tiles))) * step + model.overlap
+    side = int(math.ceil(math.sqrt(tiles))) * step + model.io.overlap
     path = Path(slide) if slide else synthetic_tissue(tmp / "synthetic.tif", side, mpp)
     result: dict[str, Any] = {"backbone": predictor.label, "device": device, "batch_size": batch_size,
-                              "tile": t, "overlap": model.overlap, "io_threads": io_threads}
+                              "tile": t, "overlap": model.io.overlap, "io_threads": io_threads}
     with open_slide(path, fallback_mpp=mpp) as s:
         d = mpp / s.mpp
         gw, gh = grid_size(s.width, s.height, d)
@@ -121,7 +124,7 @@ def bench_predict(backbone: str = "small", device: str = "cpu", batch_size: int 
         def e2e(threads: int):
             t0 = time.perf_counter()
             pred = predict_image(s, predictor, region=region, options=PredictOptions(
-                tissue_only=False, overlay=False, batch_size=batch_size, io_threads=threads))
+                tissue_only=False, batch_size=batch_size, io_threads=threads))
             return pred, time.perf_counter() - t0
 
         pred, sec = e2e(io_threads)

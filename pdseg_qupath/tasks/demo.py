@@ -17,9 +17,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
-
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.events import SILENT, Events
+from pdseg_qupath.learn.options import PredictOptions, TrainOptions
+from pdseg_qupath.learn.runtime import resolve_device
+from pdseg_qupath.sources.inputs import open_source
+from pdseg_qupath.sources.qupath.geojson import read_geojson
+from pdseg_qupath.sources.qupath.project import QuPathProjectSource, create_project
+from pdseg_qupath.tasks.evaluate import evaluate
+from pdseg_qupath.tasks.predict import predict
+from pdseg_qupath.tasks.train import train
 
 EXAMPLE_IMAGE = "CMU-1-Small-Region.svs"
 PREFERENCE_GPU = ("pathsegdiff-brca-20x", "zoomldm", "base", "small")
@@ -27,7 +34,7 @@ PREFERENCE_GPU = ("pathsegdiff-brca-20x", "zoomldm", "base", "small")
 ``small`` runs in the demo's time budget (the paper's model takes ~25 s per tile there)."""
 
 SETUP_MESSAGE = """\
-[bold]Next steps[/bold]
+Next steps
 • The paper's backbone (PathSegDiff, BRCA 20x LDM, ~400 M parameters) is not bundled. Download the
   Large-Image-Diffusion BRCA 20x checkpoint and its YAML (github.com/cvlab-stonybrook/Large-Image-Diffusion),
   then convert it once:
@@ -63,8 +70,8 @@ def default_examples_dir() -> Path:
 
 def choose_demo_backbone(device: str) -> str:
     """The best backbone with installed weights that fits the demo's budget on this device."""
-    from pdseg_qupath.backbone.model import MANIFEST, SHIPPED_WEIGHTS
-
+    from pdseg_qupath.backbone.folder import MANIFEST
+    from pdseg_qupath.backbone.spec import SHIPPED_WEIGHTS
     candidates = PREFERENCE_GPU if device.startswith("cuda") else ("small",)
     for name in candidates:
         if (SHIPPED_WEIGHTS / name / MANIFEST).is_file():
@@ -92,18 +99,10 @@ def run_demo(
     device: str = "auto",
     epochs: int = 20,
     examples_dir: str | Path | None = None,
-    console: Console | None = None,
-    progress=None,
+    events: Events = SILENT,
 ) -> DemoResult:
     """Train → predict → evaluate on the bundled example; returns where everything went."""
-    from pdseg_qupath.tasks.evaluate import evaluate
-    from pdseg_qupath.learn.cache import resolve_device
-    from pdseg_qupath.tasks.predict import predict_source
-    from pdseg_qupath.sources.base import open_source
-    from pdseg_qupath.tasks.train import TrainOptions, train_model
-
     t0 = time.perf_counter()
-    console = console or Console()
     ex = Path(examples_dir) if examples_dir is not None else default_examples_dir()
     slide = ex / EXAMPLE_IMAGE
     train_json = ex / f"{slide.stem}.geojson"
@@ -117,78 +116,60 @@ def run_demo(
     dev = resolve_device(device)
     spec = backbone or choose_demo_backbone(dev)
     timings: dict[str, float] = {}
-
     staged = _stage(slide, out / "data" / "train", train_json)
     val = _stage(slide, out / "data" / "validation", val_json)
-    console.rule("[bold]1/3 train")
+
+    # 1. Train on the sparse training polygons.
+    events.section("1/3 train")
     t = time.perf_counter()
     opts = TrainOptions(tiles_per_class=24, views=2, patience=6, max_val_tiles=16)
-    res = train_model(open_source(staged), out / "model", backbone=spec, mpp=0.5, epochs=epochs, device=dev,
-                      seed=0, options=opts, console=console, progress=progress)
+    res = train(open_source(staged), out / "model", backbone=spec, mpp=0.5, epochs=epochs, device=dev,
+                seed=0, options=opts, events=events)
     timings["train_s"] = time.perf_counter() - t
 
-    console.rule("[bold]2/3 predict the whole slide")
+    # 2. Predict the whole slide.
+    events.section("2/3 predict the whole slide")
     t = time.perf_counter()
-    pred = predict_source(open_source(staged), out / "model", out_dir=out / "predictions", device=dev,
-                          tissue_only=True, simplify=1.0, min_area_um2=50.0, write_back=False,
-                          console=console, progress=progress)
+    pred = predict(open_source(staged), out / "model", out_dir=out / "predictions", device=dev, write_back=False,
+                   options=PredictOptions(simplify=1.0, min_area_um2=50.0, overlay=True), events=events)
     timings["predict_s"] = time.perf_counter() - t
     image = pred.images[0]
     if image.error:
         raise PdsegError(f"{slide}: prediction failed ({image.error})")
 
-    console.rule("[bold]3/3 evaluate on the validation polygons")
+    # 3. Evaluate on the separate validation polygons.
+    events.section("3/3 evaluate on the validation polygons")
     t = time.perf_counter()
-    metrics = evaluate(open_source(val), out / "model", out / "evaluation", device=dev, console=console,
-                       progress=progress, notes=["validation polygons drawn separately from the training ones"])
+    metrics = evaluate(open_source(val), out / "model", out / "evaluation", device=dev, events=events,
+                       notes=["validation polygons drawn separately from the training ones"])
     timings["evaluate_s"] = time.perf_counter() - t
 
-    qp_path, qp_msg = _qupath_project(out / "qupath-project", slide, staged, out / "predictions", console)
+    qp_path, qp_msg = _qupath_project(out / "qupath-project", slide, staged, image.geojson, events)
     seconds = time.perf_counter() - t0
-    console.rule("[bold]done")
-    console.print(f"backbone: [bold]{res.backbone_label}[/bold]")
-    console.print(f"QuPath GeoJSON: {image.geojson}")
-    console.print(f"overlay: {image.overlay}")
-    console.print(f"metrics: {out / 'evaluation' / 'metrics.json'} (mIoU {metrics['miou']:.3f}, "
-                  f"accuracy {metrics['accuracy']:.3f})")
-    console.print(f"QuPath project: {qp_path or qp_msg}")
-    console.print(f"total {seconds:.0f} s ({', '.join(f'{k[:-2]} {v:.0f} s' for k, v in timings.items())})")
-    console.print(SETUP_MESSAGE)
+    events.section("done")
+    for line in (f"backbone: {res.backbone_label}", f"QuPath GeoJSON: {image.geojson}", f"overlay: {image.overlay}",
+                 f"metrics: {out / 'evaluation' / 'metrics.json'} (mIoU {metrics['miou']:.3f}, "
+                 f"accuracy {metrics['accuracy']:.3f})", f"QuPath project: {qp_path or qp_msg}",
+                 f"total {seconds:.0f} s ({', '.join(f'{k[:-2]} {v:.0f} s' for k, v in timings.items())})",
+                 SETUP_MESSAGE):
+        events.message(line)
     return DemoResult(out, spec, res.backbone_label, out / "model", image.geojson, image.overlay, pred.areas_csv,
                       metrics, out / "evaluation", qp_path, qp_msg, seconds, timings)
 
 
-def _qupath_project(path: Path, slide: Path, staged: Path, predictions: Path, console: Console) -> tuple[Path | None, str]:
+def _qupath_project(path: Path, slide: Path, staged: Path, predictions: Path, events: Events) -> tuple[Path | None, str]:
     """A QuPath project with the slide, the training annotations and the predictions (needs QuPath)."""
-    try:
-        from paquo.classes import QuPathPathClass
-        from paquo.images import QuPathImageType
-        from paquo.projects import QuPathProject
-    except Exception as exc:  # paquo raises several types when QuPath is absent
-        return None, f"not written: QuPath not found ({type(exc).__name__}); set PAQUO_QUPATH_DIR to a QuPath 0.5/0.6"
-    from pdseg_qupath.sources.qupath.geojson import read_geojson
-    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
-
     try:
         if path.exists():
             shutil.rmtree(path)
         anns, _ = read_geojson(staged / f"{slide.stem}.geojson")
-        with QuPathProject(path, mode="x") as qp:
-            entry = qp.add_image(slide.resolve(), image_type=QuPathImageType.BRIGHTFIELD_H_E)
-            classes = {}
-            for a in anns:
-                if a.classification and a.classification not in classes:
-                    classes[a.classification] = QuPathPathClass(a.classification, color=tuple(a.color) if a.color else None)
-            for a in anns:
-                entry.hierarchy.add_annotation(roi=a.geometry, path_class=classes.get(a.classification))
-            qp.path_classes = list(classes.values())
-        preds, _ = read_geojson(predictions / f"{slide.name}.geojson")
-        src = QuPathProjectSource(path, writable=True)
-        try:
+        qpproj = create_project(path, [(slide, anns)])
+        preds, _ = read_geojson(predictions)
+        with QuPathProjectSource(qpproj, writable=True) as src:
             src.write_predictions(src.images()[0], preds)
-        finally:
-            src.close()
-        return path / "project.qpproj", "written"
-    except Exception as exc:  # noqa: BLE001 - the project is a bonus; the demo's other outputs stand
-        console.print(f"[yellow]QuPath project not written: {exc}")
+        return qpproj, "written"
+    except PdsegError as exc:  # the project is a bonus; the demo's other outputs stand
+        if "QuPath not available" in str(exc):
+            return None, "not written: QuPath not found; set PAQUO_QUPATH_DIR to a QuPath 0.5/0.6"
+        events.message(f"QuPath project not written: {exc}", "warn")
         return None, f"not written: {exc}"

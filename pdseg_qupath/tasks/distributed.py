@@ -1,6 +1,6 @@
 """Cohort prediction on a Dask cluster (``pip install pdseg-qupath[distributed]``).
 
-Each slide is one Dask task running :func:`pdseg_qupath.tasks.cohort.predict_job` on a worker. When the
+Each slide is one Dask task running :func:`pdseg_qupath.tasks.predict.predict_job` on a worker. When the
 cluster's workers advertise a ``GPU`` resource (``dask worker ... --resources GPU=1``), tasks ask for
 ``{"GPU": 1}``, so each GPU runs one slide at a time; CPU-only clusters run tasks without resources.
 Dask does the scheduling, retries tasks of lost workers and moves only tiny rows: the slides and the
@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.learn.options import PredictOptions
+from pdseg_qupath.learn.runtime import resolve_device
+from pdseg_qupath.sources.base import ImageRecord
+from pdseg_qupath.tasks.predict import open_predictor, predict_job
 
 INSTALL_HELP = "cluster prediction needs Dask distributed: pip install 'pdseg-qupath[distributed]'"
 
@@ -53,19 +57,14 @@ def cluster_task(job: dict, model_path: str, out_dir: str, options: dict, worker
     """Run on a worker: predict one slide into the shared folder; return its summary row."""
     import torch
 
-    from pdseg_qupath.tasks.cohort import CohortOptions, SlideJob, predict_job
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto")
     if device == "cpu":
         # CPU workers on one host share its cores instead of each starting one thread per core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers_by_host.get(_host(), 1)))
     key = (model_path, device)
     if key not in _PREDICTORS:
-        from pdseg_qupath.learn.modelio import load_model
-        from pdseg_qupath.tasks.predict import Predictor
-
-        _PREDICTORS[key] = Predictor(load_model(model_path), device, batch_size)
-    row = predict_job(SlideJob(**job), _PREDICTORS[key], out_dir, CohortOptions(**options))
+        _PREDICTORS[key] = open_predictor(model_path, device, batch_size)
+    row = predict_job(ImageRecord(**job), _PREDICTORS[key], out_dir, PredictOptions(**options))
     row["device"] = f"{_host()}/{device}"
     return row
 
@@ -107,7 +106,7 @@ def run_on_cluster(cluster: str | Any, todo: Sequence, model_path: str, out: Pat
             try:
                 row = fut.result()
             except Exception as exc:  # noqa: BLE001 - a lost worker or an import failure on it
-                row = {"slide": job.name, "status": "failed", "path": job.path,
+                row = {"slide": job.name, "status": "failed", "path": str(job.path or job.uri),
                        "error": f"cluster task failed: {type(exc).__name__}: {exc}"}
             record(row)
             prog.add_tiles(int(row.get("tiles") or 0))

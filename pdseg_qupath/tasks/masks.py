@@ -1,7 +1,9 @@
-"""``pdseg-qupath masks``: every image of a source → label masks, one classes.json, and a summary.
+"""``masks``: every image of a source → label masks, one classes.json, and a summary.
 
-The class map is decided once for the whole source (``--classes`` order, else all classes used, sorted),
-so index k means the same class in every file. Per-image failures are recorded and the others go on.
+The steps: (1) read every image's annotations; (2) decide the class map once for the whole source
+(``--classes`` order, else all classes used, sorted), so index k means the same class in every file;
+(3) write each image's masks (:mod:`pdseg_qupath.outputs.masks`); (4) write ``classes.json``.
+Per-image failures are recorded and the others go on.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from rich.progress import Progress
-
-from pdseg_qupath.core.annotations import Annotation, ClassInfo, ClassMap, ReadReport
+from pdseg_qupath.core.annotations import Annotation, ClassMap, ReadReport
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.events import SILENT, Events
+from pdseg_qupath.core.slide import open_slide
+from pdseg_qupath.learn.data import source_class_map
 from pdseg_qupath.outputs.masks import MaskExportStats, export_image_masks, write_classes_json
-from pdseg_qupath.sources.base import ImageRecord, open_source
+from pdseg_qupath.sources.base import AnnotationSource, ImageRecord
 
 
 @dataclass
@@ -33,86 +36,74 @@ class MasksResult:
     classes_json: Path | None = None
 
 
-def build_class_map(
-    annotations: Sequence[Annotation], names: Sequence[str] | None, colors: dict[str, tuple[int, int, int]]
-) -> ClassMap:
-    """Class map for a whole source; the project's own class colours win over per-file ones."""
-    try:
-        cmap = ClassMap.from_annotations(annotations, names)
-    except ValueError as exc:
-        raise PdsegError(f"--classes: {exc}") from None
-    if not len(cmap):
-        raise PdsegError("no classified area annotations found: nothing to learn from or export")
-    return ClassMap(tuple(ClassInfo(c.name, colors.get(c.name, c.color)) for c in cmap.classes))
-
-
-def export_source_masks(
-    source_path: Path,
-    out_dir: Path,
+def masks(
+    source: AnnotationSource,
+    out_dir: str | Path,
     *,
     mpp: float,
     image_mpp: float | None = None,
     tile_size: int = 4096,
     classes: Sequence[str] | None = None,
     overlay: bool = False,
-    progress: Progress | None = None,
+    events: Events = SILENT,
 ) -> MasksResult:
-    """Rasterize the annotations of every image in ``source_path`` at ``mpp`` µm/px into ``out_dir``."""
-    from pdseg_qupath.core.slide import open_slide
-
-    if mpp <= 0:
+    """Rasterize the annotations of every image of ``source`` at ``mpp`` µm/px into ``out_dir``."""
+    if not mpp > 0:
         raise PdsegError(f"--mpp must be positive, got {mpp}")
-    source = open_source(source_path)
-    try:
-        records = source.images()
-        rows: dict[str, MaskRow] = {}
-        loaded: list[tuple[ImageRecord, list[Annotation]]] = []
-        for rec in records:
-            row = rows.setdefault(rec.name, MaskRow(rec.name))
-            if rec.error:
-                row.error = rec.error
-                continue
-            try:
-                anns, row.report = source.read_annotations(rec)
-            except PdsegError as exc:
-                row.error = str(exc)
-                continue
-            loaded.append((rec, anns))
+    # 1. Every image's annotations.
+    rows: dict[str, MaskRow] = {}
+    loaded: list[tuple[ImageRecord, list[Annotation]]] = []
+    for rec in source.images():
+        row = rows.setdefault(rec.name, MaskRow(rec.name))
+        if rec.error:
+            row.error = rec.error
+            continue
         try:
-            cmap = build_class_map([a for _, anns in loaded for a in anns], classes, source.class_colors())
+            anns, row.report = source.read_annotations(rec)
         except PdsegError as exc:
-            failed = [f"{r.image}: {r.error}" for r in rows.values() if r.error]
-            raise PdsegError("\n".join([str(exc), *failed])) from None
-        task = progress.add_task("masks", total=len(loaded)) if progress else None
-        for rec, anns in loaded:
-            row = rows[rec.name]
-            try:
-                slide_mpp = rec.mpp or image_mpp
-                if slide_mpp is None or rec.width is None or rec.height is None or overlay:
-                    slide = open_slide(rec.path, mpp=rec.mpp, fallback_mpp=image_mpp) if rec.path else None
-                    if slide is None:
-                        raise PdsegError(f"{rec.name}: image is not a local file ({rec.uri})")
-                    slide_mpp, size, reader = slide.mpp, (slide.width, slide.height), slide.read
-                else:
-                    slide, size, reader = None, (rec.width, rec.height), None
-                sub = progress.add_task(f"  {rec.name}", total=None) if progress else None
-                try:
-                    row.stats = export_image_masks(
-                        size, slide_mpp, anns, cmap, out_dir, rec.name, mpp=mpp, tile_size=tile_size,
-                        on_tile=(lambda d, t: progress.update(sub, completed=d, total=t)) if progress else None,
-                        overlay_reader=reader if overlay else None,
-                    )
-                finally:
-                    if progress:
-                        progress.remove_task(sub)
-                    if slide is not None:
-                        slide.close()
-            except PdsegError as exc:
-                row.error = str(exc)
-            if progress:
-                progress.advance(task)
-        result = MasksResult(cmap, list(rows.values()))
-        result.classes_json = write_classes_json(out_dir, cmap, mpp)
-        return result
+            row.error = str(exc)
+            continue
+        loaded.append((rec, anns))
+    # 2. One class map for the whole source.
+    try:
+        cmap = source_class_map([a for _, anns in loaded for a in anns], classes, source.class_colors())
+        if not len(cmap):
+            raise PdsegError("no classified area annotations found: nothing to learn from or export")
+    except PdsegError as exc:
+        failed = [f"{r.image}: {r.error}" for r in rows.values() if r.error]
+        raise PdsegError("\n".join([str(exc), *failed])) from None
+    # 3. Each image's masks.
+    step = events.step("masks", total=len(loaded))
+    for rec, anns in loaded:
+        row = rows[rec.name]
+        try:
+            row.stats = _export_one(rec, anns, cmap, Path(out_dir), mpp, image_mpp, tile_size, overlay, events)
+        except PdsegError as exc:
+            row.error = str(exc)
+        step.advance()
+    step.close()
+    # 4. classes.json.
+    result = MasksResult(cmap, list(rows.values()))
+    result.classes_json = write_classes_json(out_dir, cmap, mpp)
+    return result
+
+
+def _export_one(rec: ImageRecord, anns: list[Annotation], cmap: ClassMap, out_dir: Path, mpp: float,
+                image_mpp: float | None, tile_size: int, overlay: bool, events: Events) -> MaskExportStats:
+    """One image's masks; the slide is opened only when its size or pixel size is not recorded, or to draw."""
+    slide = None
+    if (rec.mpp or image_mpp) is None or rec.width is None or rec.height is None or overlay:
+        if rec.path is None:
+            raise PdsegError(f"{rec.name}: image is not a local file ({rec.uri})")
+        slide = open_slide(rec.path, mpp=rec.mpp, fallback_mpp=image_mpp)
+    step = events.step(f"  {rec.name}")
+    try:
+        size = (slide.width, slide.height) if slide else (rec.width, rec.height)
+        return export_image_masks(size, slide.mpp if slide else (rec.mpp or image_mpp), anns, cmap, out_dir,
+                                  rec.name, mpp=mpp, tile_size=tile_size,
+                                  on_tile=lambda d, n: step.set_total(n, done=d),
+                                  overlay_reader=slide.read if (slide and overlay) else None)
     finally:
-        source.close()
+        step.close()
+        if slide is not None:
+            slide.close()

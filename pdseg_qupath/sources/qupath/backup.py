@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pdseg_qupath.core.errors import PdsegError
-from pdseg_qupath.sources.qupath.names import PDSEG_DIR
+from pdseg_qupath.core.names import PDSEG_DIR
 
 PROJECT_FILES = ("project.qpproj", "classifiers/classes.json")
 """Project-level files a write-back may change (the class list is rewritten when classes are added)."""

@@ -17,9 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from pdseg_qupath.core.annotations import PDSEG_MARKER, RGB, Annotation, ReadReport
+from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, is_pdseg_name, prediction_name
 from pdseg_qupath.core.errors import PdsegError
-from pdseg_qupath.sources.base import ImageRecord, WriteReport
+from pdseg_qupath.core.names import PDSEG_DIR
+from pdseg_qupath.sources.base import IMAGE_SUFFIXES, ImageRecord, WriteReport
 from pdseg_qupath.sources.qupath.geojson import (
     annotation_to_feature,
     atomic_write_text,
@@ -28,14 +29,9 @@ from pdseg_qupath.sources.qupath.geojson import (
     raw_features,
     read_geojson,
 )
-from pdseg_qupath.sources.qupath.qpproj import prediction_name
 
-IMAGE_SUFFIXES: tuple[str, ...] = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff", ".png", ".jpg", ".jpeg"
-)
-"""Images tiffslide or PIL open. MIRAX (.mrxs) is left out: its pixels live in a side folder tiffslide can't read."""
 
-PREDICTIONS_DIR = Path("pdseg") / "predictions"
+PREDICTIONS_DIR = Path(PDSEG_DIR) / "predictions"
 
 
 class GeoJSONFolder:
@@ -201,5 +197,4 @@ class GeoJSONFolder:
 
 def _is_pdseg_feature(feature: Any) -> bool:
     props = feature.get("properties") if isinstance(feature, dict) else None
-    name = props.get("name") if isinstance(props, dict) else None
-    return isinstance(name, str) and name.startswith(PDSEG_MARKER)
+    return is_pdseg_name(props.get("name") if isinstance(props, dict) else None)

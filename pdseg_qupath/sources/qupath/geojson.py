@@ -23,9 +23,10 @@ from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity
 
-from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, default_color, polygonal_part
+from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, default_color
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.fileio import atomic_write_text
+from pdseg_qupath.core.geometry import repair
 
 __all__ = [
     "read_geojson",
@@ -356,7 +357,7 @@ def _area(geometry: Any, label: str, report: ReadReport) -> BaseGeometry | None:
     if geom.is_valid:
         return geom
     reason = explain_validity(geom)
-    fixed = polygonal_part(shapely.make_valid(geom))
+    fixed = repair(geom)
     if fixed is None:
         report.skipped_empty += 1
         report.messages.append(f"{label} skipped: invalid geometry ({reason}) has no area once repaired")

@@ -10,19 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, default_color
+from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, default_color, is_pdseg_name, prediction_name
+from pdseg_qupath.core.geometry import clean_geometry
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.sources.base import ImageRecord, WriteReport
 from pdseg_qupath.sources.qupath.backup import ProjectBackup
-from pdseg_qupath.sources.qupath.names import safe_filename
 from pdseg_qupath.sources.qupath.qpproj import (
-    clean_geometry,
-    is_pdseg_name,
     missing_classes,
     mpp_from_builder,
     mpp_from_pair,
     path_from_file_uri,
-    prediction_name,
     project_file,
     read_server_builders,
     read_server_json,
@@ -31,7 +28,7 @@ from pdseg_qupath.sources.qupath.qpproj import (
     split_class_name,
 )
 
-__all__ = ["QuPathProjectSource", "safe_filename", "NO_QUPATH_HELP"]
+__all__ = ["QuPathProjectSource", "create_project", "NO_QUPATH_HELP"]
 
 NO_QUPATH_HELP = (
     "Reading a QuPath project needs QuPath itself (paquo drives QuPath's Java code). Install QuPath 0.5 or "
@@ -48,6 +45,7 @@ class _Paquo:
         try:
             from paquo.classes import QuPathPathClass
             from paquo.hierarchy import QuPathPathObjectHierarchy
+            from paquo.images import QuPathImageType
             from paquo.pathobjects import QuPathPathAnnotationObject
             from paquo.projects import QuPathProject
         except Exception as e:  # paquo raises ValueError/OSError/RuntimeError when QuPath is not found
@@ -56,6 +54,7 @@ class _Paquo:
         self.QuPathPathClass = QuPathPathClass
         self.QuPathPathObjectHierarchy = QuPathPathObjectHierarchy
         self.QuPathPathAnnotationObject = QuPathPathAnnotationObject
+        self.QuPathImageType = QuPathImageType
 
 
 def _server_mpp(entry: Any) -> float | None:
@@ -390,3 +389,24 @@ class QuPathProjectSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def create_project(path: str | Path, images: Sequence[tuple[Path, Sequence[Annotation]]]) -> Path:
+    """A new QuPath project at ``path`` holding ``images`` (brightfield H&E) with their annotations as
+    the user's own; returns its ``project.qpproj``. Needs QuPath (:class:`PdsegError` says how to get it)."""
+    pq = _Paquo()
+    path = Path(path)
+    try:
+        with pq.QuPathProject(path, mode="x") as qp:
+            classes: dict[str, Any] = {}
+            for image, anns in images:
+                entry = qp.add_image(Path(image).resolve(), image_type=pq.QuPathImageType.BRIGHTFIELD_H_E)
+                for a in anns:
+                    if a.classification and a.classification not in classes:
+                        classes[a.classification] = pq.QuPathPathClass(
+                            a.classification, color=tuple(a.color) if a.color else None)
+                    entry.hierarchy.add_annotation(roi=a.geometry, path_class=classes.get(a.classification))
+            qp.path_classes = list(classes.values())
+    except Exception as e:
+        raise PdsegError(f"{path}: QuPath could not create the project ({type(e).__name__}: {e})") from e
+    return path / "project.qpproj"

@@ -14,11 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import unquote, urlsplit
 
-import shapely
-from shapely.geometry.base import BaseGeometry
-
-from pdseg_qupath.core.annotations import PDSEG_MARKER, Annotation, polygonal_part
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.sources.base import ImageRecord
 
 MICROMETER_UNITS = {"µm", "μm", "um", "micron", "microns", "micrometer", "micrometre"}
 """Units QuPath (``PixelCalibration.MICROMETER`` is U+00B5) or a hand-edited file may use for µm."""
@@ -156,18 +153,6 @@ def read_server_json(entry_dir: Path) -> dict | None:
 # --------------------------------------------------------------------------------------- classes & names
 
 
-def is_pdseg_name(name: str | None) -> bool:
-    """True for an object pdseg wrote (its name starts with the marker); only these are ever replaced."""
-    return bool(name) and str(name).startswith(PDSEG_MARKER)
-
-
-def prediction_name(a: Annotation) -> str:
-    """The name a prediction object gets in QuPath: always starts with the pdseg marker."""
-    if is_pdseg_name(a.name):
-        return str(a.name)
-    return f"{PDSEG_MARKER} {a.name or a.classification or 'unclassified'}"
-
-
 def split_class_name(name: str) -> list[str]:
     """``"Tumor: Positive"`` → ``["Tumor", "Positive"]``: QuPath's derived classes joined by ``": "``."""
     return [part.strip() for part in str(name).split(":") if part.strip()]
@@ -184,24 +169,33 @@ def missing_classes(existing: Iterable[str], wanted: Iterable[str | None]) -> li
     return out
 
 
-# --------------------------------------------------------------------------------------------- geometry
+def project_images(path: str | Path) -> list[ImageRecord]:
+    """The images of a ``.qpproj``, read as JSON (no QuPath needed), with the pixel size QuPath recorded.
 
-
-def clean_geometry(geom: BaseGeometry | None) -> tuple[BaseGeometry | None, str]:
-    """An area geometry ready for rasterizing, and what was done: ``ok``, ``repaired``, or why it was
-    dropped: ``point``, ``line``, ``empty`` (nothing with area, also after repair) or ``other``.
+    Images pdseg cannot read as QuPath shows them (not a local file; a rotated, cropped or stitched
+    view) carry ``error``.
     """
-    if geom is None or geom.is_empty:
-        return None, "empty"
-    kind = geom.geom_type
-    if kind in ("Point", "MultiPoint"):
-        return None, "point"
-    if kind in ("LineString", "MultiLineString", "LinearRing"):
-        return None, "line"
-    if kind not in ("Polygon", "MultiPolygon", "GeometryCollection"):
-        return None, "other"
-    if geom.is_valid:
-        area = polygonal_part(geom) if kind == "GeometryCollection" else geom
-        return (area, "ok") if area is not None and area.area > 0 else (None, "empty")
-    fixed = polygonal_part(shapely.make_valid(geom))
-    return (fixed, "repaired") if fixed is not None else (None, "empty")
+    qp = project_file(path)
+    try:
+        data = json.loads(qp.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PdsegError(f"{qp}: cannot read this QuPath project ({e})") from None
+    records = []
+    for i, img in enumerate(data.get("images", []) if isinstance(data, dict) else []):
+        builder = img.get("serverBuilder") if isinstance(img, dict) else None
+        name = str(img.get("imageName") or f"image #{i + 1}") if isinstance(img, dict) else f"image #{i + 1}"
+        uri = uri_from_builder(builder) or ""
+        local = path_from_file_uri(uri) if uri else None
+        rec = ImageRecord(name=name, uri=uri, path=local, mpp=mpp_from_builder(builder))
+        size = size_from_builder(builder)
+        if size:
+            rec.width, rec.height = size
+        problem = server_problem(builder)
+        if problem:
+            rec.error = problem
+        elif local is None:
+            rec.error = f"not a local file ({uri})"
+        records.append(rec)
+    if not records:
+        raise PdsegError(f"{qp}: the project has no images")
+    return records

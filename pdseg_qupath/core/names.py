@@ -1,0 +1,52 @@
+"""File names derived from image names: the one place that decides what an output file is called.
+
+Two rules, each for a reason:
+
+- :func:`output_name`: pdseg's own per-image outputs (predictions GeoJSON, overlays, class maps, reports)
+  keep the whole image name, extension included (``a.svs`` → ``a.svs.geojson``), with characters that
+  some file systems refuse replaced by ``_``. ``groovy/*.groovy`` apply the same rule, so QuPath finds
+  the files pdseg writes.
+- :func:`qupath_export_basename`: label masks are named the way QuPath names its own exports (the image
+  name without its extension, invalid characters dropped), so they line up with tiles QuPath exports.
+"""
+
+from __future__ import annotations
+
+import re
+
+PDSEG_DIR = "pdseg"
+"""Folder beside a source (inside a QuPath project, or a folder of images) that holds what pdseg writes."""
+
+UNSAFE_CHARS = '/\\:*?"<>|'
+"""Characters not allowed in file names on some OS; each becomes ``_``. Same rule in ``groovy/*.groovy``."""
+
+_UNSAFE = re.compile("[" + re.escape(UNSAFE_CHARS) + "]")
+
+# Extensions QuPath's GeneralTools.getNameWithoutExtension would strip; multi-part ones first.
+_IMAGE_EXTENSIONS = (
+    ".ome.tiff", ".ome.tif", ".ome.zarr", ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
+    ".bif", ".svslide", ".czi", ".qptiff", ".dcm", ".isyntax", ".png", ".jpg", ".jpeg", ".bmp", ".gif",
+    ".jp2", ".zarr", ".lif", ".nd2", ".vsi",
+)
+_INVALID_CHARS = re.compile(r'[\\/:*?"<>|\n\r\t]')
+
+
+def safe_filename(name: str) -> str:
+    """``name`` with each of ``/\\:*?"<>|`` replaced by ``_`` (QuPath image names may contain them)."""
+    return _UNSAFE.sub("_", name)
+
+
+def output_name(image_name: str, suffix: str) -> str:
+    """The file name of a per-image output: ``safe_filename(image_name) + suffix`` (e.g. ``.geojson``)."""
+    return safe_filename(image_name) + suffix
+
+
+def qupath_export_basename(image_name: str) -> str:
+    """The base name QuPath gives exports of an image: no image extension, no characters invalid in files."""
+    name = image_name
+    low = name.lower()
+    for ext in _IMAGE_EXTENSIONS:
+        if low.endswith(ext) and len(name) > len(ext):
+            name = name[: -len(ext)]
+            break
+    return _INVALID_CHARS.sub("", name) or "image"

@@ -1,0 +1,219 @@
+"""The head's training loop on cached pixels: cross-entropy, AdamW, early stopping on validation mIoU.
+
+One epoch is one pass over the cached training pixels in shuffled batches; the validation pixels (or,
+without a validation split, the training pixels) are scored after each epoch and the best epoch's
+weights are kept. The per-epoch state is checkpointed through :class:`~pdseg_qupath.learn.resume.Resume`
+so an interrupted run continues where it stopped, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pdseg_qupath.core.annotations import IGNORE
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.metrics import Confusion, scores
+from pdseg_qupath.learn.head import FCNHead, HeadConfig
+from pdseg_qupath.learn.options import TrainOptions
+from pdseg_qupath.learn.resume import Resume
+
+EVAL_CHUNK = 65536
+
+
+def class_weights(spec: Any, counts: np.ndarray) -> torch.Tensor | None:
+    """Loss weight per class: None, "balanced" (inverse frequency of cached pixels), or one per class."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec != "balanced":
+            raise PdsegError(f"class weights {spec!r}: use 'balanced' or one number per class")
+        freq = counts / max(1, counts.sum())
+        w = np.where(freq > 0, 1.0 / np.maximum(freq, 1e-12), 0.0)
+        w = w / w[w > 0].mean()
+        return torch.tensor(w, dtype=torch.float32)
+    w = np.asarray(list(spec), dtype=np.float32)
+    if len(w) != len(counts) or (w < 0).any():
+        raise PdsegError(f"class weights {list(spec)}: need {len(counts)} non-negative numbers, one per class")
+    return torch.from_numpy(w)
+
+
+def logit_adjustment(prior: np.ndarray, sampled: np.ndarray) -> torch.Tensor:
+    """log(prior / sampled share) per class (0 where either is empty): added to the head's logits."""
+    s = sampled / max(1.0, float(sampled.sum()))
+    ok = (prior > 0) & (s > 0)
+    adj = np.zeros(len(prior), dtype=np.float64)
+    adj[ok] = np.log(prior[ok] / s[ok])
+    return torch.tensor(adj, dtype=torch.float32)
+
+
+def evaluate_pixels(head: FCNHead, data: dict[str, torch.Tensor], n_classes: int, device: str,
+                    weight: torch.Tensor | None, rgb_skip: bool,
+                    adjust: torch.Tensor | None = None) -> tuple[float, Confusion]:
+    """Mean cross-entropy and the confusion matrix of the head on cached pixels."""
+    head.eval()
+    conf = Confusion(n_classes)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(data["labels"]), EVAL_CHUNK):
+            f = data["features"][i : i + EVAL_CHUNK].to(device).float()
+            y = data["labels"][i : i + EVAL_CHUNK].to(device).long()
+            rgb = data["rgb"][i : i + EVAL_CHUNK].to(device).float() if rgb_skip else None
+            logits = head.forward_pixels(f, rgb)
+            if adjust is not None:
+                logits = logits + adjust
+            total += F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE, reduction="sum").item()
+            n += int((y != IGNORE).sum())
+            conf.update(y.cpu().numpy(), logits.argmax(1).cpu().numpy())
+    return total / max(1, n), conf
+
+
+def epoch_row(epoch: int, train_loss: float, val_loss: float | None, sc: dict) -> dict:
+    """One line of the training history (what the epoch table and the curve show)."""
+    return {
+        "epoch": epoch,
+        "loss": train_loss,
+        "val_loss": val_loss,
+        "accuracy": sc["accuracy"],
+        "miou": sc["miou"],
+        "macro_dice": sc["macro_dice"],
+        "per_class": {k: {"dice": v["dice"], "iou": v["iou"], "pixels": v["pixels"]} for k, v in sc["per_class"].items()},
+    }
+
+
+@dataclass
+class FitState:
+    """What one epoch hands to the next (and the checkpoint keeps)."""
+
+    history: list[dict]
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: int = 0
+    best_score: float = -1.0
+    stale: int = 0
+    epoch: int = 0
+
+
+@dataclass
+class FitResult:
+    head: FCNHead
+    history: list[dict]
+    best_epoch: int
+    best: dict
+    stopped_early: bool
+    resumed_after: int = 0
+    """The epoch an earlier, interrupted run had finished (0: started afresh)."""
+
+
+def new_head(config: HeadConfig, features: torch.Tensor, seed: int) -> FCNHead:
+    """A head with fresh weights (seeded) and per-channel feature statistics from the training pixels."""
+    torch.manual_seed(seed)
+    head = FCNHead(config)
+    f32 = features.float()
+    head.set_normalization(f32.mean(0), f32.std(0))
+    return head
+
+
+def _restore(resume: Resume, head: FCNHead, optim: torch.optim.Optimizer, device: str,
+             messages: list[str]) -> FitState:
+    state = FitState([])
+    try:
+        ck = resume.load_checkpoint(device)
+        if ck is None:
+            return state
+        head.load_state_dict(ck["head"])
+        optim.load_state_dict(ck["optim"])
+        return FitState(json.loads(ck["history"]), ck["best_state"], int(ck["best_epoch"]), float(ck["best_score"]),
+                        int(ck["stale"]), int(ck["epoch"]))
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint only costs the head epochs
+        messages.append(f"{resume.checkpoint}: unreadable ({exc}); training the head from epoch 1")
+        return FitState([])
+
+
+def _train_epoch(head: FCNHead, optim: torch.optim.Optimizer, feats: torch.Tensor, labels: torch.Tensor,
+                 rgb: torch.Tensor | None, weight: torch.Tensor | None, batch: int, seed: int, epoch: int,
+                 device: str) -> float:
+    head.train()
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    torch.manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(len(labels), generator=g).to(device)
+    total, count = 0.0, 0
+    for i in range(0, len(labels), batch):
+        b = perm[i : i + batch]
+        logits = head.forward_pixels(feats[b].float(), rgb[b].float() if rgb is not None else None)
+        loss = F.cross_entropy(logits, labels[b], weight=weight, ignore_index=IGNORE)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        total += loss.item() * len(b)
+        count += len(b)
+    return total / max(1, count)
+
+
+def fit_head(
+    head: FCNHead,
+    train: dict[str, torch.Tensor],
+    val: dict[str, torch.Tensor] | None,
+    class_names: list[str],
+    opts: TrainOptions,
+    *,
+    epochs: int,
+    seed: int,
+    device: str,
+    weight: torch.Tensor | None,
+    adjust: torch.Tensor | None,
+    resume: Resume,
+    messages: list[str],
+    on_epoch: Callable[[dict, FitState, bool], None] | None = None,
+) -> FitResult:
+    """Train ``head`` for up to ``epochs`` epochs; keep the best epoch (by validation mIoU), with the
+    prior shift ``adjust`` folded into its output bias. ``on_epoch(row, state, new)`` sees every epoch
+    before its checkpoint is written, and first (``new`` False) those an interrupted run had finished."""
+    k = len(class_names)
+    head.to(device)
+    weight = weight.to(device) if weight is not None else None
+    adj_dev = adjust.to(device) if adjust is not None else None
+    optim = torch.optim.AdamW(head.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    state = _restore(resume, head, optim, device, messages)
+    resumed_after = state.epoch
+    for row in state.history:
+        if on_epoch is not None:
+            on_epoch(row, state, False)
+    feats, labels = train["features"].to(device), train["labels"].to(device).long()
+    rgb = train["rgb"].to(device) if opts.rgb_skip else None
+    stopped_early = False
+    for epoch in range(state.epoch + 1, epochs + 1):
+        if state.stale >= opts.patience:
+            stopped_early = True
+            break
+        loss = _train_epoch(head, optim, feats, labels, rgb, weight, opts.batch_pixels, seed, epoch, device)
+        val_loss, conf = evaluate_pixels(head, val if val is not None else train, k, device, weight,
+                                         opts.rgb_skip, adj_dev)
+        sc = scores(conf, class_names)
+        row = epoch_row(epoch, loss, val_loss if val is not None else None, sc)
+        state.history.append(row)
+        state.epoch = epoch
+        score = sc["miou"] if sc["miou"] is not None else -1.0
+        if score > state.best_score + 1e-6 or state.best_state is None:
+            state.best_score, state.best_epoch, state.stale = score, epoch, 0
+            state.best_state = {n: v.detach().cpu().clone() for n, v in head.state_dict().items()}
+        else:
+            state.stale += 1 if val is not None else 0
+        if on_epoch is not None:
+            on_epoch(row, state, True)
+        resume.save_checkpoint({"head": head.state_dict(), "optim": optim.state_dict(),
+                                "history": json.dumps(state.history), "best_state": state.best_state,
+                                "best_epoch": state.best_epoch, "best_score": state.best_score,
+                                "stale": state.stale, "epoch": epoch})
+    head.load_state_dict(state.best_state)
+    if adjust is not None:
+        with torch.no_grad():
+            head.out.bias += adjust.to(head.out.bias.device)  # fold the prior shift into the head
+    head.cpu().eval()
+    best = next(r for r in state.history if r["epoch"] == state.best_epoch)
+    stopped_early = stopped_early or (bool(state.history) and state.history[-1]["epoch"] < epochs)
+    return FitResult(head, state.history, state.best_epoch, best, stopped_early, resumed_after)

@@ -1,0 +1,135 @@
+"""The options that shape training and prediction, each validated once, where it is made.
+
+- :class:`IOConfig`: how a model sees a slide (work resolution, tile size, overlap, feature stride).
+  One object, carried by the model, so train, predict and evaluate cut the same tiles.
+- :class:`TrainOptions`: everything else a training run depends on (recorded in model.json).
+- :class:`PredictOptions`: how one slide is predicted and what is written for it, the same whether the
+  result is written back into a project or into a cohort's output folder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.learn.augment import AugmentConfig
+
+
+@dataclass(frozen=True)
+class IOConfig:
+    """Tiles at ``mpp`` µm/px, ``tile`` px wide, overlapping by ``overlap`` px when predicting.
+
+    ``stride`` is the number of pixels per feature pixel (the VQ-f4 encoder's 4): tile origins of
+    training tiles snap to it, so that overlapping tiles see the same position-keyed noise.
+    """
+
+    mpp: float
+    tile: int
+    overlap: int
+    stride: int = 4
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp) and self.mpp > 0):
+            raise PdsegError(f"--mpp {self.mpp}: the work resolution must be a positive µm/px")
+        if self.stride < 1 or self.tile < self.stride or self.tile % self.stride:
+            raise PdsegError(f"tile size {self.tile} px must be a positive multiple of the feature stride {self.stride}")
+        if not 0 <= self.overlap < self.tile // 2:
+            raise PdsegError(f"overlap {self.overlap} must be in [0, {self.tile // 2}) for {self.tile}-px tiles")
+
+    def downsample(self, slide_mpp: float) -> float:
+        """Level-0 pixels per work pixel on a slide of ``slide_mpp`` µm/px."""
+        return self.mpp / slide_mpp
+
+    def snap(self, v: int) -> int:
+        """``v`` rounded down to the feature stride."""
+        return v - v % self.stride
+
+
+@dataclass
+class TrainOptions:
+    """Everything that shapes a training run (all recorded in model.json)."""
+
+    tile_size: int | None = None
+    """Tile size in px at the work resolution (default: the backbone's, 256)."""
+    overlap: int | None = None
+    """Overlap of prediction tiles in px (stored in the model for ``predict``); default a quarter tile."""
+    tiles_per_class: int = 48
+    views: int = 2
+    """Versions of each training tile: the tile itself, then augmented ones."""
+    pixels_per_tile: int = 512
+    """Upper bound of sampled pixels per tile view (the cache budget may lower it)."""
+    cache_mb: float = 512.0
+    val_fraction: float = 0.2
+    max_val_tiles: int = 48
+    batch_size: int = 8
+    """Tiles per backbone batch (halved automatically on GPU out-of-memory)."""
+    batch_pixels: int = 4096
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 8
+    class_weights: str | Sequence[float] | None = None
+    """None, "balanced" (inverse frequency of cached pixels) or one weight per class."""
+    prior_correction: bool = True
+    """Class-stratified sampling trains the head as if all classes were equally common. With this on,
+    the logits are shifted by log(annotated share / sampled share) (logit adjustment for label shift),
+    so predictions follow the class proportions of the annotations instead of over-calling rare classes."""
+    hidden: tuple[int, int] = (64, 32)
+    dropout: float = 0.1
+    rgb_skip: bool = False
+    t: int | Sequence[int] | None = None
+    blocks: Sequence[int] | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    resume: bool = True
+    keep_features: bool = False
+    """Keep the feature cache in OUT/.pdseg-train after success: a rerun with other head options
+    (epochs, learning rate, ...) then skips feature extraction."""
+
+    def io(self, mpp: float, backbone_tile: int, stride: int) -> IOConfig:
+        """The tiles of this run: the backbone's tile size unless set, a quarter tile of overlap unless set."""
+        tile = int(self.tile_size or backbone_tile)
+        overlap = tile // 4 if self.overlap is None else int(self.overlap)
+        return IOConfig(float(mpp), tile, overlap, int(stride))
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        if d["blocks"] is not None:
+            d["blocks"] = list(d["blocks"])
+        if isinstance(d["t"], (list, tuple)):
+            d["t"] = list(d["t"])
+        if isinstance(d["class_weights"], tuple):
+            d["class_weights"] = list(d["class_weights"])
+        return d
+
+
+@dataclass
+class PredictOptions:
+    """How one slide is predicted and which files are written for it (the same in every ``predict`` form)."""
+
+    batch_size: int = 8
+    tissue_only: bool = True
+    tissue_mpp: float | None = None
+    """Resolution of the tissue mask; default: fine enough for ~2048 px on the slide's long side, at
+    least 2 µm/px (small slides get a detailed outline, whole slides a cheap thumbnail)."""
+    image_mpp: float | None = None
+    """µm/px of images that record none (PNG, JPEG); never guessed."""
+    simplify: float = 1.0
+    """Simplification tolerance in work-resolution pixels (0 keeps the pixel staircase)."""
+    min_area_um2: float = 0.0
+    overlay: bool = False
+    """Write ``<image>.overlay.png`` (classes over the tissue, with a legend) beside the GeoJSON."""
+    classmap: bool = False
+    """Write ``<image>.classes.png`` (pixel value = class index, 255 = no prediction)."""
+    overlay_max: int = 2048
+    grid_offset: tuple[int, int] = (0, 0)
+    io_threads: int = 2
+    """Tile-reading threads that run ahead of the backbone (0: read, infer and stitch in one thread)."""
+    prefetch: int = 3
+    """Batches in flight between the stages (bounds host memory)."""
+
+    @property
+    def canvas(self) -> bool:
+        """Whether a downsampled label map is kept while predicting (for an overlay or a class map)."""
+        return self.overlay or self.classmap

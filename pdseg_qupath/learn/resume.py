@@ -1,0 +1,102 @@
+"""Resumable training: what an interrupted ``train`` left in ``OUT/.pdseg-train/``, and whether it still fits.
+
+Two fingerprints decide what may be reused: the *features* fingerprint (inputs, annotations, backbone,
+sampling and augmentation options, seed), under which extracted feature shards are kept, and the *head*
+fingerprint (that plus the head's own options), under which the per-epoch checkpoint is kept. State
+left by other inputs or options is removed; a run with the same inputs continues where it stopped and
+gives the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import shapely
+import torch
+
+from pdseg_qupath import __version__
+from pdseg_qupath.core.annotations import ClassMap
+from pdseg_qupath.core.fileio import atomic_write_bytes
+from pdseg_qupath.learn.data import TrainingImage
+from pdseg_qupath.learn.options import TrainOptions
+
+RESUME_DIR = ".pdseg-train"
+
+FEATURE_OPTIONS = ("tile_size", "tiles_per_class", "views", "pixels_per_tile", "cache_mb", "val_fraction",
+                   "max_val_tiles", "t", "blocks", "augment")
+"""Options that change the cached features; the others (head, optimiser, epochs) only the checkpoint."""
+RESTART_OPTIONS = ("lr", "weight_decay", "batch_pixels", "class_weights", "hidden", "dropout", "rgb_skip",
+                   "prior_correction")
+"""Head options that make an old checkpoint useless (``epochs`` and ``patience`` may change on resume)."""
+
+
+def fingerprints(images: Sequence[TrainingImage], cmap: ClassMap, opts: TrainOptions, spec: str,
+                 bb_sha: str | None, mpp: float, seed: int, val_images: Sequence[str] | None) -> tuple[str, str]:
+    """(features, head) fingerprints: what the cached features depend on, and that plus the head options."""
+    o = opts.to_json()
+    h = hashlib.sha256()
+    h.update(json.dumps({"opts": {k: o[k] for k in FEATURE_OPTIONS}, "spec": spec, "sha": bb_sha, "mpp": mpp,
+                         "seed": seed, "classes": cmap.to_json(), "val": list(val_images or []), "v": __version__},
+                        sort_keys=True, default=str).encode())
+    for im in images:
+        h.update(im.record.name.encode())
+        h.update(str(im.slide.mpp).encode())
+        for a in im.annotations:
+            h.update((a.classification or "").encode())
+            h.update(shapely.to_wkb(a.geometry))
+    feat = h.hexdigest()
+    head = hashlib.sha256((feat + json.dumps({k: o[k] for k in RESTART_OPTIONS}, sort_keys=True, default=str))
+                          .encode()).hexdigest()
+    return feat, head
+
+
+class Resume:
+    """``OUT/.pdseg-train/``: feature shards (``features-<fp>/``) and the per-epoch head checkpoint
+    (``checkpoint-<fp>.pt``) of an unfinished run. State left by other inputs or options is removed."""
+
+    def __init__(self, out_dir: Path, fingerprints: tuple[str, str], enabled: bool, messages: list[str]) -> None:
+        self.dir = out_dir / RESUME_DIR
+        self.enabled = enabled
+        feat, head = fingerprints[0][:16], fingerprints[1][:16]
+        self.features_dir = self.dir / f"features-{feat}"
+        self.checkpoint = self.dir / f"checkpoint-{head}.pt"
+        self.resumed = enabled and (self.features_dir.is_dir() or self.checkpoint.is_file())
+        if self.dir.exists():
+            stale = [p for p in self.dir.iterdir() if p not in (self.features_dir, self.checkpoint)]
+            if not enabled:
+                stale = list(self.dir.iterdir())
+            for p in stale:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if stale and enabled:
+                messages.append(f"{self.dir}: removed state left by a run with other inputs or options")
+        if self.resumed:
+            messages.append(f"resuming from {self.dir} (features and head checkpoint of an earlier run)")
+        if enabled:
+            self.features_dir.mkdir(parents=True, exist_ok=True)
+
+    def shard(self, name: str, index: int) -> Path | None:
+        """Where feature shard ``index`` of ``name`` lives (None when resuming is off)."""
+        return self.features_dir / f"{name}-{index:05d}.safetensors" if self.enabled else None
+
+    def load_checkpoint(self, device: str) -> dict[str, Any] | None:
+        """The last epoch's head state, or None (also when it cannot be read: only head epochs are lost)."""
+        if not (self.enabled and self.checkpoint.is_file()):
+            return None
+        return torch.load(self.checkpoint, map_location=device, weights_only=True)
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        if self.enabled:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            atomic_write_bytes(self.checkpoint, buf.getvalue())
+
+    def finish(self, keep_features: bool) -> None:
+        """After a completed run: drop the checkpoint; keep the features only if asked (for tuning)."""
+        self.checkpoint.unlink(missing_ok=True)
+        if not keep_features:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,249 @@
+"""What the user sees: the one place that imports rich.
+
+:class:`ConsoleEvents` turns what tasks report (:class:`pdseg_qupath.core.events.Events`) into output:
+
+- in a terminal, live progress bars with counts, elapsed time and ETA, coloured messages and tables;
+- elsewhere (a log file, nohup, SLURM, CI), plain lines: each step says how far it is at least every
+  :data:`PLAIN_EVERY` seconds while it runs, and once when it ends, so no long step is silent.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pdseg_qupath.core.events import Events, Step
+
+PLAIN_EVERY = 10.0
+"""Seconds between progress lines when the output is not a terminal."""
+
+STYLES = {"info": "", "note": "cyan", "warn": "yellow", "error": "red", "done": "green"}
+
+# Without a terminal rich assumes 80 columns, which truncates metric tables in logs and CI output.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------------- steps
+
+
+class _BarStep(Step):
+    """A step drawn as a rich progress bar."""
+
+    def __init__(self, progress: Progress, name: str, total: int | None, done: int) -> None:
+        self.p, self.name = progress, name
+        self.task = progress.add_task(name, total=total, completed=done)
+
+    def advance(self, n: int = 1) -> None:
+        self.p.advance(self.task, n)
+
+    def set_total(self, total: int | None, done: int | None = None) -> None:
+        self.p.update(self.task, total=total, **({"completed": done} if done is not None else {}))
+
+    def describe(self, text: str) -> None:
+        self.p.update(self.task, description=f"{self.name}: {text}" if text and text != self.name else self.name)
+
+    def close(self) -> None:
+        self.p.stop_task(self.task)
+
+
+class _PlainStep(Step):
+    """A step written as log lines: ``name: done/total (pct) elapsed, eta`` at most every PLAIN_EVERY s."""
+
+    def __init__(self, out: Console, name: str, total: int | None, done: int) -> None:
+        self.out, self.name, self.total, self.done = out, name, total, done
+        self.t0 = self.last = time.monotonic()
+        self.start_done = done
+        self.text = ""
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        self._maybe_print()
+
+    def set_total(self, total: int | None, done: int | None = None) -> None:
+        self.total = total
+        if done is not None:
+            self.done = done
+        self._maybe_print()
+
+    def describe(self, text: str) -> None:
+        self.text = text
+
+    def close(self) -> None:
+        self._print(final=True)
+
+    def line(self, final: bool = False) -> str:
+        elapsed = time.monotonic() - self.t0
+        parts = [f"{self.name}{(' (' + self.text + ')') if self.text else ''}: {self.done}"]
+        if self.total:
+            parts[0] += f"/{self.total} ({100 * self.done / self.total:.0f} %)"
+        parts.append(f"elapsed {_duration(elapsed)}")
+        rate_done = self.done - self.start_done
+        if not final and self.total and rate_done > 0 and self.done < self.total:
+            parts.append(f"eta {_duration(elapsed / rate_done * (self.total - self.done))}")
+        return ", ".join(parts) + (" - done" if final else "")
+
+    def _maybe_print(self) -> None:
+        if time.monotonic() - self.last >= PLAIN_EVERY:
+            self._print()
+
+    def _print(self, final: bool = False) -> None:
+        self.last = time.monotonic()
+        self.out.print(self.line(final), markup=False, highlight=False)
+
+
+# ------------------------------------------------------------------------------------------ events
+
+
+class ConsoleEvents(Events):
+    """Events shown on a console: bars in a terminal, plain lines elsewhere. Use :func:`session`."""
+
+    def __init__(self, out: Console | None = None, plain: bool | None = None) -> None:
+        self.out = out or console
+        self.plain = (not self.out.is_terminal) if plain is None else plain
+        self.progress: Progress | None = None
+        self._epochs: EpochTable | None = None
+
+    def start(self) -> None:
+        if not self.plain:
+            self.progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                     console=self.out, transient=False)
+            self.progress.start()
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def message(self, text: str, level: str = "info") -> None:
+        style = STYLES.get(level, "")
+        self.out.print(text, style=style or None, markup=False, highlight=False)
+
+    def step(self, name: str, total: int | None = None, done: int = 0) -> Step:
+        if self.progress is not None:
+            return _BarStep(self.progress, name, total, done)
+        return _PlainStep(self.out, name, total, done)
+
+    def show(self, kind: str, data: Any) -> None:
+        if kind == "epoch":
+            names, row = data
+            if self._epochs is None or self._epochs.names != list(names):
+                self._epochs = EpochTable(names, self.out)
+            self._epochs.add(row)
+        elif kind == "scores":
+            title, metrics = data
+            self.out.print(scores_table(metrics, title))
+        elif kind == "areas":
+            self.out.print(areas_table(data))
+        elif kind == "masks":
+            self.out.print(masks_table(*data))
+
+    def section(self, title: str) -> None:
+        self.out.rule(f"[bold]{title}")
+
+
+@contextmanager
+def session(out: Console | None = None, plain: bool | None = None) -> Iterator[ConsoleEvents]:
+    """Events for one command: the progress display lives as long as the ``with`` block."""
+    events = ConsoleEvents(out, plain)
+    events.start()
+    try:
+        yield events
+    finally:
+        events.stop()
+
+
+# ------------------------------------------------------------------------------------------- tables
+
+
+class EpochTable:
+    """A table that grows one row per epoch: the header prints once, then aligned rows."""
+
+    def __init__(self, class_names: Sequence[str], out: Console) -> None:
+        self.names = list(class_names)
+        self.out = out
+        self.first = True
+
+    def _table(self) -> Table:
+        t = Table(show_header=self.first, box=None, pad_edge=False, header_style="bold")
+        for name, w in (("epoch", 5), ("loss", 7), ("val loss", 8), ("acc", 6), ("mIoU", 6)):
+            t.add_column(name, justify="right", min_width=w, max_width=w)
+        for n in self.names:
+            label = f"{n[:14]} Dice/IoU"
+            w = max(11, len(label))
+            t.add_column(label, justify="right", min_width=w, max_width=w)
+        return t
+
+    def add(self, row: dict) -> None:
+        t = self._table()
+        cells = [str(row["epoch"]), _fmt(row["loss"]), _fmt(row.get("val_loss")), _fmt(row["accuracy"]),
+                 _fmt(row["miou"])]
+        for n in self.names:
+            pc = row["per_class"].get(n, {})
+            cells.append(f"{_fmt(pc.get('dice'), 2)}/{_fmt(pc.get('iou'), 2)}")
+        t.add_row(*cells)
+        self.out.print(t)
+        self.first = False
+
+
+def scores_table(metrics: dict, title: str) -> Table:
+    """Per-class Dice/IoU/pixels plus the summary line of a metrics.json dictionary."""
+    t = Table(title=title, box=box.SIMPLE_HEAD)
+    for c, j in (("class", "left"), ("Dice", "right"), ("IoU", "right"), ("pixels", "right")):
+        t.add_column(c, justify=j)  # type: ignore[arg-type]
+    for name, pc in metrics["per_class"].items():
+        t.add_row(name, _fmt(pc["dice"]), _fmt(pc["iou"]), f"{pc['pixels']:,}")
+    t.add_section()
+    t.add_row("accuracy", _fmt(metrics["accuracy"]), "", "")
+    t.add_row("macro Dice / mIoU", _fmt(metrics["macro_dice"]), _fmt(metrics["miou"]), "")
+    return t
+
+
+def areas_table(rows: Sequence[Any], title: str = "predicted areas") -> Table:
+    """Area (mm²), objects and mean probability per image and class."""
+    t = Table(title=title, box=box.SIMPLE_HEAD)
+    for c, j in (("image", "left"), ("class", "left"), ("area mm²", "right"), ("objects", "right"),
+                 ("mean prob.", "right")):
+        t.add_column(c, justify=j)  # type: ignore[arg-type]
+    for r in rows:
+        t.add_row(r.image, r.class_name, f"{r.area_mm2:.4f}", str(r.objects), _fmt(r.mean_probability, 2))
+    return t
+
+
+def masks_table(result: Any, mpp: float, out: Any) -> Table:
+    """Labelled pixels per class, files and repairs per image of a ``masks`` run."""
+    table = Table(title=f"Masks at {mpp:g} µm/px → {out}")
+    table.add_column("image")
+    for name in result.class_map.names:
+        table.add_column(f"{name} px", justify="right")
+    for name in ("ignored px", "files", "repaired / skipped"):
+        table.add_column(name, justify="right")
+    table.add_column("status")
+    for row in result.rows:
+        stats = row.stats
+        cells = [f"{stats.pixels.get(n, 0):,}" if stats else "" for n in result.class_map.names]
+        table.add_row(
+            row.image, *cells,
+            f"{stats.ignored_pixels:,}" if stats else "",
+            str(len(stats.files)) if stats else "",
+            f"{row.report.repaired} / {row.report.skipped}" if row.report else "",
+            "[green]ok" if row.error is None else f"[red]{row.error}",
+        )
+    return table
