@@ -457,6 +457,7 @@ def fake_paquo(monkeypatch):
         "paquo.hierarchy": types.SimpleNamespace(
             QuPathPathObjectHierarchy=lambda h, readonly, image_name: FakeHierarchy(h, readonly)
         ),
+        "paquo.images": types.SimpleNamespace(QuPathImageType=types.SimpleNamespace(BRIGHTFIELD_H_E="BRIGHTFIELD_H_E")),
     }
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
