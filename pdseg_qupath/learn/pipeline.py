@@ -64,6 +64,47 @@ def count_tiles(width: int, height: int, tile: int, overlap: int, keep: Callable
     return sum(1 for y in st.row_ys for x in st.col_xs if keep(x, y))
 
 
+class _Stages:
+    """The stitcher and the stage functions of one run, each timed into ``clock`` (busy seconds)."""
+
+    def __init__(self, st: StripStitcher, read: ReadFn, infer: InferFn, on_strip: Callable[[Strip], None],
+                 clock: dict[str, float]) -> None:
+        self.st, self._read, self._infer, self._on_strip, self.clock = st, read, infer, on_strip, clock
+        for k in ("read", "infer", "post", "wait"):
+            clock.setdefault(k, 0.0)
+        self._lock = threading.Lock()
+
+    def timed(self, stage: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            dt = time.perf_counter() - t0
+            with self._lock:
+                self.clock[stage] += dt
+
+    def read(self, origins: Origins):
+        return self.timed("read", self._read, origins)
+
+    def infer(self, tiles, origins: Origins) -> np.ndarray:
+        return self.timed("infer", self._infer, tiles, origins)
+
+    def add(self, origins: Origins, logits: np.ndarray) -> None:
+        """Blend a batch into the stitcher (post-processing stage)."""
+        def add() -> None:
+            for (x, y), lg in zip(origins, logits):
+                self.st.add(x, y, lg)
+        self.timed("post", add)
+
+    def finish_row(self) -> None:
+        """Close a tile row and hand its final strip on (post-processing stage)."""
+        def finish() -> None:
+            strip = self.st.finish_row()
+            if strip is not None:
+                self._on_strip(strip)
+        self.timed("post", finish)
+
+
 def run_region(
     width: int,
     height: int,
@@ -91,46 +132,23 @@ def run_region(
     waiting for tiles: the device idles then).
     """
     st = StripStitcher(width, height, n_classes, tile, overlap, offset)
+    stages = _Stages(st, read, infer, on_strip, stage_seconds if stage_seconds is not None else {})
     work = plan(st, keep, batch_size)
-    clock = stage_seconds if stage_seconds is not None else {}
-    for k in ("read", "infer", "post", "wait"):
-        clock.setdefault(k, 0.0)
-    lock = threading.Lock()
-
-    def timed(stage: str, fn, *args):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            dt = time.perf_counter() - t0
-            with lock:
-                clock[stage] += dt
-
-    read_ = read
-    infer_ = infer
-    on_strip_ = on_strip
-    read = lambda o: timed("read", read_, o)  # noqa: E731
-    infer = lambda t, o: timed("infer", infer_, t, o)  # noqa: E731
-
-    def add(origins, logits) -> None:
-        for (x, y), lg in zip(origins, logits):
-            st.add(x, y, lg)
-
-    def finish() -> None:
-        strip = st.finish_row()
-        if strip is not None:
-            on_strip_(strip)
     if io_threads <= 0:
         for item in work:
             if isinstance(item, Batch):
-                logits = infer(read(item.origins), item.origins)
-                timed("post", add, item.origins, logits)
+                stages.add(item.origins, stages.infer(stages.read(item.origins), item.origins))
                 if on_tiles is not None:
                     on_tiles(len(item.origins))
             else:
-                timed("post", finish)
+                stages.finish_row()
         return
+    _run_threaded(work, stages, on_tiles, io_threads, prefetch)
 
+
+def _run_threaded(work: Iterator[Batch | int], stages: _Stages, on_tiles: Callable[[int], None] | None,
+                  io_threads: int, prefetch: int) -> None:
+    """Readers ahead in a thread pool, inference here, stitching in one post-processing thread."""
     post_q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     failure: list[BaseException] = []
     stop = threading.Event()
@@ -144,9 +162,9 @@ def run_region(
                 if stop.is_set():
                     continue  # drain so the producer never blocks
                 if item is _END_ROW:
-                    timed("post", finish)
+                    stages.finish_row()
                 else:
-                    timed("post", add, *item)
+                    stages.add(*item)
         except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             failure.append(exc)
             stop.set()
@@ -155,38 +173,18 @@ def run_region(
 
     poster = threading.Thread(target=post, name="pdseg-post", daemon=True)
     poster.start()
-    pending: list[tuple[Batch | int, Future | None]] = []
     try:
         with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="pdseg-read") as pool:
-            it = iter(work)
-            exhausted = False
-
-            def refill() -> None:
-                nonlocal exhausted
-                while not exhausted and sum(1 for _, f in pending if f is not None) < prefetch:
-                    try:
-                        item = next(it)
-                    except StopIteration:
-                        exhausted = True
-                        return
-                    pending.append((item, pool.submit(read, item.origins) if isinstance(item, Batch) else None))
-
-            refill()
-            while pending and not stop.is_set():
-                item, fut = pending.pop(0)
-                refill()
+            for item, fut in _read_ahead(work, pool, stages, prefetch):
+                if stop.is_set():
+                    break
                 if fut is None:
                     post_q.put(_END_ROW)
                     continue
-                assert isinstance(item, Batch)
-                tiles = timed("wait", fut.result)
-                logits = infer(tiles, item.origins)
-                post_q.put((item.origins, logits))
+                tiles = stages.timed("wait", fut.result)
+                post_q.put((item.origins, stages.infer(tiles, item.origins)))
                 if on_tiles is not None:
                     on_tiles(len(item.origins))
-            for _, f in pending:
-                if f is not None:
-                    f.cancel()
     except BaseException:
         stop.set()
         raise
@@ -195,3 +193,32 @@ def run_region(
         poster.join()
     if failure:
         raise failure[0]
+
+
+def _read_ahead(work: Iterator[Batch | int], pool: ThreadPoolExecutor, stages: _Stages,
+                prefetch: int) -> Iterator[tuple[Batch | int, Future | None]]:
+    """The work items in order, each batch with the future of its tiles; up to ``prefetch`` reads ahead."""
+    pending: list[tuple[Batch | int, Future | None]] = []
+    it = iter(work)
+    exhausted = False
+
+    def refill() -> None:
+        nonlocal exhausted
+        while not exhausted and sum(1 for _, f in pending if f is not None) < prefetch:
+            try:
+                item = next(it)
+            except StopIteration:
+                exhausted = True
+                return
+            pending.append((item, pool.submit(stages.read, item.origins) if isinstance(item, Batch) else None))
+
+    try:
+        refill()
+        while pending:
+            first = pending.pop(0)
+            refill()  # the next reads start before this batch is used
+            yield first
+    finally:
+        for _, f in pending:
+            if f is not None:
+                f.cancel()

@@ -99,7 +99,16 @@ def pretrain(
     run.train()
 
     # 5. Save the backbone, its record and figures.
-    record = run.record(pool, time.time() - t_start, refs_count=len(refs))
+    record = _save(run, pool, out, save_dtype, time.time() - t_start, len(refs))
+    remove_state(state_dir)
+    events.message(f"backbone written to {out} (sha256 {record['sha256'][:12]}); "
+                   f"held-out PSNR {record['ae'].get('psnr_db')} dB", "done")
+    return record
+
+
+def _save(run: PretrainRun, pool: Any, out: Path, save_dtype: str, wall: float, n_images: int) -> dict[str, Any]:
+    """The backbone folder (weights in ``save_dtype``), ``pretrain/record.json``, loss curves, reconstructions."""
+    record = run.record(pool, wall, refs_count=n_images)
     record["weights_dtype"] = save_dtype
     final = run.final_backbone()
     if save_dtype != "float32":  # a cast copy: the figures below still use the fp32 models
@@ -111,9 +120,6 @@ def pretrain(
     write_recon_grid(tiles, reconstructions(run.vq, tiles, run.dev), figures / "reconstructions.png")
     write_json(figures / "record.json", record)
     record["sha256"] = json.loads((out / MANIFEST).read_text())["sha256"]
-    remove_state(state_dir)
-    events.message(f"backbone written to {out} (sha256 {record['sha256'][:12]}); "
-                   f"held-out PSNR {record['ae'].get('psnr_db')} dB", "done")
     return record
 
 

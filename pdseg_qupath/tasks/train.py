@@ -46,27 +46,6 @@ from pdseg_qupath.sources.base import AnnotationSource
 
 
 @dataclass
-class TrainResult:
-    model_dir: Path
-    model: SegModel
-    class_map: ClassMap
-    history: list[dict]
-    best_epoch: int
-    best: dict
-    train_images: list[str]
-    val_images: list[str]
-    val_mode: str
-    """"image" (held-out images), "tile" (held-out tiles of the same image) or "none"."""
-    n_tiles: int
-    n_val_tiles: int
-    cache: dict[str, Any]
-    timings: dict[str, float]
-    backbone_label: str
-    resumed: bool = False
-    messages: list[str] = field(default_factory=list)
-
-
-@dataclass
 class TilePlan:
     """Which images train and which validate, and the tiles of each."""
 
@@ -75,6 +54,59 @@ class TilePlan:
     tiles: list[Tile]
     val_tiles: list[Tile]
     val_mode: str
+
+
+@dataclass
+class TrainResult:
+    """The saved model and how it was made (everything here is also in its model.json)."""
+
+    model: SegModel
+    plan: TilePlan
+    timings: dict[str, float]
+    resumed: bool = False
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.model.path
+
+    @property
+    def class_map(self) -> ClassMap:
+        return self.model.class_map
+
+    @property
+    def backbone_label(self) -> str:
+        return self.model.backbone["label"]
+
+    @property
+    def history(self) -> list[dict]:
+        return self.model.training["history"]
+
+    @property
+    def best_epoch(self) -> int:
+        return self.model.training["best_epoch"]
+
+    @property
+    def best(self) -> dict:
+        """The kept epoch's row of the history."""
+        return self.model.training["best"]
+
+    @property
+    def train_images(self) -> list[str]:
+        return self.model.training["train_images"]
+
+    @property
+    def val_images(self) -> list[str]:
+        return self.model.training["val_images"]
+
+    @property
+    def val_mode(self) -> str:
+        """"image" (held-out images), "tile" (held-out tiles of the same image) or "none"."""
+        return self.plan.val_mode
+
+    @property
+    def cache(self) -> dict[str, Any]:
+        return self.model.training["cache"]
 
 
 def train(
@@ -112,11 +144,7 @@ def train(
         # 2. The backbone, and the tiles it sees.
         bb, extractor = load_extractor(backbone, dev, t=opts.t, blocks=opts.blocks)
         io = opts.io(mpp, bb.config.tile_size, extractor.out_stride)
-        label = describe(bb)
-        bb_record = {"spec": str(Path(backbone).resolve()) if Path(backbone).is_dir() else backbone,
-                     "config": bb.config.name, "sha256": bb.sha256, "random_weights": bool(bb.random_weights),
-                     "label": label}
-
+        bb_record = _backbone_record(backbone, bb)
         # 3. Train and validation tiles.
         plan = plan_tiles(imgs, cmap, io, opts, val_images, rng, messages)
         n_views = len(plan.tiles) * opts.views + len(plan.val_tiles)
@@ -126,46 +154,49 @@ def train(
                         opts.resume, messages)
         for m in messages:
             events.message(m, "warn")
-        events.message(f"backbone: {label} · {len(cmap)} classes ({', '.join(cmap.names)}) · {mpp:g} µm/px · "
-                       f"{len(plan.tiles)} training tiles × {opts.views} views · {len(plan.val_tiles)} validation "
-                       f"tiles (split by {plan.val_mode}) · ≤ {per_view} px per view · device {dev}")
+        events.message(f"backbone: {bb_record['label']} · {len(cmap)} classes ({', '.join(cmap.names)}) · "
+                       f"{mpp:g} µm/px · {len(plan.tiles)} training tiles × {opts.views} views · "
+                       f"{len(plan.val_tiles)} validation tiles (split by {plan.val_mode}) · ≤ {per_view} px per "
+                       f"view · device {dev}")
         timings["prepare_s"] = time.perf_counter() - t0
-
         # 4. Features at sampled labelled pixels.
         t1 = time.perf_counter()
         train_cache, val_cache = _extract(plan, imgs, cmap, extractor, io, opts, per_view, seed, resume, events)
         timings["features_s"] = time.perf_counter() - t1
         counts = train_cache.class_counts(len(cmap))
-        for name, c in zip(cmap.names, counts):
-            if c == 0:
-                messages.append(f"class {name!r} has no labelled pixels in the training tiles")
-                events.message(messages[-1], "warn")
+        _warn_empty_classes(cmap, counts, messages, events)
         prior = annotated_prior(imgs, plan.train_idx, len(cmap), mpp)
         adjust = logit_adjustment(prior, counts.astype(np.float64)) if opts.prior_correction else None
         del bb  # the head needs only the cached features
-
         # 5. The head.
         t2 = time.perf_counter()
         fit = _fit(train_cache, val_cache, cmap, io, extractor.channels, counts, adjust, opts, epochs, seed, dev,
                    resume, out, messages, events)
         timings["head_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
-
         # 6. The model folder.
         cache_info = _cache_record(train_cache, val_cache, cmap, counts, extractor.channels, n_views, per_view, io, opts)
-        model = SegModel(
-            head=fit.head, class_map=cmap, io=io, backbone=bb_record, features=_features_record(extractor),
-            training=_training_record(fit, plan, imgs, cmap, cache_info, prior, counts, adjust, opts, epochs,
-                                      seed, dev, timings, messages))
+        training = _training_record(fit, plan, imgs, cmap, cache_info, prior, counts, adjust, opts, epochs, seed,
+                                    dev, timings, messages)
+        model = SegModel(fit.head, cmap, io, bb_record, _features_record(extractor), training)
         save_model(model, out)
         resume.finish(opts.keep_features)
-        return TrainResult(
-            model_dir=out, model=model, class_map=cmap, history=fit.history, best_epoch=fit.best_epoch,
-            best=fit.best, train_images=model.training["train_images"], val_images=model.training["val_images"],
-            val_mode=plan.val_mode, n_tiles=len(plan.tiles), n_val_tiles=len(plan.val_tiles), cache=cache_info,
-            timings=timings, backbone_label=label, resumed=resume.resumed, messages=messages)
+        return TrainResult(model, plan, timings, resume.resumed, messages)
     finally:
         close_images(imgs)
+
+
+def _backbone_record(spec: str, bb: Any) -> dict[str, Any]:
+    """What model.json records of the backbone: how to find it again and how to recognise it."""
+    return {"spec": str(Path(spec).resolve()) if Path(spec).is_dir() else spec, "config": bb.config.name,
+            "sha256": bb.sha256, "random_weights": bool(bb.random_weights), "label": describe(bb)}
+
+
+def _warn_empty_classes(cmap: ClassMap, counts: np.ndarray, messages: list[str], events: Events) -> None:
+    for name, c in zip(cmap.names, counts):
+        if c == 0:
+            messages.append(f"class {name!r} has no labelled pixels in the training tiles")
+            events.message(messages[-1], "warn")
 
 
 def _check_arguments(out_dir: str | Path, epochs: int, mpp: float) -> Path:
