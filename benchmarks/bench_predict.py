@@ -129,8 +129,8 @@ def cmd_scaling(args: argparse.Namespace) -> dict:
     import torch
     from rich.console import Console
 
-    from pdseg_qupath.tasks.cohort import CohortOptions, predict_cohort
     from pdseg_qupath.tasks.bench import bench_model, synthetic_tissue
+    from pdseg_qupath.tasks.cohort import CohortOptions, predict_cohort
 
     out = Path(args.out)
     slides = out / "slides"

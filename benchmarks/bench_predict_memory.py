@@ -31,10 +31,10 @@ def main() -> None:
     import synthetic_slide
 
     from pdseg_qupath.core.annotations import ClassInfo, ClassMap
+    from pdseg_qupath.core.slide import open_slide
     from pdseg_qupath.learn.head import FCNHead, HeadConfig
     from pdseg_qupath.learn.modelio import SegModel
     from pdseg_qupath.tasks.predict import PredictOptions, predict_image
-    from pdseg_qupath.core.slide import open_slide
 
     args.out.mkdir(parents=True, exist_ok=True)
     slide_path = args.out / f"synthetic-{args.size}.tif"

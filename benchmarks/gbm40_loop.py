@@ -50,8 +50,8 @@ def main() -> None:
     ap.add_argument("--skip-eval", action="store_true")
     args = ap.parse_args()
 
-    from pdseg_qupath.tasks.evaluate import evaluate
     from pdseg_qupath.sources.base import open_source
+    from pdseg_qupath.tasks.evaluate import evaluate
     from pdseg_qupath.tasks.train import TrainOptions, train_model
 
     console = Console(stderr=True)

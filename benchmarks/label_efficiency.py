@@ -37,9 +37,9 @@ def load_gbm40(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """(40, 512, 512, 3) uint8 tiles and (40, 512, 512) labels (0 background, 1 nucleus, 255 none)."""
     from pdseg_qupath.core.annotations import ClassInfo, ClassMap
     from pdseg_qupath.core.grid import Window
-    from pdseg_qupath.sources.qupath.geojson import read_geojson
     from pdseg_qupath.core.raster import rasterize
     from pdseg_qupath.core.slide import open_slide
+    from pdseg_qupath.sources.qupath.geojson import read_geojson
 
     cmap = ClassMap(tuple(ClassInfo(n, (0, 0, 0)) for n in CLASSES))
     tiles, labels = [], []

@@ -135,10 +135,10 @@ def measure(slide_path: Path, geo: Path, out: Path, mpp: float, tile_size: int) 
     """Runs in a fresh process: everything `pdseg-qupath masks` does for one image, then peak RSS."""
     t0 = time.perf_counter()
     from pdseg_qupath.core.annotations import ClassMap
-    from pdseg_qupath.outputs.masks import export_image_masks, write_classes_json
     from pdseg_qupath.core.grid import Window
-    from pdseg_qupath.sources.qupath.geojson import read_geojson
     from pdseg_qupath.core.slide import open_slide, tissue_mask
+    from pdseg_qupath.outputs.masks import export_image_masks, write_classes_json
+    from pdseg_qupath.sources.qupath.geojson import read_geojson
 
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     anns, _ = read_geojson(geo)

@@ -48,10 +48,10 @@ def tiny_model(out: Path, seed: int = 0, tile: int = 32, overlap: int = 8) -> Pa
     """A saved model on the ``random:tiny`` backbone with a seeded random 2-class head."""
     import torch
 
-    from pdseg_qupath.core.annotations import ClassInfo, ClassMap
     from pdseg_qupath.backbone.features import LDMFeatures
     from pdseg_qupath.backbone.model import describe
     from pdseg_qupath.backbone.spec import load_backbone
+    from pdseg_qupath.core.annotations import ClassInfo, ClassMap
     from pdseg_qupath.learn.head import FCNHead, HeadConfig
     from pdseg_qupath.learn.modelio import SegModel, save_model
     from pdseg_qupath.learn.options import IOConfig

@@ -6,6 +6,8 @@ import json
 
 from pdseg_qupath.backbone.bench import bench_features, gflop_per_tile
 from pdseg_qupath.backbone.model import RANDOM_LABEL, build_backbone
+
+
 def test_bench_features_cpu_tiny() -> None:
     r = bench_features("random:tiny", "cpu", batch_size=2, steps=1, compile=False)
     json.dumps(r)  # JSON-ready

@@ -12,8 +12,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 
 from pdseg_qupath.backbone import hub, spec
 from pdseg_qupath.backbone.config import CONFIGS
-from pdseg_qupath.backbone.model import RANDOM_LABEL, build_backbone, describe
 from pdseg_qupath.backbone.folder import save_backbone
+from pdseg_qupath.backbone.model import RANDOM_LABEL, build_backbone, describe
 from pdseg_qupath.backbone.spec import load_backbone
 from pdseg_qupath.core.errors import PdsegError
 
@@ -179,10 +179,10 @@ def _no_network(exc):
 
 @pytest.mark.parametrize("kind", ["offline", "gated", "missing"])
 def test_hub_failures_say_what_to_download(monkeypatch, tmp_path: Path, kind: str) -> None:
+    from types import SimpleNamespace
+
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    from types import SimpleNamespace
 
     resp = SimpleNamespace(headers={}, request=None, status_code=403)
     exc = {"offline": lambda: LocalEntryNotFoundError("no connection"),

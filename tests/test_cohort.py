@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _cohort_data import tiny_model, write_pyramid
+from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.learn.options import PredictOptions
 from pdseg_qupath.learn.runtime import parse_devices
 from pdseg_qupath.tasks.cohort import collect_slides, predict_cohort
-from pdseg_qupath.core.errors import PdsegError
+
+from _cohort_data import tiny_model, write_pyramid
 
 
 @pytest.fixture(scope="module")

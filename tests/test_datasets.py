@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pdseg_qupath.sources.datasets import BCSS_NOTE, open_bcss, open_dataset, open_glas
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.grid import Window
+from pdseg_qupath.sources.datasets import BCSS_NOTE, open_bcss, open_dataset, open_glas
+
 from _helpers import rasterize
 
 

@@ -10,9 +10,10 @@ import tifffile
 from PIL import Image
 from rich.console import Console
 
-from _loop_data import make_image
 from pdseg_qupath.tasks.demo import EXAMPLE_IMAGE, SETUP_MESSAGE, choose_demo_backbone, run_demo
 from pdseg_qupath.ui import session
+
+from _loop_data import make_image
 
 
 def test_demo_on_a_miniature_example(tmp_path):

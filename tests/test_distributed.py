@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from _cohort_data import tiny_model, write_pyramid
 from pdseg_qupath.learn.options import PredictOptions
 from pdseg_qupath.tasks.cohort import predict_cohort
+
+from _cohort_data import tiny_model, write_pyramid
 
 distributed = pytest.importorskip("distributed")
 

@@ -8,11 +8,13 @@ import pytest
 from PIL import Image, ImageDraw
 from shapely.geometry import box, shape
 
-from pdseg_qupath.core.errors import PdsegError
-from pdseg_qupath.core.names import qupath_export_basename
-from pdseg_qupath.outputs import masks as export_mod
-from pdseg_qupath.outputs.overlay import render_overlay
 from pdseg_qupath.core.annotations import IGNORE, Annotation, ClassInfo, ClassMap
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.grid import Window, grid_size
+from pdseg_qupath.core.names import qupath_export_basename
+from pdseg_qupath.core.raster import AnnotationIndex
+from pdseg_qupath.core.slide import open_slide
+from pdseg_qupath.outputs import masks as export_mod
 from pdseg_qupath.outputs.masks import (
     export_image_masks,
     format_downsample,
@@ -20,9 +22,7 @@ from pdseg_qupath.outputs.masks import (
     tile_name,
     write_classes_json,
 )
-from pdseg_qupath.core.grid import Window, grid_size
-from pdseg_qupath.core.raster import AnnotationIndex
-from pdseg_qupath.core.slide import open_slide
+from pdseg_qupath.outputs.overlay import render_overlay
 
 GBM = Path(__file__).parent / "fixtures" / "gbm40"
 CM = ClassMap((ClassInfo("Background", (200, 200, 200)), ClassInfo("Nucleus", (0, 0, 200))))

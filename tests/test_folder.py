@@ -13,10 +13,10 @@ from shapely.geometry import Polygon
 
 from pdseg_qupath.core.annotations import Annotation
 from pdseg_qupath.core.errors import PdsegError
-from pdseg_qupath.sources.qupath.folder import GeoJSONFolder
-from pdseg_qupath.sources.qupath.geojson import read_geojson, write_geojson
 from pdseg_qupath.sources.base import AnnotationSource
 from pdseg_qupath.sources.inputs import open_source
+from pdseg_qupath.sources.qupath.folder import GeoJSONFolder
+from pdseg_qupath.sources.qupath.geojson import read_geojson, write_geojson
 
 FIX = Path(__file__).parent / "fixtures"
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
-from _loop_data import feature, make_folder, make_image, train_tiny
 from pdseg_qupath.core.errors import PdsegError
-from _helpers import scores_from_labels
 from pdseg_qupath.core.metrics import Confusion, scores
 from pdseg_qupath.sources.inputs import open_source
+
+from _helpers import scores_from_labels
+from _loop_data import feature, make_folder, make_image, train_tiny
 
 
 def test_hand_computed_scores():

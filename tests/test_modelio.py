@@ -11,8 +11,8 @@ import torch
 from pdseg_qupath.core.annotations import ClassInfo, ClassMap
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.learn.head import FCNHead, HeadConfig
-from pdseg_qupath.learn.options import IOConfig
 from pdseg_qupath.learn.modelio import SegModel, load_model, save_model
+from pdseg_qupath.learn.options import IOConfig
 
 
 @pytest.fixture()

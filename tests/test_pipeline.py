@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pdseg_qupath.learn.pipeline import count_tiles, run_region
+
 from _helpers import stitch_region
 
 W, H, K, T, OV = 150, 110, 3, 32, 8

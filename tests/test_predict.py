@@ -9,16 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
-from _loop_data import make_folder, make_image, train_tiny
+
 from pdseg_qupath.core.errors import PdsegError
-from pdseg_qupath.learn.modelio import load_model
+from pdseg_qupath.core.slide import open_slide
 from pdseg_qupath.learn.inference import AREA_MEASUREMENT, PROB_MEASUREMENT, ObjectBuilder, predict_image
+from pdseg_qupath.learn.modelio import load_model
 from pdseg_qupath.learn.options import PredictOptions
 from pdseg_qupath.learn.predictor import Predictor
-from pdseg_qupath.tasks.predict import predict
-from pdseg_qupath.core.slide import open_slide
-from pdseg_qupath.sources.inputs import open_source
 from pdseg_qupath.learn.stitch import Strip
+from pdseg_qupath.sources.inputs import open_source
+from pdseg_qupath.tasks.predict import predict
+
+from _loop_data import make_folder, make_image, train_tiny
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:

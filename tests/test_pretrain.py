@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from rich.console import Console
 
-from pdseg_qupath.core.stain import hed_jitter, hed_to_rgb, rgb_to_hed
-from pdseg_qupath.learn import pretrain as pt
-from pdseg_qupath.tasks.pretrain import pretrain
 from pdseg_qupath.backbone.features import LDMFeatures
 from pdseg_qupath.backbone.folder import MANIFEST, save_backbone
 from pdseg_qupath.backbone.model import build_backbone
 from pdseg_qupath.backbone.spec import SHIPPED_WEIGHTS, load_backbone
-from pdseg_qupath.learn.pretrain_data import collect_images, sample_pool
 from pdseg_qupath.core.errors import MissingPixelSizeError, PdsegError
+from pdseg_qupath.core.stain import hed_jitter, hed_to_rgb, rgb_to_hed
+from pdseg_qupath.learn import pretrain as pt
+from pdseg_qupath.learn.pretrain_data import collect_images, sample_pool
+from pdseg_qupath.tasks.pretrain import pretrain
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pretrain"
 TINY = dict(config="tiny", steps_ae=4, steps_unet=3, batch_size=4, image_mpp=0.5, pool_size=16,

@@ -24,9 +24,9 @@ from shapely.geometry import LineString, MultiPolygon, Point, Polygon, box
 
 from pdseg_qupath.core.annotations import Annotation, is_pdseg_name, prediction_name
 from pdseg_qupath.core.errors import PdsegError
-from pdseg_qupath.sources.qupath.backup import ProjectBackup, new_backup_dir
 from pdseg_qupath.core.geometry import clean_geometry
 from pdseg_qupath.core.names import UNSAFE_CHARS, output_name, safe_filename
+from pdseg_qupath.sources.qupath.backup import ProjectBackup, new_backup_dir
 from pdseg_qupath.sources.qupath.qpproj import (
     missing_classes,
     mpp_from_builder,
@@ -620,9 +620,9 @@ def test_prediction_objects_always_carry_the_marker(project, fake_paquo):
 
 
 def test_open_source_dispatches_to_project(project):
-    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
     from pdseg_qupath.sources.base import AnnotationSource
     from pdseg_qupath.sources.inputs import open_source
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
 
     src = open_source(project / "project.qpproj")
     assert isinstance(src, QuPathProjectSource) and isinstance(src, AnnotationSource)

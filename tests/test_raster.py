@@ -13,8 +13,9 @@ from shapely.geometry import LineString, Point, Polygon, box
 
 from pdseg_qupath.core.annotations import IGNORE, Annotation, ClassInfo, ClassMap
 from pdseg_qupath.core.grid import Window, iter_windows
-from _helpers import rasterize
 from pdseg_qupath.core.raster import CLIP_MIN_VERTICES, UNCLASSIFIED, AnnotationIndex, vectorize
+
+from _helpers import rasterize
 
 CM = ClassMap((ClassInfo("Tumor", (200, 0, 0)), ClassInfo("Stroma", (150, 200, 150)), ClassInfo("Other", (255, 200, 0))))
 DOWNSAMPLES = [1.0, 2.0, 0.5, 1.5, 4 / 3, 3.7, 0.3]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _helpers import stitch_region
 from pdseg_qupath.learn.stitch import StripStitcher, blend_weights, blend_weights_1d, tile_starts
+
+from _helpers import stitch_region
 
 
 def _tiles_of(field: np.ndarray, tile: int, bias=None):

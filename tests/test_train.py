@@ -11,11 +11,12 @@ import pytest
 import torch
 from shapely.geometry import Point
 
-from _loop_data import feature, make_folder, make_image, train_tiny
-from pdseg_qupath.learn.augment import AugmentConfig, augment, dihedral
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.learn.augment import AugmentConfig, augment, dihedral
 from pdseg_qupath.learn.cache import BatchRunner, pixels_per_view, stratified_pixels, uniform_pixels
 from pdseg_qupath.learn.modelio import load_model
+
+from _loop_data import feature, make_folder, make_image, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +139,8 @@ def test_missing_pixel_size_names_the_option(data, tmp_path):
 def test_validation_images_option(data, tmp_path):
     res = train_tiny(data, tmp_path / "m", epochs=1, val_fraction=0.5)
     assert res.val_mode == "image"
-    from pdseg_qupath.sources.inputs import open_source
     from pdseg_qupath.learn.sampling import split_images
+    from pdseg_qupath.sources.inputs import open_source
 
     with pytest.raises(PdsegError, match="--val-images"):
         split_images([], ["nope.png"], 0.2, np.random.default_rng(0))

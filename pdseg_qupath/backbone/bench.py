@@ -19,6 +19,8 @@ import torch
 from pdseg_qupath.backbone.features import LDMFeatures
 from pdseg_qupath.backbone.model import Backbone, build_backbone, describe
 from pdseg_qupath.backbone.spec import load_backbone
+
+
 def gflop_per_tile(backbone: Backbone, t: Sequence[int], blocks: Sequence[int], tile_size: int) -> float:
     """Forward GFLOP for one tile (VQ encoder + UNet up to the last tap + resizing), by shape only."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -13,7 +13,6 @@ from typing import Sequence
 import numpy as np
 
 
-
 @dataclass
 class Confusion:
     """Pixel counts: ``matrix[true, predicted]``; ``unpredicted[true]`` counts annotated pixels left

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from pdseg_qupath import __version__
 from pdseg_qupath.core.annotations import ClassMap
 from pdseg_qupath.core.errors import PdsegError
-from pdseg_qupath.core.fileio import atomic_write_with, sha256_file
+from pdseg_qupath.core.fileio import atomic_write_text, atomic_write_with, sha256_file
 from pdseg_qupath.learn.head import FCNHead, HeadConfig
 from pdseg_qupath.learn.options import IOConfig
 
@@ -82,7 +82,7 @@ def save_model(model: SegModel, out_dir: str | Path) -> Path:
     if not model.model_id:
         model.model_id = digest[:12]
     text = json.dumps(model.meta(digest), indent=2, ensure_ascii=False)
-    atomic_write_with(out / META_FILE, lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    atomic_write_text(out / META_FILE, text + "\n")
     model.path = out
     return out
 

@@ -8,7 +8,6 @@ files line up with tiles QuPath exports from the same image. Memory is bounded b
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from PIL import Image
 
 from pdseg_qupath.core.annotations import IGNORE, Annotation, ClassMap
 from pdseg_qupath.core.errors import PdsegError
-from pdseg_qupath.core.fileio import atomic_write_text, atomic_write_with
+from pdseg_qupath.core.fileio import atomic_write_with, write_json
 from pdseg_qupath.core.grid import Window, grid_size, iter_windows
 from pdseg_qupath.core.names import qupath_export_basename
 from pdseg_qupath.core.raster import AnnotationIndex
@@ -212,7 +211,7 @@ def write_classes_json(out_dir: str | Path, class_map: ClassMap, mpp: float) -> 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = class_map.to_json() | {"mpp": mpp}
-    return atomic_write_text(out / "classes.json", json.dumps(data, indent=2, ensure_ascii=False))
+    return write_json(out / "classes.json", data)
 
 
 def _write_overlay(reader: Reader, slide_size: tuple[int, int], index: AnnotationIndex, class_map: ClassMap,

@@ -14,7 +14,6 @@ from typing import Protocol, Sequence, runtime_checkable
 from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport
 from pdseg_qupath.core.errors import PdsegError
 
-
 IMAGE_SUFFIXES: tuple[str, ...] = (
     ".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff", ".png", ".jpg", ".jpeg", ".bmp",
 )

@@ -17,7 +17,6 @@ from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.sources.base import IMAGE_SUFFIXES, AnnotationSource, ImageRecord
 
 
-
 def is_project(path: Path) -> bool:
     """A ``.qpproj`` file, or a folder that holds ``project.qpproj``."""
     return path.suffix == ".qpproj" or (path.is_dir() and (path / "project.qpproj").exists())

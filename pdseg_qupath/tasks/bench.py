@@ -61,10 +61,10 @@ def bench_model(backbone: str, device: str, tile: int | None = None, overlap: in
                 n_classes: int = 3, mpp: float = 0.5, out: Path | None = None, colour_head: bool = True):
     """A saved model on ``backbone`` whose head thresholds colour (for timing only: see
     :func:`_colour_weights`); ``colour_head=False``: random head weights."""
-    from pdseg_qupath.core.annotations import ClassInfo, ClassMap
     from pdseg_qupath.backbone.features import LDMFeatures
     from pdseg_qupath.backbone.model import describe
     from pdseg_qupath.backbone.spec import load_backbone
+    from pdseg_qupath.core.annotations import ClassInfo, ClassMap
     from pdseg_qupath.learn.head import FCNHead, HeadConfig
     from pdseg_qupath.learn.modelio import SegModel, save_model
     from pdseg_qupath.learn.options import IOConfig

@@ -22,8 +22,15 @@ from pdseg_qupath.backbone.model import build_backbone
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
 from pdseg_qupath.core.fileio import write_json
-from pdseg_qupath.learn.pretrain import (CHECKPOINT, SAVE_DTYPES, PretrainRun, load_checkpoint, plan_run,
-                                         reconstructions, remove_state)
+from pdseg_qupath.learn.pretrain import (
+    CHECKPOINT,
+    SAVE_DTYPES,
+    PretrainRun,
+    load_checkpoint,
+    plan_run,
+    reconstructions,
+    remove_state,
+)
 from pdseg_qupath.learn.pretrain_data import collect_images, sample_pool
 from pdseg_qupath.outputs.plots import write_loss_plots, write_recon_grid
 

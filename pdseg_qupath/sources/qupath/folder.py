@@ -19,17 +19,16 @@ from typing import Any, Sequence
 
 from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, is_pdseg_name, prediction_name
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.fileio import atomic_write_text
 from pdseg_qupath.core.names import PDSEG_DIR
 from pdseg_qupath.sources.base import IMAGE_SUFFIXES, ImageRecord, WriteReport
 from pdseg_qupath.sources.qupath.geojson import (
     annotation_to_feature,
-    atomic_write_text,
     dump_feature_collection,
     load_json,
     raw_features,
     read_geojson,
 )
-
 
 PREDICTIONS_DIR = Path(PDSEG_DIR) / "predictions"
 
@@ -54,7 +53,9 @@ class GeoJSONFolder:
         return list(self._records)
 
     def _scan(self) -> list[ImageRecord]:
-        from pdseg_qupath.core.slide import probe  # lazily: the folder listing must not pay for slide libraries up front
+        from pdseg_qupath.core.slide import (
+            probe,  # lazily: the folder listing must not pay for slide libraries up front
+        )
 
         try:
             files = sorted(p for p in self.root.iterdir() if p.is_file() and not p.name.startswith("."))

@@ -37,7 +37,6 @@ __all__ = [
     "to_feature_collection",
     "raw_features",
     "dump_feature_collection",
-    "atomic_write_text",
 ]
 
 # QuPath's object-type names, including the v0.2 class names (once stored in "id") and "tma_core".

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, default_color, is_pdseg_name, prediction_name
-from pdseg_qupath.core.geometry import clean_geometry
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.geometry import clean_geometry
 from pdseg_qupath.sources.base import ImageRecord, WriteReport
 from pdseg_qupath.sources.qupath.backup import ProjectBackup
 from pdseg_qupath.sources.qupath.qpproj import (
