@@ -9,6 +9,7 @@ Imports inside functions count: a lazy import is still a dependency.
 from __future__ import annotations
 
 import ast
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ def _module(path: Path) -> str:
     return ".".join(parts)
 
 
+@lru_cache(maxsize=None)
 def _imports(path: Path) -> list[str]:
     """Every module ``path`` imports (absolute names), with ``from X import name`` resolved to
     ``X.name`` when that is a module of the package."""

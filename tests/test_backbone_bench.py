@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pdseg_qupath.backbone.bench import bench_features, gflop_per_tile
 from pdseg_qupath.backbone.model import RANDOM_LABEL, build_backbone
 
@@ -19,6 +21,7 @@ def test_bench_features_cpu_tiny() -> None:
     assert r["precision"] == "fp32" and r["compile"] is None and r["channels"] == 96
 
 
+@pytest.mark.slow
 def test_paper_flops_per_tile() -> None:
     """553 GFLOP/tile with all four up blocks (the reference figure); the default taps skip the last."""
     bb = build_backbone("pathsegdiff-brca-20x", "meta")

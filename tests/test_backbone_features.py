@@ -191,6 +191,7 @@ def test_compile_auto_policy() -> None:
         _compile_mode("fast", cpu, None)
 
 
+@pytest.mark.slow
 def test_core_traces_as_one_graph(tiny) -> None:
     """The extraction pass compiles without graph breaks (dynamo with fullgraph=True)."""
     import torch._dynamo

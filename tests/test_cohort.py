@@ -124,6 +124,7 @@ predict_cohort([sys.argv[1]], sys.argv[2], sys.argv[3], devices="cpu", options=P
 """
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_redoing_finished_slides(tmp_path, model):
     slides = tmp_path / "slides"
     n = 6
@@ -162,6 +163,7 @@ def test_killed_run_resumes_without_redoing_finished_slides(tmp_path, model):
     _check_outputs(out)
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_the_slides(tmp_path, model):
     slides = tmp_path / "slides"
     for i in range(4):

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import tifffile
 from PIL import Image
 from rich.console import Console
@@ -16,6 +17,7 @@ from pdseg_qupath.ui import session
 from _loop_data import make_image
 
 
+@pytest.mark.slow
 def test_demo_on_a_miniature_example(tmp_path):
     ex = tmp_path / "examples"
     png = make_image(ex, "scene", size=(80, 72), seed=4, n_nuclei=8)

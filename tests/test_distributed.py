@@ -15,6 +15,7 @@ from _cohort_data import tiny_model, write_pyramid
 distributed = pytest.importorskip("distributed")
 
 
+@pytest.mark.slow
 def test_local_cluster_predicts_into_the_shared_folder_and_resumes(tmp_path):
     model = tiny_model(tmp_path / "model")
     slides = tmp_path / "slides"

@@ -71,6 +71,7 @@ def test_tiny_pretrain_reloads_and_extracts_features(tiny_run: tuple[Path, dict]
     assert not out.with_name(out.name + ".pretrain-state").exists()  # checkpoint cleaned up
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_is_bit_identical(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
     straight, rec_a = tiny_run
     out = tmp_path / "resumed"
