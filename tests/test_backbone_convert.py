@@ -145,7 +145,7 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_inverse_map_has_original_key_counts() -> None:
-    """The paper UNet has 688 original keys and the VQ 205 (with codebook), as in DESIGN §4."""
+    """The paper UNet has 688 original keys and the VQ 205 (with codebook), as diffusers' converters map them."""
     cfg = CONFIGS["pathsegdiff-brca-20x"]
     with torch.device("meta"):
         unet = UNet2DConditionModel(**cfg.unet)

@@ -1,8 +1,8 @@
 """A QuPath project (``.qpproj``) as an :class:`~pdseg_qupath.sources.base.AnnotationSource`, through paquo 0.9.
 
 paquo starts QuPath's JVM when imported, so it is imported here lazily, in the constructor: the rest of
-pdseg works without QuPath. Every paquo call below was checked against paquo 0.9's source; the traps it
-handles are marked ``DESIGN §3``.
+pdseg works without QuPath. Every paquo call below was checked against paquo 0.9's source and a real
+QuPath 0.6 core; the traps it handles are marked ``paquo trap``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class _Paquo:
 
 
 def _server_mpp(entry: Any) -> float | None:
-    """µm/px from QuPath's image server. DESIGN §3: no public paquo API, and an uncalibrated image (PNG)
+    """µm/px from QuPath's image server. paquo trap: there is no public paquo API, and an uncalibrated image (PNG)
     reports 1.0 in unit ``px``, so ``hasPixelSizeMicrons()`` decides."""
     try:
         cal = entry._image_server.getMetadata().getPixelCalibration()
@@ -304,7 +304,7 @@ class QuPathProjectSource:
                 measurements, bad = {}, []
                 for k, v in a.measurements.items():
                     try:
-                        measurements[str(k)] = float(v)  # DESIGN §3: paquo rejects int with TypeError
+                        measurements[str(k)] = float(v)  # paquo trap: an int measurement raises TypeError
                     except (TypeError, ValueError):
                         bad.append(str(k))
                 if bad:
@@ -328,7 +328,7 @@ class QuPathProjectSource:
     def _ensure_classes(self, annotations: Sequence[Annotation]) -> dict[str, Any]:
         """Path class objects for the annotations' classes, added to the project's class list if missing.
 
-        DESIGN §3: classes are objects, not strings, and a new project's list is empty, so the full list
+        paquo trap: classes are objects, not strings, and a new project's list is empty, so the full list
         (existing + new) is assigned. (QuPath 0.6's setPathClasses ignores a same-size list: we only grow it.)
         """
         colors: dict[str, RGB] = {}
