@@ -87,13 +87,12 @@ def make_islands_slide(out: Path, size: int) -> Path:
 
 def rss_child(slide: str, model: str, out: str, batch: int) -> None:
     """In a fresh process: predict the slide as `pdseg-qupath predict SLIDE --out DIR` would."""
-    from rich.console import Console
-
-    from pdseg_qupath.tasks.cohort import CohortOptions, predict_cohort
+    from pdseg_qupath.learn.options import PredictOptions
+    from pdseg_qupath.tasks.cohort import predict_cohort
 
     t0 = time.perf_counter()
-    res = predict_cohort([slide], model, out, devices="cpu", console=Console(stderr=True),
-                         options=CohortOptions(batch_size=batch, classmap=True, overlay=True, force=True))
+    res = predict_cohort([slide], model, out, devices="cpu", force=True,
+                         options=PredictOptions(batch_size=batch, classmap=True, overlay=True))
     row = res.rows[0]
     print(json.dumps({"row": row, "seconds": round(time.perf_counter() - t0, 1),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
@@ -127,10 +126,10 @@ def cmd_rss(args: argparse.Namespace) -> dict:
 
 def cmd_scaling(args: argparse.Namespace) -> dict:
     import torch
-    from rich.console import Console
 
+    from pdseg_qupath.learn.options import PredictOptions
     from pdseg_qupath.tasks.bench import bench_model, synthetic_tissue
-    from pdseg_qupath.tasks.cohort import CohortOptions, predict_cohort
+    from pdseg_qupath.tasks.cohort import predict_cohort
 
     out = Path(args.out)
     slides = out / "slides"
@@ -140,12 +139,11 @@ def cmd_scaling(args: argparse.Namespace) -> dict:
         if not p.exists():
             synthetic_tissue(p, args.side, 0.5, seed=i)
     model = bench_model("random:tiny", "cpu", tile=args.tile, overlap=args.tile // 4, out=out / "model")
-    quiet = Console(file=open("/dev/null", "w"))
     runs = {}
     for workers in (1, 2):
         t0 = time.perf_counter()
         res = predict_cohort([slides], model.path, out / f"pred{workers}", devices="cpu", workers=workers,
-                             options=CohortOptions(batch_size=args.batch_size, force=True), console=quiet)
+                             force=True, options=PredictOptions(batch_size=args.batch_size))
         sec = time.perf_counter() - t0
         assert res.count("ok") == args.slides, res.rows
         slide_sec = sum(float(r["seconds"]) for r in res.rows)

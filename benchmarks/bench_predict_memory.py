@@ -33,8 +33,9 @@ def main() -> None:
     from pdseg_qupath.core.annotations import ClassInfo, ClassMap
     from pdseg_qupath.core.slide import open_slide
     from pdseg_qupath.learn.head import FCNHead, HeadConfig
+    from pdseg_qupath.learn.inference import predict_image
     from pdseg_qupath.learn.modelio import SegModel
-    from pdseg_qupath.tasks.predict import PredictOptions, predict_image
+    from pdseg_qupath.learn.options import IOConfig, PredictOptions
 
     args.out.mkdir(parents=True, exist_ok=True)
     slide_path = args.out / f"synthetic-{args.size}.tif"
@@ -42,7 +43,7 @@ def main() -> None:
         made, _ = synthetic_slide.make(args.out, args.size)
         made.rename(slide_path)
     cmap = ClassMap((ClassInfo("A", (200, 0, 0)), ClassInfo("B", (0, 150, 0)), ClassInfo("C", (0, 0, 200))))
-    model = SegModel(FCNHead(HeadConfig(4, 3)), cmap, 0.5, 256, 64, backbone={}, features={}, model_id="bench")
+    model = SegModel(FCNHead(HeadConfig(4, 3)), cmap, IOConfig(0.5, 256, 64), backbone={}, features={}, model_id="bench")
 
     class FakePredictor:
         """Smooth, position-keyed logits: what a backbone + head would return, at no cost."""

@@ -50,11 +50,13 @@ def main() -> None:
     ap.add_argument("--skip-eval", action="store_true")
     args = ap.parse_args()
 
-    from pdseg_qupath.sources.base import open_source
+    from pdseg_qupath.learn.options import TrainOptions
+    from pdseg_qupath.sources.inputs import open_source
     from pdseg_qupath.tasks.evaluate import evaluate
-    from pdseg_qupath.tasks.train import TrainOptions, train_model
+    from pdseg_qupath.tasks.train import train
+    from pdseg_qupath.ui import ConsoleEvents
 
-    console = Console(stderr=True)
+    events = ConsoleEvents(Console(stderr=True), plain=True)
     train_dir = _link_split(args.gbm40, args.out / "train", 1, 30)
     test_dir = _link_split(args.gbm40, args.out / "test", 31, 40)
     opts = TrainOptions(tiles_per_class=args.tiles_per_class, views=args.views, rgb_skip=args.rgb_skip,
@@ -63,16 +65,15 @@ def main() -> None:
                         hidden=tuple(int(h) for h in args.hidden.split(",")),
                         blocks=[int(b) for b in args.blocks.split(",")] if args.blocks else None)
     t0 = time.perf_counter()
-    res = train_model(open_source(train_dir), args.out / "model", backbone=args.backbone, mpp=0.5,
-                      image_mpp=0.5, epochs=args.epochs, device="cpu", seed=args.seed, options=opts,
-                      console=console)
+    res = train(open_source(train_dir), args.out / "model", backbone=args.backbone, mpp=0.5,
+                image_mpp=0.5, epochs=args.epochs, device="cpu", seed=args.seed, options=opts, events=events)
     t1 = time.perf_counter()
     if args.skip_eval:
         print(json.dumps({"backbone": res.backbone_label, "options": opts.to_json(), "val": res.best,
                           "train_s": round(t1 - t0, 1)}, indent=1))
         return
     metrics = evaluate(open_source(test_dir), args.out / "model", args.out / "report", image_mpp=0.5,
-                       device="cpu", console=console)
+                       device="cpu", events=events)
     t2 = time.perf_counter()
     print(json.dumps({
         "backbone": res.backbone_label,

@@ -52,7 +52,8 @@ def main() -> None:
     import torch
     from rich.console import Console
 
-    from pdseg_qupath.learn.pretrain import pretrain
+    from pdseg_qupath.tasks.pretrain import pretrain
+    from pdseg_qupath.ui import ConsoleEvents
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -62,7 +63,7 @@ def main() -> None:
     rec = pretrain(args.sources, bb_dir, config=args.config, steps_ae=args.steps_ae,
                    steps_unet=args.steps_unet, batch_size=args.batch_size, device=args.device,
                    image_mpp=args.image_mpp, resume=True, checkpoint_every=250, **extra,
-                   console=Console(stderr=True, force_terminal=False, width=120))
+                   events=ConsoleEvents(Console(stderr=True, width=120), plain=True))
     thr = {"config": args.config, "gpu": rec["machine"].get("gpu"), "batch_size": args.batch_size,
            "ae": {k: rec["ae"].get(k) for k in ("steps", "crop_px", "seconds", "samples_per_s", "psnr_db")},
            "unet": {k: rec["unet"].get(k) for k in ("steps", "crop_px", "seconds", "samples_per_s",

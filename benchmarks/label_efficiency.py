@@ -37,7 +37,7 @@ def load_gbm40(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """(40, 512, 512, 3) uint8 tiles and (40, 512, 512) labels (0 background, 1 nucleus, 255 none)."""
     from pdseg_qupath.core.annotations import ClassInfo, ClassMap
     from pdseg_qupath.core.grid import Window
-    from pdseg_qupath.core.raster import rasterize
+    from pdseg_qupath.core.raster import AnnotationIndex
     from pdseg_qupath.core.slide import open_slide
     from pdseg_qupath.sources.qupath.geojson import read_geojson
 
@@ -48,7 +48,7 @@ def load_gbm40(folder: Path) -> tuple[np.ndarray, np.ndarray]:
             w = Window(0, 0, s.width, s.height)
             tiles.append(s.read(w))
         anns = read_geojson(folder / f"{i:02d}.geojson")[0]
-        labels.append(rasterize(anns, cmap, w))
+        labels.append(AnnotationIndex(anns, cmap).rasterize(w))
     return np.stack(tiles), np.stack(labels)
 
 

@@ -136,7 +136,8 @@ def measure(slide_path: Path, geo: Path, out: Path, mpp: float, tile_size: int) 
     t0 = time.perf_counter()
     from pdseg_qupath.core.annotations import ClassMap
     from pdseg_qupath.core.grid import Window
-    from pdseg_qupath.core.slide import open_slide, tissue_mask
+    from pdseg_qupath.core.slide import open_slide
+    from pdseg_qupath.core.tissue import tissue_mask
     from pdseg_qupath.outputs.masks import export_image_masks, write_classes_json
     from pdseg_qupath.sources.qupath.geojson import read_geojson
 
