@@ -307,10 +307,11 @@ def bench_features_cmd(
 ) -> None:
     """Feature-extraction tiles/s, GFLOP/tile, TFLOP/s, peak memory and error vs eager fp32, as JSON."""
     from pdseg_qupath.backbone.bench import bench_features
+    from pdseg_qupath.learn.runtime import resolve_device
 
     comp: bool | str = {"no": False, "yes": True}.get(compile, compile)
     result = bench_features(
-        backbone, device, batch_size, steps, comp,
+        backbone, resolve_device(device), batch_size, steps, comp,
         t=[int(v) for v in t.split(",")] if t else None,
         blocks=[int(v) for v in blocks.split(",")] if blocks else None,
         precision=precision, channels_last=channels_last,

@@ -108,7 +108,7 @@ def test_write_predictions_replaces_only_pdseg_objects(folder: Path) -> None:
 
     first = [square(0, "Tumor", name="pdseg Tumor"), square(20, "Stroma", name="pdseg Stroma")]
     rep1 = src.write_predictions(rec, first)
-    target = folder / "pdseg" / "predictions" / "a.geojson"
+    target = folder / "pdseg" / "predictions" / "a.png.geojson"
     assert (rep1.added, rep1.removed, rep1.kept, rep1.backup) == (2, 0, 0, None)
 
     # the user adds their own objects to the predictions file, including a point QuPath exported
@@ -125,7 +125,7 @@ def test_write_predictions_replaces_only_pdseg_objects(folder: Path) -> None:
     second = [square(50, "Tumor", name="pdseg Tumor")]
     rep2 = src.write_predictions(rec, second)
     assert (rep2.added, rep2.removed, rep2.kept) == (1, 2, 2)
-    assert rep2.backup == target.with_name("a.geojson.bak") and rep2.backup.read_bytes() == before_second
+    assert rep2.backup == target.with_name("a.png.geojson.bak") and rep2.backup.read_bytes() == before_second
 
     features = json.loads(target.read_text())["features"]
     assert user_point in features and user_area in features  # kept exactly
@@ -149,13 +149,13 @@ def test_write_predictions_marks_unmarked_objects(folder: Path) -> None:
     assert (rep.removed, rep.added, rep.kept) == (2, 1, 0)
 
 
-def test_predictions_of_images_sharing_a_stem_do_not_collide(tmp_path: Path) -> None:
+def test_predictions_are_named_after_the_whole_image_name(tmp_path: Path) -> None:
     png(tmp_path / "s.png")
     png(tmp_path / "s.jpg")
     png(tmp_path / "t.png")
     src = GeoJSONFolder(tmp_path)
     paths = {r.name: src.predictions_path(r).name for r in src.images()}
-    assert paths == {"s.jpg": "s.jpg.geojson", "s.png": "s.png.geojson", "t.png": "t.geojson"}
+    assert paths == {"s.jpg": "s.jpg.geojson", "s.png": "s.png.geojson", "t.png": "t.png.geojson"}
 
 
 def test_real_gbm40_folder(tmp_path: Path) -> None:

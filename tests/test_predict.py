@@ -135,7 +135,7 @@ def test_predict_writes_geojson_back_and_replaces_only_pdseg_objects(tmp_path, m
         "type": "Feature", "id": "9b1c9b5e-1111-4c2a-8e0b-5d4c3b2a1f00",
         "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [5, 0], [5, 5], [0, 0]]]},
         "properties": {"objectType": "annotation", "name": "my note"}}]}
-    (pred_dir / "img0.geojson").write_text(json.dumps(user))
+    (pred_dir / "img0.png.geojson").write_text(json.dumps(user))
     (src / "moved.geojson").write_text((src / "img1.geojson").read_text())
     out = tmp_path / "out"
     for _ in range(2):
@@ -145,7 +145,7 @@ def test_predict_writes_geojson_back_and_replaces_only_pdseg_objects(tmp_path, m
     assert by["moved"].error and "not found" in by["moved"].error.lower()
     assert by["img0.png"].error is None and by["img0.png"].objects > 0
     assert by["img0.png"].write.removed == by["img0.png"].objects  # the second run replaced the first
-    feats = json.loads((pred_dir / "img0.geojson").read_text())["features"]
+    feats = json.loads((pred_dir / "img0.png.geojson").read_text())["features"]
     names = [f["properties"].get("name", "") for f in feats]
     assert names.count("my note") == 1
     assert sum(n.startswith("pdseg") for n in names) == by["img0.png"].objects

@@ -46,9 +46,6 @@ class LDMFeatures:
                  precision: str = "auto") -> None:
         cfg = backbone.config
         self.device = torch.device(device) if device is not None else backbone.device
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise PdsegError("--device cuda was asked for, but this PyTorch has no CUDA GPU available; "
-                             "use --device cpu")
         self.backbone = backbone.to(self.device).eval().requires_grad_(False)
         check_supported(backbone.unet)
         ts = (cfg.default_t,) if t is None else ((t,) if isinstance(t, (int, np.integer)) else tuple(t))

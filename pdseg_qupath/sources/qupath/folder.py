@@ -4,7 +4,7 @@ Layout (non-recursive)::
 
     root/slide1.svs    root/slide1.geojson        (also slide1.json or slide1.svs.geojson)
     root/tile.png      (no sidecar: listed, zero annotations)
-    root/pdseg/predictions/slide1.geojson         (written by pdseg; the user's sidecar is never touched)
+    root/pdseg/predictions/slide1.svs.geojson     (written by pdseg; the user's sidecar is never touched)
 
 Predictions go to their own file so that "File > Import objects" in QuPath, or the ``groovy/`` scripts,
 can bring them in without risk to the hand-drawn annotations.
@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, is_pdseg_name, prediction_name
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.fileio import atomic_write_text
-from pdseg_qupath.core.names import PDSEG_DIR
+from pdseg_qupath.core.names import PDSEG_DIR, output_name
 from pdseg_qupath.sources.base import IMAGE_SUFFIXES, ImageRecord, WriteReport
 from pdseg_qupath.sources.qupath.geojson import (
     annotation_to_feature,
@@ -142,10 +142,9 @@ class GeoJSONFolder:
     # --------------------------------------------------------------------------------------- writing
 
     def predictions_path(self, image: ImageRecord) -> Path:
-        """``root/pdseg/predictions/<stem>.geojson`` (``<name>.geojson`` when two images share a stem)."""
-        stem = Path(image.name).stem
-        clash = sum(1 for r in self.images() if Path(r.name).stem == stem) > 1
-        return self.root / PREDICTIONS_DIR / f"{image.name if clash else stem}.geojson"
+        """``root/pdseg/predictions/<image name>.geojson``: the name every per-image output gets
+        (:func:`pdseg_qupath.core.names.output_name`), which ``groovy/import_predictions.groovy`` reads."""
+        return self.root / PREDICTIONS_DIR / output_name(image.name, ".geojson")
 
     def write_predictions(self, image: ImageRecord, annotations: Sequence[Annotation]) -> WriteReport:
         """Replace earlier pdseg objects in the image's predictions file; other objects are kept verbatim.
