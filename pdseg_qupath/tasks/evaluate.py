@@ -147,7 +147,7 @@ def _score_image(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
                 truth_canvas.add_strip(strip.y, truth)
 
         tile = m.io.tile
-        step.describe(f"evaluate {rec.name}")
+        step.describe(rec.name)
         step.set_total(None, done=0)
         pred = predict_image(
             slide, predictor, options=PredictOptions(batch_size=predictor.runner.batch_size, tissue_only=False),

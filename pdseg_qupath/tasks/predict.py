@@ -135,7 +135,7 @@ def _predict_one(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
         return res
     m = predictor.model
     with slide:
-        step.describe(f"predict {rec.name}")
+        step.describe(rec.name)
         step.set_total(None, done=0)
         pred = predict_image(slide, predictor, options=opts, on_tiles=step.advance,
                              on_total=lambda n: step.set_total(n, done=0))
