@@ -100,7 +100,8 @@ class _PlainStep(Step):
         return ", ".join(parts) + (" - done" if final else "")
 
     def _maybe_print(self) -> None:
-        if time.monotonic() - self.last >= PLAIN_EVERY:
+        finished = self.total is not None and self.done >= self.total  # close() says it once, as done
+        if not finished and time.monotonic() - self.last >= PLAIN_EVERY:
             self._print()
 
     def _print(self, final: bool = False) -> None:
