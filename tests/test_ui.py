@@ -1,0 +1,63 @@
+"""What a user sees: progress as plain log lines when the output is not a terminal, bars when it is."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from pdseg_qupath import ui
+
+
+def _events(plain: bool) -> tuple[ui.ConsoleEvents, io.StringIO]:
+    buf = io.StringIO()
+    return ui.ConsoleEvents(Console(file=buf, width=200), plain=plain), buf
+
+
+def test_plain_lines_report_progress_with_total_and_eta(monkeypatch):
+    monkeypatch.setattr(ui, "PLAIN_EVERY", 0.0)  # a line at every update
+    events, buf = _events(plain=True)
+    step = events.step("tiles", total=4)
+    step.describe("slide.svs")
+    step.advance(1)
+    step.advance(1)
+    step.advance(2)  # finished: not repeated here, only by close()
+    step.close()
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("tiles (slide.svs): 1/4 (25 %), elapsed 0:00:00, eta ")
+    assert lines[1].startswith("tiles (slide.svs): 2/4 (50 %)")
+    assert lines[-1].endswith("4/4 (100 %), elapsed 0:00:00 - done") and len(lines) == 3
+
+
+def test_plain_lines_are_throttled(monkeypatch):
+    monkeypatch.setattr(ui, "PLAIN_EVERY", 3600.0)
+    events, buf = _events(plain=True)
+    step = events.step("epochs", total=None)
+    for _ in range(50):
+        step.advance()
+    assert buf.getvalue() == ""  # nothing yet within the interval
+    step.close()
+    assert buf.getvalue().splitlines() == ["epochs: 50, elapsed 0:00:00 - done"]
+
+
+def test_messages_tables_and_sections():
+    events, buf = _events(plain=True)
+    events.message("hello [not markup]", "warn")
+    events.section("1/3 train")
+    events.show("epoch", (["A", "B"], {"epoch": 1, "loss": 0.5, "val_loss": None, "accuracy": 0.9, "miou": 0.8,
+                                       "per_class": {"A": {"dice": 0.7, "iou": 0.6}}}))
+    events.show("scores", ("scores", {"per_class": {"A": {"dice": 0.5, "iou": 0.4, "pixels": 1234}},
+                                      "accuracy": 0.9, "macro_dice": 0.5, "miou": 0.4}))
+    text = buf.getvalue()
+    assert "hello [not markup]" in text and "1/3 train" in text
+    assert "0.70/0.60" in text and "—/—" in text and "1,234" in text
+
+
+def test_a_terminal_gets_bars_that_live_for_the_session():
+    buf = io.StringIO()
+    with ui.session(Console(file=buf, width=120, force_terminal=True)) as events:
+        assert events.progress is not None
+        step = events.step("features", total=2)
+        step.advance(2)
+        step.close()
+    assert events.progress is None and "features" in buf.getvalue()
