@@ -115,6 +115,16 @@ def test_slide_smaller_than_a_tile(tmp_path, predictor):
     assert area == pytest.approx(20 * 14)
 
 
+def test_objects_stay_inside_the_image(tmp_path, predictor):
+    # 0.35 µm/px against the model's 0.5: the last work pixel reaches past the image's edge
+    png = make_image(tmp_path, "odd", size=(47, 33), seed=3, n_nuclei=2)
+    with open_slide(png, fallback_mpp=0.35) as slide:
+        pred = predict_image(slide, predictor, options=PredictOptions(tissue_only=False))
+    bounds = shapely.box(0, 0, 47, 33)
+    assert pred.annotations and all(bounds.contains(a.geometry) and a.geometry.is_valid for a in pred.annotations)
+    assert sum(a.geometry.area for a in pred.annotations) == pytest.approx(47 * 33)
+
+
 def test_blank_slide_with_tissue_detection_predicts_nothing(tmp_path, predictor):
     from PIL import Image
 

@@ -24,6 +24,7 @@ import torch
 from scipy import ndimage
 
 from pdseg_qupath.core.annotations import IGNORE, PDSEG_MARKER, Annotation, ClassMap
+from pdseg_qupath.core.geometry import polygonal_part
 from pdseg_qupath.core.grid import Window, grid_size
 from pdseg_qupath.core.raster import polygons
 from pdseg_qupath.core.tissue import TissueMap
@@ -192,6 +193,7 @@ def _objects(pieces: list, model: Any, slide: Any, opts: PredictOptions) -> tupl
     px_um2 = model.io.mpp**2
     min_px = opts.min_area_um2 / px_um2 if opts.min_area_um2 > 0 else 0.0
     tol = opts.simplify * model.io.mpp / slide.mpp  # work px → level-0 px
+    bounds = shapely.box(0, 0, slide.width, slide.height)  # the last work pixel may reach past the image edge
     anns: list[Annotation] = []
     per_class = {i: [0, 0, 0.0] for i in range(len(cmap))}  # objects, pixels, prob sum (kept objects)
     pieces.sort(key=lambda p: (p.cls, -p.pixels))
@@ -200,7 +202,9 @@ def _objects(pieces: list, model: Any, slide: Any, opts: PredictOptions) -> tupl
         if p.pixels < min_px:
             continue
         geom = shapely.simplify(p.geom, tol, preserve_topology=True) if tol > 0 else p.geom
-        if geom.is_empty:
+        if not bounds.contains(geom):
+            geom = polygonal_part(shapely.intersection(geom, bounds))
+        if geom is None or geom.is_empty:
             continue
         c = cmap.classes[p.cls]
         area = p.pixels * px_um2

@@ -32,7 +32,7 @@ from pdseg_qupath.core.annotations import ClassMap
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
 from pdseg_qupath.learn.cache import PixelCache, bytes_per_pixel, extract_views, pixels_per_view
-from pdseg_qupath.learn.data import TrainingImage, close_images, load_training_images
+from pdseg_qupath.learn.data import TrainingImage, close_images, load_training_images, total_labels
 from pdseg_qupath.learn.fit import FitState, class_weights, fit_head, logit_adjustment, new_head
 from pdseg_qupath.learn.head import HeadConfig
 from pdseg_qupath.learn.modelio import SegModel, save_model
@@ -154,6 +154,7 @@ def train(
                         opts.resume, messages)
         for m in messages:
             events.message(m, "warn")
+        events.message(f"labels: {total_labels(imgs).describe()}")
         events.message(f"backbone: {bb_record['label']} · {len(cmap)} classes ({', '.join(cmap.names)}) · "
                        f"{mpp:g} µm/px · {len(plan.tiles)} training tiles × {opts.views} views · "
                        f"{len(plan.val_tiles)} validation tiles (split by {plan.val_mode}) · ≤ {per_view} px per "
@@ -301,6 +302,7 @@ def _training_record(fit, plan: TilePlan, imgs: list[TrainingImage], cmap: Class
         "history": fit.history,
         "validation": plan.val_mode,
         "train_images": [imgs[i].record.name for i in plan.train_idx],
+        "labels": vars(total_labels([imgs[i] for i in plan.train_idx])),
         "val_images": [imgs[i].record.name for i in plan.val_idx],
         "tiles": len(plan.tiles),
         "val_tiles": len(plan.val_tiles),
