@@ -189,3 +189,22 @@ def test_folder_predictions_carry_the_fingerprint_and_untouched_ones_are_not_lab
     assert (image.labels.corrected, image.labels.untouched, image.labels.accepted) == (1, 1, 0)
     assert len(image.annotations) == len(fc["features"]) - 1
     image.slide.close()
+
+
+def test_review_regions_and_the_uncertainty_map_go_into_the_project(project, fake_paquo):
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
+
+    review = [Annotation(box(0, 0, 64, 64), "Review*", name="pdseg review 001",
+                         measurements={"pdseg: uncertainty": 0.7, "pdseg: review rank": 1.0}),
+              Annotation(box(0, 0, 16, 16), None, name="pdseg uncertainty", object_type="detection",
+                         measurements={"pdseg: uncertainty": 0.5})]
+    for _ in range(2):  # a second run replaces the map instead of adding to it
+        with QuPathProjectSource(project, writable=True) as src:
+            src.write_predictions(src.images()[0], [*_predictions()[:1], *review])
+    data = json.loads((project / "data" / "1" / "data.qpdata").read_text())
+    assert [d["measurements"]["pdseg: uncertainty"] for d in data["detections"]] == [0.5]
+    assert "Review*" in [pc.id for pc in fake_paquo[project]["classes"]]
+    src = QuPathProjectSource(project)
+    anns, _ = src.read_annotations(src.images()[0])
+    (region,) = [a for a in anns if a.classification == "Review*"]
+    assert region.is_ignore and ClassMap.from_annotations(anns).index("Review*") == IGNORE

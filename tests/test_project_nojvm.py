@@ -347,6 +347,10 @@ class FakeAnnotationObject:
         return obj
 
 
+class FakeDetectionObject(FakeAnnotationObject):
+    """paquo's QuPathPathDetectionObject (a detection: the uncertainty map)."""
+
+
 class FakeJava:
     """paquo.java: the QuPath and JTS classes the adapter uses for geometry."""
 
@@ -370,6 +374,10 @@ class FakeJava:
         def createAnnotationObject(roi: FakeROI, java_class: Any) -> FakeJavaAnnotation:
             return FakeJavaAnnotation(roi, java_class)
 
+        @staticmethod
+        def createDetectionObject(roi: FakeROI, java_class: Any) -> FakeJavaAnnotation:
+            return FakeJavaAnnotation(roi, java_class)
+
     class WKBReader:
         def __init__(self, factory: Any = None) -> None:
             assert factory == "qupath-default-factory", "build ROIs with QuPath's default geometry factory"
@@ -385,20 +393,21 @@ class FakeJava:
             return shapely.to_wkb(jts.geom)
 
 
-def dump_qpdata(objects: list) -> str:
+def dump_qpdata(objects: list, detections: list = ()) -> str:
     """The fake's data.qpdata: the objects as QuPath would keep them (float32 measurements)."""
-    return json.dumps({"fake-qpdata": [
-        {"wkb": shapely.to_wkb(o.roi, hex=True), "id": o.java_object.getID(), "name": o.name,
-         "class": [o.path_class.id, list(o.path_class.color)] if o.path_class is not None else None,
-         "measurements": {k: float(np.float32(v)) for k, v in o.measurements.items()}}
-        for o in objects]})
+    def one(o: Any) -> dict:
+        return {"wkb": shapely.to_wkb(o.roi, hex=True), "id": o.java_object.getID(), "name": o.name,
+                "class": [o.path_class.id, list(o.path_class.color)] if o.path_class is not None else None,
+                "measurements": {k: float(np.float32(v)) for k, v in o.measurements.items()}}
+    return json.dumps({"fake-qpdata": [one(o) for o in objects], "detections": [one(o) for o in detections]})
 
 
-def load_qpdata(text: str) -> list | None:
+def load_qpdata(text: str, key: str = "fake-qpdata") -> list | None:
     try:
-        data = json.loads(text)["fake-qpdata"]
+        data = json.loads(text)[key]
     except (ValueError, TypeError, KeyError):
         return None
+    kind = FakeDetectionObject if key == "detections" else FakeAnnotationObject
     out = []
     for d in data:
         pc = None
@@ -408,15 +417,15 @@ def load_qpdata(text: str) -> list | None:
             for part in parents:
                 parent = FakePathClass(part, parent=parent)
             pc = FakePathClass(leaf, d["class"][1], parent)
-        o = FakeAnnotationObject(shapely.from_wkb(d["wkb"], ), pc, d["name"], d["id"])
+        o = kind(shapely.from_wkb(d["wkb"]), pc, d["name"], d["id"])
         dict.update(o.measurements, d["measurements"])
         out.append(o)
     return out
 
 
 class FakeImageData:
-    def __init__(self, objects: list) -> None:
-        self.hierarchy = FakeHierarchy(objects, readonly=False)
+    def __init__(self, objects: list, detections: list = ()) -> None:
+        self.hierarchy = FakeHierarchy(objects, readonly=False, detections=detections)
 
     def getHierarchy(self) -> "FakeHierarchy":
         return self.hierarchy
@@ -426,14 +435,16 @@ class FakeImageData:
 
 
 class FakeProxy(list):
-    def __init__(self, items: list, hierarchy: "FakeHierarchy") -> None:
+    def __init__(self, items: list, hierarchy: "FakeHierarchy", kind: type | None = None) -> None:
         super().__init__(items)
-        self._h = hierarchy
+        self._h, self._kind = hierarchy, kind
 
     def add(self, x: Any) -> None:
         if self._h.readonly:
             raise OSError("project in readonly mode")
-        if not isinstance(x, FakeAnnotationObject):
+        if self._kind is FakeDetectionObject and not isinstance(x, FakeDetectionObject):
+            raise TypeError("requires QuPathPathDetectionObject")
+        if self._kind is None and (not isinstance(x, FakeAnnotationObject) or isinstance(x, FakeDetectionObject)):
             raise TypeError("requires QuPathPathAnnotationObject")
         self.append(x)
         self._h.changed = True
@@ -446,9 +457,10 @@ class FakeProxy(list):
 
 
 class FakeHierarchy:
-    def __init__(self, objects: list, readonly: bool) -> None:
+    def __init__(self, objects: list, readonly: bool, detections: Any = ()) -> None:
         self.readonly, self.changed, self.flushes = readonly, False, 0
         self.annotations = FakeProxy(objects, self)
+        self.detections = FakeProxy(list(detections), self, FakeDetectionObject)
 
     @contextmanager
     def no_autoflush(self):
@@ -494,13 +506,17 @@ class FakeEntry:
     def _read(self) -> FakeImageData:
         if not self.is_readable():
             raise RuntimeError("ImageData of a missing image")
-        return FakeImageData(self._stored())
+        try:
+            detections = load_qpdata((self.entry_path / "data.qpdata").read_text(), "detections") or []
+        except OSError:
+            detections = []
+        return FakeImageData(self._stored(), detections)
 
     def _write(self, data: FakeImageData) -> None:
         if self._p.readonly:
             raise OSError("project in readonly mode")
         objects = list(data.hierarchy.annotations)
-        (self.entry_path / "data.qpdata").write_text(dump_qpdata(objects))
+        (self.entry_path / "data.qpdata").write_text(dump_qpdata(objects, list(data.hierarchy.detections)))
         self._rec["objects"] = [self._copy(o) for o in objects]
         self._rec["saves"] = self._rec.get("saves", 0) + 1
         data.hierarchy.changed = False
@@ -584,7 +600,8 @@ def fake_paquo(monkeypatch):
     mods = {
         "paquo.projects": types.SimpleNamespace(QuPathProject=FakeProject),
         "paquo.classes": types.SimpleNamespace(QuPathPathClass=FakePathClass),
-        "paquo.pathobjects": types.SimpleNamespace(QuPathPathAnnotationObject=FakeAnnotationObject),
+        "paquo.pathobjects": types.SimpleNamespace(QuPathPathAnnotationObject=FakeAnnotationObject,
+                                                   QuPathPathDetectionObject=FakeDetectionObject),
         "paquo.hierarchy": types.SimpleNamespace(
             QuPathPathObjectHierarchy=lambda h, readonly, image_name: h if isinstance(h, FakeHierarchy)
             else FakeHierarchy(h, readonly)

@@ -31,6 +31,7 @@ from pdseg_qupath.core.tissue import TissueMap
 from pdseg_qupath.learn.options import PredictOptions
 from pdseg_qupath.learn.pipeline import count_tiles, run_region
 from pdseg_qupath.learn.predictor import Predictor
+from pdseg_qupath.learn.review import ReviewGrid
 from pdseg_qupath.learn.stitch import Strip
 
 AREA_MEASUREMENT = "pdseg: area µm^2"
@@ -98,6 +99,8 @@ class ImagePrediction:
     """Predicted area of each class in mm², before ``min_area_um2`` filtering."""
     stage_seconds: dict[str, float] = field(default_factory=dict)
     """Busy seconds per pipeline stage (see :func:`pdseg_qupath.learn.pipeline.run_region`)."""
+    review: list[Annotation] = field(default_factory=list)
+    """With ``review``: the ranked ``Review*`` regions, then the uncertainty map (detections)."""
 
 
 # ---------------------------------------------------------------------------------------- objects
@@ -285,6 +288,7 @@ def predict_image(
     canvas = LabelCanvas(region.width, region.height, opts.overlay_max) if opts.canvas else None
     builder = ObjectBuilder(k, region.width, rx, ry, d, max(tile, BAND_PIXELS // max(1, region.width)))
     counts = np.zeros(k, dtype=np.int64)
+    review = ReviewGrid(region, max(4, round(opts.review_size_um / model.io.mpp))) if opts.review > 0 else None
     stages: dict[str, float] = {}
     n_tiles = [0]
 
@@ -301,6 +305,8 @@ def predict_image(
             strip_sink(region, strip)
         if canvas is not None:
             canvas.add_strip(strip.y, strip.labels)
+        if review is not None:
+            review.add(strip)
         if vectorize:
             builder.add(strip)
 
@@ -318,4 +324,6 @@ def predict_image(
     return ImagePrediction(slide.name, anns, areas, canvas, n_tiles[0], time.perf_counter() - t0, region,
                            messages, tissue_mm2=float(counts.sum() * px_mm2),
                            class_mm2={c.name: float(counts[i] * px_mm2) for i, c in enumerate(model.class_map.classes)},
-                           stage_seconds=stages)
+                           stage_seconds=stages,
+                           review=review.objects(opts.review, model.model_id, (slide.width, slide.height))
+                           if review is not None else [])

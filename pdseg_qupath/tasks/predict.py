@@ -149,7 +149,7 @@ def _predict_one(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
             res.geojson, res.overlay = files.geojson, files.overlay
     if write_back:
         try:
-            res.write = source.write_predictions(rec, pred.annotations)
+            res.write = source.write_predictions(rec, [*pred.annotations, *pred.review])
         except PdsegError as exc:
             res.messages.append(f"write-back failed: {exc}")
             events.message(f"{rec.name}: predictions not written back ({exc})", "error")

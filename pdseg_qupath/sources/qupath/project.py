@@ -63,7 +63,7 @@ class _Paquo:
             from paquo.classes import QuPathPathClass
             from paquo.hierarchy import QuPathPathObjectHierarchy
             from paquo.images import QuPathImageType
-            from paquo.pathobjects import QuPathPathAnnotationObject
+            from paquo.pathobjects import QuPathPathAnnotationObject, QuPathPathDetectionObject
             from paquo.projects import QuPathProject
         except Exception as e:  # paquo raises ValueError/OSError/RuntimeError when QuPath is not found
             raise PdsegError(f"QuPath not available ({type(e).__name__}: {e}). {NO_QUPATH_HELP}") from e
@@ -71,6 +71,7 @@ class _Paquo:
         self.QuPathPathClass = QuPathPathClass
         self.QuPathPathObjectHierarchy = QuPathPathObjectHierarchy
         self.QuPathPathAnnotationObject = QuPathPathAnnotationObject
+        self.QuPathPathDetectionObject = QuPathPathDetectionObject
         self.QuPathImageType = QuPathImageType
         try:  # QuPath's own geometry classes: read ROIs as JTS geometries, build them with QuPath's factory
             from paquo.java import GeometryTools, ImagePlane, PathObjects, WKBReader, WKBWriter
@@ -90,15 +91,17 @@ class _Paquo:
         jts = obj.java_object.getROI().getGeometry()
         return shapely.from_wkb(bytes(self.WKBWriter(2).write(jts)))
 
-    def annotation(self, geom: Any, path_class: Any) -> Any:
-        """A new annotation object whose ROI is built with QuPath's default geometry factory (its 0.01-px
-        precision model, so QuPath logs no precision warnings) on the default image plane."""
+    def new_object(self, geom: Any, path_class: Any, detection: bool = False) -> Any:
+        """A new annotation (or detection) whose ROI is built with QuPath's default geometry factory (its
+        0.01-px precision model, so QuPath logs no precision warnings) on the default image plane."""
+        kind = self.QuPathPathDetectionObject if detection else self.QuPathPathAnnotationObject
         if self.PathObjects is None:
-            return self.QuPathPathAnnotationObject.from_shapely(geom, path_class)
+            return kind.from_shapely(geom, path_class)
         jts = self.WKBReader(self.GeometryTools.getDefaultFactory()).read(shapely.to_wkb(geom))
         roi = self.GeometryTools.geometryToROI(jts, self.ImagePlane.getDefaultPlane())
         java_class = path_class.java_object if path_class is not None else None
-        return self.QuPathPathAnnotationObject(self.PathObjects.createAnnotationObject(roi, java_class))
+        create = self.PathObjects.createDetectionObject if detection else self.PathObjects.createAnnotationObject
+        return kind(create(roi, java_class))
 
 
 def _server_mpp(entry: Any) -> float | None:
@@ -366,7 +369,7 @@ class QuPathProjectSource:
                 continue  # saved by someone else while merging: merge again on their copy
             self._save(entry, image_data, changed=bool(merged.added or merged.removed))
             merged.backup = report.backup
-            self._record_write(entry, image, annotations, merged.added)
+            self._record_write(entry, image, [a for a in annotations if a.object_type != "detection"])
             return merged
         raise PdsegError(
             f"{image.name}: its data file ({entry.entry_path / 'data.qpdata'}) kept changing while pdseg was "
@@ -398,11 +401,14 @@ class QuPathProjectSource:
                 report.messages.append(f"{image.name}: {corrected} prediction(s) you corrected were kept as labels")
             for obj in old:
                 hierarchy.annotations.discard(obj)  # keeps any children (keepChildren=True in paquo)
-            report.removed = len(old)
+            maps = [obj for obj in hierarchy.detections if is_pdseg_name(obj.name)]  # the uncertainty map
+            for obj in maps:
+                hierarchy.detections.discard(obj)
+            report.removed = len(old) + len(maps)
             for a in annotations:
                 obj = self._new_object(image, a, classes, report)
                 if obj is not None:
-                    hierarchy.annotations.add(obj)
+                    (hierarchy.detections if a.object_type == "detection" else hierarchy.annotations).add(obj)
                     report.added += 1
         return report
 
@@ -421,7 +427,8 @@ class QuPathProjectSource:
         if geom is None:
             report.messages.append(f"{image.name}: a {a.classification} prediction was skipped ({what})")
             return None
-        obj = self._pq.annotation(geom, classes.get(a.classification) if a.classification else None)
+        detection = a.object_type == "detection"
+        obj = self._pq.new_object(geom, classes.get(a.classification) if a.classification else None, detection)
         measurements, bad = {}, []
         for k, v in a.measurements.items():
             try:
@@ -430,11 +437,12 @@ class QuPathProjectSource:
                 bad.append(str(k))
         if bad:
             report.messages.append(f"{image.name}: non-numeric measurements dropped: {bad}")
-        try:  # fingerprint the outline as QuPath stores it, so that a later read can tell an edit
-            stored = self._pq.geometry(obj)
-        except Exception:  # noqa: BLE001
-            stored = geom
-        measurements.update(fingerprint(stored, a.classification))
+        if not detection:
+            try:  # fingerprint the outline as QuPath stores it, so that a later read can tell an edit
+                stored = self._pq.geometry(obj)
+            except Exception:  # noqa: BLE001
+                stored = geom
+            measurements.update(fingerprint(stored, a.classification))
         obj.measurements.update(measurements)
         obj.name = prediction_name(a)
         return obj
@@ -451,12 +459,12 @@ class QuPathProjectSource:
         except (OSError, ValueError):
             return {}
 
-    def _record_write(self, entry: Any, image: ImageRecord, annotations: Sequence[Annotation], added: int) -> None:
+    def _record_write(self, entry: Any, image: ImageRecord, annotations: Sequence[Annotation]) -> None:
         """Remember the last write to each image (model, object count, time), to notice a later wipe."""
         models = sorted({a.metadata.get("pdseg_model", "") for a in annotations} - {""})
         writes = self._writes()
         writes[str(entry.entry_id)] = {"image": image.name, "model": models[0] if models else None,
-                                       "objects": added, "written": datetime.now(timezone.utc).isoformat()}
+                                       "objects": len(annotations), "written": datetime.now(timezone.utc).isoformat()}
         try:
             write_json(self._writes_file(), writes)
         except OSError:
