@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the fake-paquo fixtures are imported from test_project_nojvm
 """The correction loop: a user's edit is never lost, predictions are never labels unless corrected,
 classes ending in ``*`` are ignored, and a wiped write-back is noticed (on the fake of paquo).
 
@@ -167,10 +168,10 @@ def test_a_wiped_write_back_is_noticed(project, fake_paquo):
 
 
 def test_folder_predictions_carry_the_fingerprint_and_untouched_ones_are_not_labels(tmp_path):
-    from _loop_data import make_image
-
     from pdseg_qupath.learn.data import load_training_images
     from pdseg_qupath.sources.qupath.folder import GeoJSONFolder
+
+    from _loop_data import make_image
 
     make_image(tmp_path, "a", size=(64, 64))
     src = GeoJSONFolder(tmp_path)

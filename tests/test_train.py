@@ -239,3 +239,37 @@ def test_prior_correction_is_recorded_and_folded_into_the_head(trained):
     shares = prior["annotated_share"]
     assert shares["Background"] > shares["Nucleus"] > 0 and sum(shares.values()) == pytest.approx(1, abs=1e-4)
     assert prior["logit_adjustment"][1] < 0 < prior["logit_adjustment"][0]
+
+
+def test_context_head_trains_on_whole_maps_and_predicts(data, tmp_path):
+    from pdseg_qupath.learn.predictor import Predictor
+
+    res = train_tiny(data, tmp_path / "m", epochs=2, head="context", keep_features=True)
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["head"]["kind"] == "context" and meta["head"]["dilations"] == [1, 2, 4, 8]
+    assert meta["head"]["rgb_skip"] is True and meta["training"]["options"]["head"] == "context"
+    cache = meta["training"]["cache"]
+    assert cache["form"] == "maps" and cache["views_train"] == res.cache["views_train"] > 0
+    assert cache["bytes"] == (cache["views_train"] + cache["views_val"]) * cache["bytes_per_view"]
+    assert cache["class_pixels_train"]["Nucleus"] > 0
+    assert any("receptive field" in m for m in res.messages)  # 8-px overlap on 32-px tiles
+    model = load_model(tmp_path / "m")
+    assert model.head.config.kind == "context"
+    tiles = np.full((2, 32, 32, 3), 200, np.uint8)
+    logits = Predictor(model, device="cpu").logits(tiles, [(0, 0), (32, 0)])
+    assert logits.shape == (2, 2, 32, 32) and np.isfinite(logits).all()
+    again = train_tiny(data, tmp_path / "m", epochs=2, head="context", keep_features=True)
+    assert again.resumed and again.history == res.history  # map shards reload bit for bit
+
+
+def test_context_head_cache_budget_keeps_fewer_tiles(data, tmp_path):
+    from pdseg_qupath.learn.cache import bytes_per_map
+    from pdseg_qupath.learn.predictor import load_extractor
+
+    per_view = bytes_per_map(load_extractor("random:tiny", "cpu")[1].channels, 32, 4)
+    budget = 20 * per_view / 2**20  # 8 validation views + 6 of the 2 x 12 training views
+    res = train_tiny(data, tmp_path / "m", epochs=1, head="context", cache_mb=budget)
+    assert any("holds the feature maps of 6 of 12 training tiles" in m for m in res.messages)
+    assert res.cache["views_train"] == 12 and res.cache["bytes"] <= budget * 2**20
+    with pytest.raises(PdsegError, match="too small for the context head"):
+        train_tiny(data, tmp_path / "n", epochs=1, head="context", cache_mb=9 * per_view / 2**20)
