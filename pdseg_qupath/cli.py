@@ -189,6 +189,8 @@ def predict(
     if result.failed:
         for r in result.failed:
             err_console.print(f"[red]{r.image}: {r.error}")
+        err_console.print(f"[red]{len(result.failed)} of {len(result.images)} image(s) failed[/]; the others "
+                          "were predicted and written")
         raise typer.Exit(1)
 
 

@@ -15,9 +15,10 @@ from typing import Sequence
 from pdseg_qupath.core.annotations import Annotation, ClassMap, ReadReport
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
+from pdseg_qupath.core.names import check_name_length, check_unique, qupath_export_basename
 from pdseg_qupath.core.slide import open_slide
 from pdseg_qupath.learn.data import source_class_map
-from pdseg_qupath.outputs.masks import MaskExportStats, export_image_masks, write_classes_json
+from pdseg_qupath.outputs.masks import TILE_SUFFIX_MAX, MaskExportStats, export_image_masks, write_classes_json
 from pdseg_qupath.sources.base import AnnotationSource, ImageRecord
 
 
@@ -72,7 +73,10 @@ def masks(
     except PdsegError as exc:
         failed = [f"{r.image}: {r.error}" for r in rows.values() if r.error]
         raise PdsegError("\n".join([str(exc), *failed])) from None
-    # 3. Each image's masks.
+    # 3. Each image's masks, once no two images would write the same file and every name fits.
+    check_unique([(rec.name, qupath_export_basename(rec.name)) for rec, _ in loaded], str(out_dir))
+    for rec, _ in loaded:
+        check_name_length(rec.name, qupath_export_basename(rec.name) + TILE_SUFFIX_MAX, str(out_dir))
     step = events.step("masks", total=len(loaded))
     for rec, anns in loaded:
         row = rows[rec.name]

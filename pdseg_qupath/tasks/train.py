@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pdseg_qupath.backbone.model import describe
+from pdseg_qupath.backbone.spec import is_hub_id
 from pdseg_qupath.core.annotations import ClassMap
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
@@ -209,9 +210,17 @@ def train(
 
 
 def _backbone_record(spec: str, bb: Any) -> dict[str, Any]:
-    """What model.json records of the backbone: how to find it again and how to recognise it."""
-    return {"spec": str(Path(spec).resolve()) if Path(spec).is_dir() else spec, "config": bb.config.name,
-            "sha256": bb.sha256, "random_weights": bool(bb.random_weights), "label": describe(bb)}
+    """What model.json records of the backbone: how to find it again and how to recognise it.
+
+    A path or a shipped name, never a Hugging Face id: a hub backbone is recorded by the local folder it
+    was fetched to (and its id, for the record), so predicting never contacts the hub."""
+    rec: dict[str, Any] = {}
+    if Path(spec).is_dir():
+        spec = str(Path(spec).resolve())
+    elif is_hub_id(spec) and getattr(bb, "folder", None):
+        rec["hub_id"], spec = spec, bb.folder
+    return {"spec": spec, "config": bb.config.name, "sha256": bb.sha256,
+            "random_weights": bool(bb.random_weights), "label": describe(bb), **rec}
 
 
 def _fit_map_budget(plan: TilePlan, io: IOConfig, channels: int, opts: TrainOptions, rng: np.random.Generator,
