@@ -358,6 +358,11 @@ class FakeDetectionObject(FakeAnnotationObject):
 class FakeJava:
     """paquo.java: the QuPath and JTS classes the adapter uses for geometry."""
 
+    @staticmethod
+    def JClass(name: str) -> Any:
+        assert name == "qupath.lib.regions.ImagePlane", name
+        return FakeJava.ImagePlane
+
     class GeometryTools:
         @staticmethod
         def getDefaultFactory() -> str:
