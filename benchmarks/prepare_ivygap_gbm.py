@@ -64,7 +64,7 @@ def decode(mask_rgb: np.ndarray, path: Path) -> np.ndarray:
 def choose_train(labels: dict[str, np.ndarray], n: int, rng: np.random.Generator) -> list[str]:
     """``n`` images, greedily covering every class at least twice (fewest-covered class first), ties at random."""
     names = sorted(labels)
-    present = {nm: {int(k) for k in np.unique(labels[nm])} for nm in names}
+    present = {nm: {int(k) for k in np.unique(labels[nm]) if k < len(CLASSES)} for nm in names}
     chosen: list[str] = []
     cover = np.zeros(len(CLASSES), int)
     while len(chosen) < n:
@@ -160,8 +160,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("repo", type=Path, help="a checkout (or export) of github.com/amin20/GBM_WSSM")
     ap.add_argument("dest", type=Path, help="output folder, outside the pdseg repository (e.g. /work/data/ivygap-gbm)")
-    ap.add_argument("--erode", type=int, default=12, help="px removed along every region border in training")
-    ap.add_argument("--min-area", type=int, default=400, help="smallest kept training part, px")
+    ap.add_argument("--erode", type=int, default=4, help="px removed along every region border in training")
+    ap.add_argument("--min-area", type=int, default=64, help="smallest kept training part, px")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--commit", default="fed6f11", help="recorded in the README")
     args = ap.parse_args()
@@ -173,13 +173,14 @@ def main() -> None:
         name = gt.name[: -len("_L.png")]
         if (img_dir / f"{name}.png").is_file():
             labels[name] = decode(np.asarray(Image.open(gt).convert("RGB")), gt)
-    train = choose_train(labels, N_TRAIN, np.random.default_rng(args.seed))
+    sparse_labels = {n: sparse(lab, args.erode, args.min_area) for n, lab in labels.items()}
+    train = choose_train(sparse_labels, N_TRAIN, np.random.default_rng(args.seed))
     test = [n for n in sorted(labels) if n not in train]
     counts = np.zeros(len(CLASSES), np.int64)
     for part, names in (("train", train), ("test", test)):
         (args.dest / part / "labels").mkdir(parents=True, exist_ok=True)
         for name in names:
-            lab = labels[name] if part == "test" else sparse(labels[name], args.erode, args.min_area)
+            lab = labels[name] if part == "test" else sparse_labels[name]
             Image.open(img_dir / f"{name}.png").convert("RGB").save(args.dest / part / f"{name}.png")
             Image.fromarray(lab).save(args.dest / part / "labels" / f"{name}_labels.png")
             write_annotations(lab, args.dest / part / f"{name}.geojson")
