@@ -111,7 +111,8 @@ def train(
     t: Optional[str] = typer.Option(None, "--t", help="Diffusion timestep(s) of the features, comma-separated (default: the backbone's)."),
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Decoder (up) blocks to tap, comma-separated, 0 = coarsest (default: the backbone's)."),
     class_weights: Optional[str] = typer.Option(None, "--class-weights", help="'balanced' (inverse frequency) or one weight per class, comma-separated."),
-    rgb_skip: bool = typer.Option(False, "--rgb-skip", help="Give the head the RGB tile beside the features."),
+    rgb_skip: bool = typer.Option(False, "--rgb-skip", help="Give the pixel head the RGB tile beside the features (the context head always has it)."),
+    head: str = typer.Option("pixel", "--head", help="pixel (1x1 per-pixel classifier) or context (dilated 3x3 blocks over ~124 feature-stride px, plus RGB)."),
     keep_features: bool = typer.Option(False, "--keep-features", help="Keep the feature cache so a rerun with other head options skips extraction."),
 ) -> None:
     """Train the segmentation head on your annotations (sparse is fine: unannotated pixels are ignored)."""
@@ -125,6 +126,7 @@ def train(
             epochs=epochs, device=device, val_images=_classes_option(val_images), seed=seed, events=events,
             options=TrainOptions(
                 cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
+                head=head,
                 t=[int(v) for v in t.split(",")] if t else None,
                 blocks=[int(v) for v in blocks.split(",")] if blocks else None,
                 class_weights=_class_weights_option(class_weights),
@@ -187,6 +189,8 @@ def predict(
     if result.failed:
         for r in result.failed:
             err_console.print(f"[red]{r.image}: {r.error}")
+        err_console.print(f"[red]{len(result.failed)} of {len(result.images)} image(s) failed[/]; the others "
+                          "were predicted and written")
         raise typer.Exit(1)
 
 
@@ -200,8 +204,15 @@ def evaluate(
     images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names (repeatable)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none."),
+    include_training: bool = typer.Option(
+        False, "--include-training",
+        help="Also score images the model was trained on (left out by default: their scores are optimistic)."),
 ) -> None:
-    """Score a model on annotated pixels only: per-class Dice and IoU, accuracy, mIoU, confusion matrix."""
+    """Score a model on annotated pixels only: per-class Dice and IoU, accuracy, mIoU, confusion matrix.
+
+    Scores count annotated pixels inside the tissue that predict detects (all annotated pixels are in
+    metrics.json as all_annotated); images the model was trained on are left out unless --include-training.
+    """
     from pdseg_qupath.tasks.evaluate import evaluate as run_evaluate
 
     if source is None:
@@ -218,7 +229,7 @@ def evaluate(
         src = open_source(source)
     with closing(src), ui.session() as events:
         metrics = run_evaluate(src, model, report, images=images, device=device, image_mpp=image_mpp,
-                               notes=notes, events=events)
+                               notes=notes, include_training=include_training, events=events)
     console.print(f"[green]report written to {report}[/] (accuracy {metrics['accuracy']:.3f}, mIoU {metrics['miou']:.3f}, macro Dice {metrics['macro_dice']:.3f})")
 
 

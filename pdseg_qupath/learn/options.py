@@ -75,9 +75,14 @@ class TrainOptions:
     """Class-stratified sampling trains the head as if all classes were equally common. With this on,
     the logits are shifted by log(annotated share / sampled share) (logit adjustment for label shift),
     so predictions follow the class proportions of the annotations instead of over-calling rare classes."""
+    head: str = "pixel"
+    """``pixel`` (1x1 convolutions: a per-pixel classifier, trained on features at sampled pixels) or
+    ``context`` (dilated 3x3 blocks at feature resolution plus the RGB tile; trained on whole cached
+    feature maps, so ``cache_mb`` bounds the number of tile views)."""
     hidden: tuple[int, int] = (64, 32)
     dropout: float = 0.1
     rgb_skip: bool = False
+    """Give the pixel head the RGB tile beside the features (the context head always has it)."""
     t: int | Sequence[int] | None = None
     blocks: Sequence[int] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -85,6 +90,10 @@ class TrainOptions:
     keep_features: bool = False
     """Keep the feature cache in OUT/.pdseg-train after success: a rerun with other head options
     (epochs, learning rate, ...) then skips feature extraction."""
+
+    def __post_init__(self) -> None:
+        if self.head not in ("pixel", "context"):
+            raise PdsegError(f"--head {self.head!r}: use pixel or context")
 
     def io(self, mpp: float, backbone_tile: int, stride: int) -> IOConfig:
         """The tiles of this run: the backbone's tile size unless set, a quarter tile of overlap unless set."""
@@ -128,6 +137,11 @@ class PredictOptions:
     """Tile-reading threads that run ahead of the backbone (0: read, infer and stitch in one thread)."""
     prefetch: int = 3
     """Batches in flight between the stages (bounds host memory)."""
+    review: int = 0
+    """Write the N least certain regions as ranked ``Review*`` annotations, and the uncertainty map as
+    detections (0: neither)."""
+    review_size_um: float = 128.0
+    """Side of a review region in µm (the uncertainty map's cells are a quarter of it)."""
 
     @property
     def canvas(self) -> bool:

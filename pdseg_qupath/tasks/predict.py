@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
-from pdseg_qupath.core.names import PDSEG_DIR
+from pdseg_qupath.core.names import PDSEG_DIR, check_name_length, check_unique, output_name
 from pdseg_qupath.core.slide import open_slide
 from pdseg_qupath.learn.inference import AreaRow, predict_image
 from pdseg_qupath.learn.modelio import SegModel, load_model
@@ -101,6 +101,7 @@ def predict(
         out.mkdir(parents=True, exist_ok=True)
     # 2. The images.
     records = select_images(source.images(), images or None)
+    _check_output_names(source, records, out, opts, write_back)
     # 3. Each image: predict, write its files, write back.
     results: list[ImageResult] = []
     t_all = time.perf_counter()
@@ -149,11 +150,28 @@ def _predict_one(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
             res.geojson, res.overlay = files.geojson, files.overlay
     if write_back:
         try:
-            res.write = source.write_predictions(rec, pred.annotations)
+            res.write = source.write_predictions(rec, [*pred.annotations, *pred.review])
         except PdsegError as exc:
-            res.messages.append(f"write-back failed: {exc}")
+            res.error = f"write-back failed: {exc}"  # the run goes on; the command exits non-zero
+            res.messages.append(res.error)
             events.message(f"{rec.name}: predictions not written back ({exc})", "error")
     return res
+
+
+def _check_output_names(source: AnnotationSource, records: Sequence[ImageRecord], out: Path | None,
+                        opts: PredictOptions, write_back: bool) -> None:
+    """Before any work: no two images write one file, and every output name fits the file system."""
+    suffixes = []
+    if out is not None:
+        suffixes.append(".overlay.png" if opts.overlay or opts.classmap else ".geojson")
+    if write_back and hasattr(source, "predictions_path"):  # a folder: pdseg/predictions/<name>.geojson(.bak)
+        suffixes.append(".geojson.bak")
+    if not suffixes:
+        return
+    live = [r for r in records if not r.error]
+    check_unique([(r.name, output_name(r.name, "")) for r in live])
+    for r in live:
+        check_name_length(r.name, output_name(r.name, max(suffixes, key=len)))
 
 
 def _areas_path(source: AnnotationSource, out: Path | None, areas_csv: str | Path | None) -> Path | None:
@@ -186,7 +204,8 @@ def predict_job(job: ImageRecord, predictor: Predictor, out_dir: str | Path, opt
     try:
         with open_slide(job.path, mpp=job.mpp, fallback_mpp=options.image_mpp) as slide:
             pred = predict_image(slide, predictor, options=options, on_tiles=on_tiles)
-            write_slide_outputs(out_dir, job.name, pred, slide, m.class_map, options, title=f"{job.name} - pdseg {m.name}")
+            write_slide_outputs(out_dir, job.name, pred, slide, m.class_map, options,
+                                title=f"{job.name} - pdseg {m.name}", model_id=m.model_id)
     except PdsegError as exc:
         row["error"] = str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop a cohort
