@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from pdseg_qupath.core.annotations import Annotation, ClassInfo, ClassMap
+from pdseg_qupath.core.annotations import Annotation, ClassInfo, ClassMap, outside_image, outside_message
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.raster import AnnotationIndex
 from pdseg_qupath.core.slide import Slide, open_slide
@@ -72,6 +72,10 @@ def load_training_images(
         if im.record.path is None:
             raise PdsegError(f"{im.record.name}: its image is not a local file ({im.record.uri})")
         im.slide = open_slide(im.record.path, mpp=im.record.mpp, fallback_mpp=image_mpp)
+        messages.extend(im.slide.notes)
+        away = outside_image(im.annotations, im.slide.width, im.slide.height)
+        if away:
+            messages.append(outside_message(im.record.name, len(away), im.slide.width, im.slide.height))
         im.index = AnnotationIndex(im.annotations, cmap)
         for name, n in im.index.skipped_unknown.items():
             messages.append(f"{im.record.name}: {n} annotation(s) of class {name!r} are not in the class list; ignored")

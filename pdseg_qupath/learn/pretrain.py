@@ -39,6 +39,7 @@ from pdseg_qupath.backbone.spec import load_backbone
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
 from pdseg_qupath.core.fileio import atomic_write_bytes
+from pdseg_qupath.core.slide import check_mpp
 from pdseg_qupath.learn.pretrain_data import TilePool, augment_batch
 from pdseg_qupath.learn.runtime import resolve_device
 
@@ -95,8 +96,9 @@ def plan_run(sources: list[str], *, config: str | None, from_spec: str | None, m
     for name, v in (("--steps-ae", steps_ae), ("--steps-unet", steps_unet)):
         if v < 0:
             raise PdsegError(f"{name} must be 0 or more, got {v}")
-    if not (math.isfinite(mpp) and mpp > 0):
-        raise PdsegError(f"--mpp must be a positive pixel size in µm/px, got {mpp}")
+    check_mpp(mpp, "--mpp")
+    if image_mpp is not None:
+        check_mpp(image_mpp, "--image-mpp")
     dev = torch.device(resolve_device(device))
     start = load_backbone(from_spec) if from_spec else None
     if start is not None and config is not None and config != start.config.name:
