@@ -51,7 +51,15 @@ from pdseg_qupath.learn.options import IOConfig, TrainOptions
 from pdseg_qupath.learn.predictor import load_extractor
 from pdseg_qupath.learn.resume import Resume, fingerprints
 from pdseg_qupath.learn.runtime import BatchRunner, resolve_device
-from pdseg_qupath.learn.sampling import Tile, annotated_prior, grid_tiles, sample_tiles, split_images, split_tiles
+from pdseg_qupath.learn.sampling import (
+    Tile,
+    annotated_prior,
+    grid_tiles,
+    image_classes,
+    sample_tiles,
+    split_images,
+    split_tiles,
+)
 from pdseg_qupath.outputs import plots
 from pdseg_qupath.sources.base import AnnotationSource
 
@@ -167,7 +175,8 @@ def train(
                         opts.resume, messages)
         for m in messages:
             events.message(m, "warn")
-        events.message(f"backbone: {bb_record['label']} · {opts.head} head · {len(cmap)} classes ({', '.join(cmap.names)}) · "
+        events.message(f"backbone: {bb_record['label']} · {opts.head} head · {len(cmap)} classes "
+                       f"({', '.join(cmap.names)}) · "
                        f"{mpp:g} µm/px · {len(plan.tiles)} training tiles × {opts.views} views · "
                        f"{len(plan.val_tiles)} validation tiles (split by {plan.val_mode}) · ≤ {per_view} px per "
                        f"view · device {dev}")
@@ -266,11 +275,16 @@ def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: Tr
         tiles, val_tiles = split_tiles(tiles, opts.val_fraction, rng)
         plan = TilePlan(train_idx, val_idx, tiles, val_tiles, "tile" if val_tiles else "none")
         if val_tiles:
-            messages.append("only one annotated image: validation uses held-out tiles of it (optimistic; "
-                            "annotate a second image for a validation split by image)")
+            why = ("only one annotated image" if len(imgs) < 2 else
+                   "no image can be held out without taking a class out of training")
+            messages.append(f"{why}: validation uses held-out tiles of the training images (optimistic; "
+                            "annotate one more image with every class for a validation split by image)")
     for name in cmap.names:
-        if not any(a.classification == name for i in train_idx for a in imgs[i].annotations):
+        if not any(name in image_classes(imgs[i]) for i in train_idx):
             messages.append(f"class {name!r} has no annotation in the training images; it cannot be learnt")
+        elif val_idx and not any(name in image_classes(imgs[i]) for i in val_idx):
+            messages.append(f"class {name!r} has no annotation in the validation images: early stopping cannot "
+                            f"see it (annotate it on one more image, or choose --val-images)")
     return plan
 
 
@@ -293,9 +307,9 @@ def _extract(plan: TilePlan, imgs: list[TrainingImage], cmap: ClassMap, extracto
     return train_cache, val_cache
 
 
-def _fit(train_cache: PixelCache | MapCache, val_cache: PixelCache | MapCache, cmap: ClassMap, io: IOConfig, channels: int,
-         counts: np.ndarray, adjust: Any, opts: TrainOptions, epochs: int, seed: int, device: str, resume: Resume,
-         out: Path, messages: list[str], events: Events):
+def _fit(train_cache: PixelCache | MapCache, val_cache: PixelCache | MapCache, cmap: ClassMap, io: IOConfig,
+         channels: int, counts: np.ndarray, adjust: Any, opts: TrainOptions, epochs: int, seed: int, device: str,
+         resume: Resume, out: Path, messages: list[str], events: Events):
     tr = train_cache.tensors()
     config = HeadConfig.build(opts.head, int(channels), len(cmap), hidden=tuple(opts.hidden), dropout=opts.dropout,
                               stride=io.stride, rgb_skip=opts.rgb_skip)
