@@ -155,6 +155,11 @@ class PredictOptions:
         if self.batch_size < 1:
             raise PdsegError(f"--batch-size {self.batch_size}: must be at least 1")
 
+    @property
+    def canvas(self) -> bool:
+        """Whether a downsampled label map is kept while predicting (for an overlay or a class map)."""
+        return self.overlay or self.classmap
+
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -168,8 +173,3 @@ def _finite(opts: Any, **ranges: tuple[float | None, float | None]) -> None:
                 high is not None and v > high):
             bounds = f">= {low:g}" if high is None else f"from {low:g} to {high:g}"
             raise PdsegError(f"{name.replace('_', '-')} {v!r}: expected a finite number {bounds}")
-
-    @property
-    def canvas(self) -> bool:
-        """Whether a downsampled label map is kept while predicting (for an overlay or a class map)."""
-        return self.overlay or self.classmap
