@@ -222,8 +222,15 @@ def evaluate(
     images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names (repeatable)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none."),
+    include_training: bool = typer.Option(
+        False, "--include-training",
+        help="Also score images the model was trained on (left out by default: their scores are optimistic)."),
 ) -> None:
-    """Score a model on annotated pixels only: per-class Dice and IoU, accuracy, mIoU, confusion matrix."""
+    """Score a model on annotated pixels only: per-class Dice and IoU, accuracy, mIoU, confusion matrix.
+
+    Scores count annotated pixels inside the tissue that predict detects (all annotated pixels are in
+    metrics.json as all_annotated); images the model was trained on are left out unless --include-training.
+    """
     from pdseg_qupath.tasks.evaluate import evaluate as run_evaluate
 
     if source is None:
@@ -232,7 +239,7 @@ def evaluate(
     notes = list(getattr(src, "notes", []))
     with closing(src), ui.session() as events:
         metrics = run_evaluate(src, model, report, images=images, device=device, image_mpp=image_mpp,
-                               notes=notes, events=events)
+                               notes=notes, include_training=include_training, events=events)
     console.print(f"[green]report written to {report}[/] (accuracy {metrics['accuracy']:.3f}, mIoU {metrics['miou']:.3f}, macro Dice {metrics['macro_dice']:.3f})")
 
 

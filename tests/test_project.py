@@ -5,6 +5,9 @@ Run with a QuPath 0.5/0.6 installation: ``PAQUO_QUPATH_DIR=/opt/QuPath pytest te
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +159,47 @@ def test_moved_image(project, tmp_path):
     anns, _ = src.read_annotations(recs["tile.png"])
     assert [a.classification for a in anns] == ["Stroma"]
     src.close()
+
+
+EDIT_IN_QUPATH = textwrap.dedent("""
+    import sys
+    from paquo.classes import QuPathPathClass
+    from paquo.projects import QuPathProject
+    from shapely.geometry import box
+    with QuPathProject(sys.argv[1], mode="r+") as qp:
+        entry = next(e for e in qp.images if e.uri.endswith("slide.tif"))
+        pcs = {pc.id: pc for pc in qp.path_classes}
+        h = entry.hierarchy
+        if sys.argv[2] == "draw":
+            h.add_annotation(roi=box(200, 150, 230, 190), path_class=pcs["Stroma"]).name = "drawn mid-run"
+        else:  # reclassify the first pdseg prediction
+            obj = next(o for o in h.annotations if (o.name or "").startswith("pdseg"))
+            obj.update_path_class(pcs["Stroma"])
+        entry.save()
+""")
+
+
+def test_an_edit_saved_mid_run_is_kept_and_corrections_are_told_apart(project):
+    from pdseg_qupath.core.annotations import CORRECTED, UNTOUCHED
+
+    preds = [Annotation(box(10.004, 120.5, 50.337, 160.25), "Tumor", (200, 0, 0)),
+             Annotation(box(60, 120, 90, 150).difference(box(70, 130, 75, 135)), "Stroma", (150, 200, 150))]
+    src = QuPathProjectSource(project, writable=True)
+    slide = _by_file(src.images())["slide.tif"]
+    before, _ = src.read_annotations(slide)
+    # a second process (QuPath, in real life) saves an edit while pdseg is predicting
+    subprocess.run([sys.executable, "-c", EDIT_IN_QUPATH, str(project), "draw"], check=True)
+    report = src.write_predictions(slide, preds)
+    src.close()
+    assert report.added == 2
+    src = QuPathProjectSource(project)
+    after, read = src.read_annotations(_by_file(src.images())["slide.tif"])
+    names = [a.name for a in after]
+    assert "drawn mid-run" in names and all(b.name in names for b in before)
+    assert [a.role for a in after if a.is_pdseg] == [UNTOUCHED, UNTOUCHED]  # the fingerprint survives QuPath
+    assert all(a.geometry.is_valid for a in after) and not read.messages
+    src.close()
+    subprocess.run([sys.executable, "-c", EDIT_IN_QUPATH, str(project), "reclassify"], check=True)
+    src = QuPathProjectSource(project)
+    after, _ = src.read_annotations(_by_file(src.images())["slide.tif"])
+    assert sorted(a.role for a in after if a.is_pdseg) == [CORRECTED, UNTOUCHED]

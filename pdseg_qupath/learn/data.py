@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from pdseg_qupath.core.annotations import Annotation, ClassInfo, ClassMap
+from pdseg_qupath.core.annotations import Annotation, ClassInfo, ClassMap, LabelCount, training_labels
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.raster import AnnotationIndex
 from pdseg_qupath.core.slide import Slide, open_slide
@@ -20,6 +20,21 @@ class TrainingImage:
     annotations: list[Annotation]
     slide: Slide | Any = None
     index: AnnotationIndex | None = None
+    labels: LabelCount = field(default_factory=LabelCount)
+    """Drawn, corrected and accepted objects taken as labels; untouched predictions left out."""
+
+
+def label_objects(annotations: Sequence[Annotation]) -> tuple[list[Annotation], LabelCount]:
+    """The classified area objects that are labels (never an untouched pdseg prediction), and their roles."""
+    areas = [a for a in annotations if a.object_type == "annotation" and a.classification]
+    return training_labels(areas)
+
+
+def total_labels(images: Sequence[TrainingImage]) -> LabelCount:
+    total = LabelCount()
+    for im in images:
+        total.add(im.labels)
+    return total
 
 
 def source_class_map(annotations: Sequence[Annotation], names: Sequence[str] | None,
@@ -52,11 +67,12 @@ def load_training_images(
             messages.append(f"{rec.name}: {m}")
         if report.skipped:
             messages.append(f"{rec.name}: {report.skipped} point/line/empty object(s) carry no area and were skipped")
-        areas = [a for a in anns if a.object_type == "annotation" and a.classification]
+        areas, roles = label_objects(anns)
         if not any(not a.is_ignore for a in areas):
-            messages.append(f"{rec.name}: no classified annotations; not used for training")
+            why = f" ({roles.untouched} untouched prediction(s) are not labels)" if roles.untouched else ""
+            messages.append(f"{rec.name}: no classified annotations{why}; not used for training")
             continue
-        images.append(TrainingImage(rec, areas))
+        images.append(TrainingImage(rec, areas, labels=roles))
     if not images:
         raise PdsegError(
             "no image of the source has classified annotations to train on; draw and classify some "

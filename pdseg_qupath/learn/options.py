@@ -139,6 +139,11 @@ class PredictOptions:
     """Tile-reading threads that run ahead of the backbone (0: read, infer and stitch in one thread)."""
     prefetch: int = 3
     """Batches in flight between the stages (bounds host memory)."""
+    review: int = 0
+    """Write the N least certain regions as ranked ``Review*`` annotations, and the uncertainty map as
+    detections (0: neither)."""
+    review_size_um: float = 128.0
+    """Side of a review region in µm (the uncertainty map's cells are a quarter of it)."""
 
     @property
     def canvas(self) -> bool:

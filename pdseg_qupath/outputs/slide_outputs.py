@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pdseg_qupath.core.annotations import ClassMap
+from pdseg_qupath.core.annotations import ClassMap, stamped
 from pdseg_qupath.core.fileio import atomic_write_bytes
 from pdseg_qupath.core.names import output_name
 from pdseg_qupath.learn.inference import ImagePrediction
@@ -56,7 +56,9 @@ def write_slide_outputs(out_dir: str | Path, image_name: str, pred: ImagePredict
     if pred.canvas is not None and opts.overlay:
         done.overlay = render_overlay(pred.canvas.background(slide, pred.region), pred.canvas.labels, class_map,
                                       out / output_name(image_name, ".overlay.png"), title=title)
-    write_geojson(done.geojson, pred.annotations, {"model_id": model_id} if model_id else None)
+    # stamped: marked and fingerprinted, so that corrections made in QuPath after import are told apart
+    write_geojson(done.geojson, [stamped(a) for a in (*pred.annotations, *pred.review)],
+                  {"model_id": model_id} if model_id else None)
     return done
 
 

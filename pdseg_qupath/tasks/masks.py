@@ -1,6 +1,6 @@
 """``masks``: every image of a source → label masks, one classes.json, and a summary.
 
-The steps: (1) read every image's annotations; (2) decide the class map once for the whole source
+The steps: (1) read every image's labels (never an untouched pdseg prediction); (2) decide the class map once for the whole source
 (``--classes`` order, else all classes used, sorted), so index k means the same class in every file;
 (3) write each image's masks (:mod:`pdseg_qupath.outputs.masks`); (4) write ``classes.json``.
 Per-image failures are recorded and the others go on.
@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from pdseg_qupath.core.annotations import Annotation, ClassMap, ReadReport
+from pdseg_qupath.core.annotations import Annotation, ClassMap, LabelCount, ReadReport
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
 from pdseg_qupath.core.names import check_name_length, check_unique, qupath_export_basename
 from pdseg_qupath.core.slide import open_slide
-from pdseg_qupath.learn.data import source_class_map
+from pdseg_qupath.learn.data import label_objects, source_class_map
 from pdseg_qupath.outputs.masks import TILE_SUFFIX_MAX, MaskExportStats, export_image_masks, write_classes_json
 from pdseg_qupath.sources.base import AnnotationSource, ImageRecord
 
@@ -28,6 +28,8 @@ class MaskRow:
     stats: MaskExportStats | None = None
     report: ReadReport | None = None
     error: str | None = None
+    labels: LabelCount | None = None
+    """Objects taken as labels by role; untouched pdseg predictions are never labels."""
 
 
 @dataclass
@@ -64,6 +66,7 @@ def masks(
         except PdsegError as exc:
             row.error = str(exc)
             continue
+        anns, row.labels = label_objects(anns)
         loaded.append((rec, anns))
     # 2. One class map for the whole source.
     try:

@@ -150,7 +150,7 @@ def _predict_one(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
             res.geojson, res.overlay = files.geojson, files.overlay
     if write_back:
         try:
-            res.write = source.write_predictions(rec, pred.annotations)
+            res.write = source.write_predictions(rec, [*pred.annotations, *pred.review])
         except PdsegError as exc:
             res.error = f"write-back failed: {exc}"  # the run goes on; the command exits non-zero
             res.messages.append(res.error)

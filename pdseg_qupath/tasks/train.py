@@ -41,7 +41,7 @@ from pdseg_qupath.learn.cache import (
     extract_views,
     pixels_per_view,
 )
-from pdseg_qupath.learn.data import TrainingImage, close_images, load_training_images
+from pdseg_qupath.learn.data import TrainingImage, close_images, load_training_images, total_labels
 from pdseg_qupath.learn.fit import FitState, class_weights, fit_head, logit_adjustment, map_sample_counts, new_head
 from pdseg_qupath.learn.head import HeadConfig
 from pdseg_qupath.learn.modelio import SegModel, save_model
@@ -173,6 +173,7 @@ def train(
                         opts.resume, messages)
         for m in messages:
             events.message(m, "warn")
+        events.message(f"labels: {total_labels(imgs).describe()}")
         events.message(f"backbone: {bb_record['label']} · {opts.head} head · {len(cmap)} classes "
                        f"({', '.join(cmap.names)}) · "
                        f"{mpp:g} µm/px · {len(plan.tiles)} training tiles × {opts.views} views · "
@@ -378,6 +379,7 @@ def _training_record(fit, plan: TilePlan, imgs: list[TrainingImage], cmap: Class
         "history": fit.history,
         "validation": plan.val_mode,
         "train_images": [imgs[i].record.name for i in plan.train_idx],
+        "labels": vars(total_labels([imgs[i] for i in plan.train_idx])),
         "val_images": [imgs[i].record.name for i in plan.val_idx],
         "tiles": len(plan.tiles),
         "val_tiles": len(plan.val_tiles),

@@ -12,11 +12,10 @@ can bring them in without risk to the hand-drawn annotations.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, is_pdseg_name, prediction_name
+from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, is_pdseg_name, stamped
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.fileio import atomic_copy, atomic_write_text
 from pdseg_qupath.core.names import PDSEG_DIR, output_name
@@ -185,12 +184,9 @@ class GeoJSONFolder:
             except PdsegError as e:
                 raise PdsegError(f"{backup}: cannot back up the predictions ({e}); nothing was written") from None
             report.backup = backup
-        # Every object written is marked (as the project adapter does), so a later write can replace it.
-        new = [
-            annotation_to_feature(a if a.is_pdseg else replace(a, name=prediction_name(a)))
-            for a in annotations
-            if not a.geometry.is_empty
-        ]
+        # Every object written is marked and fingerprinted (as the project adapter does), so that a later
+        # write can replace it and a corrected copy (imported into QuPath, edited, exported) is told apart.
+        new = [annotation_to_feature(stamped(a)) for a in annotations if not a.geometry.is_empty]
         atomic_write_text(target, dump_feature_collection(kept + new))
         report.kept = len(kept)
         report.added = len(new)
