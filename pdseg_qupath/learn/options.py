@@ -81,7 +81,9 @@ class TrainOptions:
     """``pixel`` (1x1 convolutions: a per-pixel classifier, trained on features at sampled pixels) or
     ``context`` (dilated 3x3 blocks at feature resolution plus the RGB tile; trained on whole cached
     feature maps, so ``cache_mb`` bounds the number of tile views)."""
-    hidden: tuple[int, int] = (64, 32)
+    hidden: tuple[int, int] | None = None
+    """Widths of the head's two hidden layers: (64, 32) for the pixel head, (32, 32) for the context head
+    (its 3x3 blocks run at hidden[0] channels: 32 keeps an epoch a few seconds on a CPU)."""
     dropout: float = 0.1
     rgb_skip: bool = False
     """Give the pixel head the RGB tile beside the features (the context head always has it)."""
@@ -111,7 +113,7 @@ class TrainOptions:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["hidden"] = list(self.hidden)
+        d["hidden"] = list(self.hidden) if self.hidden is not None else None
         if d["blocks"] is not None:
             d["blocks"] = list(d["blocks"])
         if isinstance(d["t"], (list, tuple)):

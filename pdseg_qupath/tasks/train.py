@@ -312,7 +312,8 @@ def _fit(train_cache: PixelCache | MapCache, val_cache: PixelCache | MapCache, c
          channels: int, counts: np.ndarray, adjust: Any, opts: TrainOptions, epochs: int, seed: int, device: str,
          resume: Resume, out: Path, messages: list[str], events: Events):
     tr = train_cache.tensors()
-    config = HeadConfig.build(opts.head, int(channels), len(cmap), hidden=tuple(opts.hidden), dropout=opts.dropout,
+    config = HeadConfig.build(opts.head, int(channels), len(cmap), dropout=opts.dropout,
+                              hidden=tuple(opts.hidden) if opts.hidden else None,
                               stride=io.stride, rgb_skip=opts.rgb_skip)
     head = new_head(config, tr["features"], seed)
     step = events.step("epochs", total=epochs)
