@@ -7,6 +7,7 @@ and shows what the task reports through :mod:`pdseg_qupath.ui`.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from contextlib import closing
 from pathlib import Path
@@ -63,9 +64,22 @@ def _class_weights_option(value: Optional[str]) -> Optional[str | list[float]]:
     if not value or value == "balanced":
         return value
     try:
-        return [float(v) for v in value.split(",")]
+        weights = [float(v) for v in value.split(",")]
     except ValueError:
         raise PdsegError(f"--class-weights: expected 'balanced' or numbers like 1,2.5, got {value!r}") from None
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise PdsegError(f"--class-weights {value}: each weight must be a finite number >= 0")
+    return weights
+
+
+def _int_list(value: Optional[str], flag: str) -> Optional[list[int]]:
+    """``1,2,3`` as integers, or one clear line naming the flag."""
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise PdsegError(f"{flag} {value}: expected whole numbers separated by commas, e.g. {flag} 1,2") from None
 
 
 def _version(value: bool) -> None:
@@ -118,6 +132,17 @@ def masks(
         raise typer.Exit(1)
 
 
+def _open_source_or_dataset(source: Path, dataset: Optional[str], split: str):
+    """SOURCE as a project or folder, or with ``--dataset`` as BCSS or GlaS in its published layout."""
+    if dataset:
+        from pdseg_qupath.sources.datasets import open_dataset
+
+        return open_dataset(dataset, source, **({"split": split} if dataset == "glas" else {}))
+    from pdseg_qupath.sources.inputs import open_source
+
+    return open_source(source)
+
+
 BACKBONE_HELP = "Backbone: 'small' (shipped, pretrained), a diffusers folder, a Hugging Face repo id, or random:<config>."
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N."
 
@@ -127,9 +152,11 @@ def train(
     source: Path = typer.Argument(..., help="A QuPath project (.qpproj, opened read-only) or a folder of images with <name>.geojson."),
     out: Path = typer.Option(..., "--out", help="Model folder to write (head.safetensors + model.json + plots)."),
     backbone: str = typer.Option("small", "--backbone", help=BACKBONE_HELP),
-    mpp: float = typer.Option(0.5, "--mpp", help="Work resolution in µm/px (0.5 ≈ 20x, what PathSegDiff used)."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="Work resolution in µm/px (default 0.5 ≈ 20x, what PathSegDiff used; with --dataset the data set's own)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes in label order (default: all, sorted)."),
     image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none (PNG/JPEG)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Read SOURCE as a published data set: bcss or glas."),
+    split: str = typer.Option("train", "--split", help="GlaS split to train on: train, testA, testB or test (A+B)."),
     epochs: int = typer.Option(30, "--epochs", help="Maximum epochs (early stopping on the validation split)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     val_images: Optional[str] = typer.Option(None, "--val-images", help="Comma-separated image names held out for validation."),
@@ -148,9 +175,9 @@ def train(
 
     Labels are your own objects plus predictions you corrected or accepted; untouched pdseg predictions
     are never labels. An interrupted run resumes when the same command is run again.
-    """
+    With --dataset bcss|glas, SOURCE is that data set's folder in its published layout (as for evaluate),
+    trained at the data set's own pixel size unless --mpp is given."""
     from pdseg_qupath.learn.options import TrainOptions
-    from pdseg_qupath.sources.inputs import open_source
     from pdseg_qupath.tasks.train import train as run_train
 
     if (out / "model.json").exists() and not force:
@@ -158,16 +185,18 @@ def train(
                          "(an interrupted run in that folder resumes by itself)")
     _on_interrupt(f"the features extracted so far are kept in {out / '.pdseg-train'}; run the same command again "
                   "to resume where it stopped")
-
-    with closing(open_source(source)) as src, ui.session() as events:
+    src = _open_source_or_dataset(source, dataset, split)
+    if mpp is None:
+        mpp = getattr(src, "mpp", None) or 0.5
+    with closing(src), ui.session() as events:
         result = run_train(
             src, out, backbone=backbone, mpp=mpp, classes=_classes_option(classes), image_mpp=image_mpp,
             epochs=epochs, device=device, val_images=_classes_option(val_images), seed=seed, events=events,
             options=TrainOptions(
                 cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
                 head=head,
-                t=[int(v) for v in t.split(",")] if t else None,
-                blocks=[int(v) for v in blocks.split(",")] if blocks else None,
+                t=_int_list(t, "--t"),
+                blocks=_int_list(blocks, "--blocks"),
                 class_weights=_class_weights_option(class_weights),
             ),
         )
@@ -268,16 +297,8 @@ def evaluate(
 
     if source is None:
         raise PdsegError("give SOURCE: a QuPath project, a folder with GeoJSON, or a data set folder with --dataset")
-    notes: list[str] = []
-    if dataset:
-        from pdseg_qupath.sources.datasets import open_dataset
-
-        src = open_dataset(dataset, source, **({"split": split} if dataset == "glas" else {}))
-        notes = list(getattr(src, "notes", []))
-    else:
-        from pdseg_qupath.sources.inputs import open_source
-
-        src = open_source(source)
+    src = _open_source_or_dataset(source, dataset, split)
+    notes = list(getattr(src, "notes", []))
     with closing(src), ui.session() as events:
         metrics = run_evaluate(src, model, report, images=images, device=device, image_mpp=image_mpp,
                                notes=notes, include_training=include_training, events=events)
@@ -374,8 +395,8 @@ def bench_features_cmd(
     comp: bool | str = {"no": False, "yes": True}.get(compile, compile)
     result = bench_features(
         backbone, resolve_device(device), batch_size, steps, comp,
-        t=[int(v) for v in t.split(",")] if t else None,
-        blocks=[int(v) for v in blocks.split(",")] if blocks else None,
+        t=_int_list(t, "--t"),
+        blocks=_int_list(blocks, "--blocks"),
         precision=precision, channels_last=channels_last,
     )
     print(json.dumps(result, indent=2))

@@ -42,6 +42,8 @@ HEADS = ("pixel", "context")
 """``pixel``: the 1x1 FCN (a per-pixel classifier). ``context``: dilated 3x3 blocks at feature resolution."""
 
 CONTEXT_DILATIONS = (1, 2, 4, 8)
+CONTEXT_HIDDEN = (32, 32)
+"""The context head's widths: its four 3x3 blocks at 32 channels cost ~50 MFLOP per 64x64 feature map."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class HeadConfig:
         """A config of head ``kind``: the context head gets its dilations and always fuses RGB."""
         if kind == "context":
             kw = {**kw, "rgb_skip": True, "dilations": tuple(kw.get("dilations") or CONTEXT_DILATIONS)}
+        if kw.get("hidden") is None:
+            kw["hidden"] = CONTEXT_HIDDEN if kind == "context" else (64, 32)
         return cls(in_channels, n_classes, kind=kind, **kw)
 
     @property

@@ -33,6 +33,8 @@ from pdseg_qupath.backbone.spec import is_hub_id
 from pdseg_qupath.core.annotations import ClassMap
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
+from pdseg_qupath.core.fileio import writable_dir
+from pdseg_qupath.core.slide import check_mpp
 from pdseg_qupath.learn.cache import (
     MapCache,
     PixelCache,
@@ -259,9 +261,8 @@ def _check_arguments(out_dir: str | Path, epochs: int, mpp: float) -> Path:
         raise PdsegError(f"{out}: exists and is not a folder; choose another --out")
     if epochs < 1:
         raise PdsegError(f"--epochs {epochs}: train for at least one epoch")
-    if not mpp > 0:
-        raise PdsegError(f"--mpp {mpp}: the work resolution must be a positive µm/px")
-    return out
+    check_mpp(mpp, "--mpp (the work resolution)")
+    return writable_dir(out)
 
 
 def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: TrainOptions,
@@ -311,7 +312,8 @@ def _fit(train_cache: PixelCache | MapCache, val_cache: PixelCache | MapCache, c
          channels: int, counts: np.ndarray, adjust: Any, opts: TrainOptions, epochs: int, seed: int, device: str,
          resume: Resume, out: Path, messages: list[str], events: Events):
     tr = train_cache.tensors()
-    config = HeadConfig.build(opts.head, int(channels), len(cmap), hidden=tuple(opts.hidden), dropout=opts.dropout,
+    config = HeadConfig.build(opts.head, int(channels), len(cmap), dropout=opts.dropout,
+                              hidden=tuple(opts.hidden) if opts.hidden else None,
                               stride=io.stride, rgb_skip=opts.rgb_skip)
     head = new_head(config, tr["features"], seed)
     step = events.step("epochs", total=epochs)
