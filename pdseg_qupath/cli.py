@@ -7,6 +7,7 @@ and shows what the task reports through :mod:`pdseg_qupath.ui`.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from contextlib import closing
 from pathlib import Path
@@ -35,9 +36,22 @@ def _class_weights_option(value: Optional[str]) -> Optional[str | list[float]]:
     if not value or value == "balanced":
         return value
     try:
-        return [float(v) for v in value.split(",")]
+        weights = [float(v) for v in value.split(",")]
     except ValueError:
         raise PdsegError(f"--class-weights: expected 'balanced' or numbers like 1,2.5, got {value!r}") from None
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise PdsegError(f"--class-weights {value}: each weight must be a finite number >= 0")
+    return weights
+
+
+def _int_list(value: Optional[str], flag: str) -> Optional[list[int]]:
+    """``1,2,3`` as integers, or one clear line naming the flag."""
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise PdsegError(f"{flag} {value}: expected whole numbers separated by commas, e.g. {flag} 1,2") from None
 
 
 def _version(value: bool) -> None:
@@ -145,8 +159,8 @@ def train(
             options=TrainOptions(
                 cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
                 head=head,
-                t=[int(v) for v in t.split(",")] if t else None,
-                blocks=[int(v) for v in blocks.split(",")] if blocks else None,
+                t=_int_list(t, "--t"),
+                blocks=_int_list(blocks, "--blocks"),
                 class_weights=_class_weights_option(class_weights),
             ),
         )
@@ -333,8 +347,8 @@ def bench_features_cmd(
     comp: bool | str = {"no": False, "yes": True}.get(compile, compile)
     result = bench_features(
         backbone, resolve_device(device), batch_size, steps, comp,
-        t=[int(v) for v in t.split(",")] if t else None,
-        blocks=[int(v) for v in blocks.split(",")] if blocks else None,
+        t=_int_list(t, "--t"),
+        blocks=_int_list(blocks, "--blocks"),
         precision=precision, channels_last=channels_last,
     )
     print(json.dumps(result, indent=2))

@@ -48,13 +48,16 @@ def test_no_unsafe_torch_load_in_the_package() -> None:
 
 def test_planted_pretrain_checkpoint_is_refused_and_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "code-ran"
-    ckpt = tmp_path / "out.pretrain-state" / pt.CHECKPOINT
-    ckpt.parent.mkdir()
-    with open(ckpt, "wb") as f:
-        torch.save({"settings": {}, "x": _Planted(marker)}, f, pickle_module=pickle)
-    with pytest.raises(PdsegError, match=str(ckpt)):
-        pt.load_checkpoint(ckpt, None)  # type: ignore[arg-type]
+    state = tmp_path / "out.pretrain-state"
+    state.mkdir()
+    for name in ("checkpoint.pt", pt.CHECKPOINT, pt.TENSORS):  # the old pickle name and the state's files
+        with open(state / name, "wb") as f:
+            torch.save({"settings": {}, "x": _Planted(marker)}, f, pickle_module=pickle)
+    with pytest.raises(PdsegError, match=str(state / pt.CHECKPOINT)):
+        pt.load_checkpoint(state / pt.CHECKPOINT, None)  # type: ignore[arg-type]
     assert not marker.exists()
+    source = (PACKAGE / "learn" / "pretrain.py").read_text()
+    assert "torch.load" not in source and "torch.save" not in source  # resume state: JSON + safetensors only
 
 
 @pytest.fixture(scope="module")

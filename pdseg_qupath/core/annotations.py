@@ -264,7 +264,17 @@ class ClassMap:
 
     @classmethod
     def from_json(cls, data: dict) -> "ClassMap":
-        return cls(tuple(ClassInfo(c["name"], tuple(c["color"])) for c in data["classes"]))  # type: ignore[arg-type]
+        """The map as :meth:`to_json` writes it; ``ValueError`` names what is malformed."""
+        classes = []
+        for c in data["classes"]:
+            name, color = c["name"], c["color"]
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"class name {name!r} is not text (QuPath class names are text: write \"{name}\")")
+            if not (isinstance(color, list) and len(color) == 3
+                    and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in color)):
+                raise ValueError(f"class {name!r}: colour {color!r} is not [r, g, b] with values 0-255")
+            classes.append(ClassInfo(name, tuple(color)))  # type: ignore[arg-type]
+        return cls(tuple(classes))
 
     @classmethod
     def from_annotations(
@@ -291,3 +301,21 @@ class ClassMap:
                     f"unknown class(es) {unknown}: the annotations use {sorted(colors) or 'no classes'}"
                 )
         return cls(tuple(ClassInfo(n, colors.get(n) or default_color(n)) for n in names))
+
+
+def outside_image(annotations: Iterable[Annotation], width: int, height: int) -> list[Annotation]:
+    """The annotations that lie entirely outside a ``width`` × ``height`` px image (level 0): they label
+    no pixel, which usually means they belong to another image or were drawn at another scale."""
+    out = []
+    for a in annotations:
+        if a.geometry is None or a.geometry.is_empty:
+            continue
+        x0, y0, x1, y1 = a.geometry.bounds
+        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+            out.append(a)
+    return out
+
+
+def outside_message(image: str, n: int, width: int, height: int) -> str:
+    return (f"{image}: {n} annotation(s) lie entirely outside the image ({width} × {height} px) and label nothing; "
+            "were they drawn on another image, or at another resolution?")

@@ -102,6 +102,19 @@ def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
     return path
 
 
+def writable_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Create folder ``path`` if needed and prove it writable (a probe file), before any work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".pdseg-write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PdsegError(f"{path}: cannot write here ({e.strerror or e}); choose a writable {flag} folder") from None
+    return path
+
+
 def refuse_symlink(path: str | Path, what: str = "") -> Path:
     """``path``, unless it is a symbolic link: pdseg never writes or deletes through a link it did not create."""
     path = Path(path)

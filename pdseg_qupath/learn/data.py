@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from pdseg_qupath.core.annotations import Annotation, ClassInfo, ClassMap, LabelCount, training_labels
+from pdseg_qupath.core.annotations import (
+    Annotation,
+    ClassInfo,
+    ClassMap,
+    LabelCount,
+    outside_image,
+    outside_message,
+    training_labels,
+)
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.raster import AnnotationIndex
 from pdseg_qupath.core.slide import Slide, open_slide
@@ -88,6 +96,10 @@ def load_training_images(
         if im.record.path is None:
             raise PdsegError(f"{im.record.name}: its image is not a local file ({im.record.uri})")
         im.slide = open_slide(im.record.path, mpp=im.record.mpp, fallback_mpp=image_mpp)
+        messages.extend(im.slide.notes)
+        away = outside_image(im.annotations, im.slide.width, im.slide.height)
+        if away:
+            messages.append(outside_message(im.record.name, len(away), im.slide.width, im.slide.height))
         im.index = AnnotationIndex(im.annotations, cmap)
         for name, n in im.index.skipped_unknown.items():
             messages.append(f"{im.record.name}: {n} annotation(s) of class {name!r} are not in the class list; ignored")

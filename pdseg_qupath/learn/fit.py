@@ -11,6 +11,7 @@ so an interrupted run continues where it stopped, bit for bit.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,8 +45,9 @@ def class_weights(spec: Any, counts: np.ndarray) -> torch.Tensor | None:
         w = w / w[w > 0].mean()
         return torch.tensor(w, dtype=torch.float32)
     w = np.asarray(list(spec), dtype=np.float32)
-    if len(w) != len(counts) or (w < 0).any():
-        raise PdsegError(f"class weights {list(spec)}: need {len(counts)} non-negative numbers, one per class")
+    if len(w) != len(counts) or not np.isfinite(w).all() or (w < 0).any() or not (w > 0).any():
+        raise PdsegError(f"class weights {list(spec)}: need {len(counts)} finite, non-negative numbers "
+                         "(not all 0), one per class")
     return torch.from_numpy(w)
 
 
@@ -294,6 +296,9 @@ def fit_head(
             loss = _train_epoch(head, optim, feats, labels, rgb, weight, opts.batch_pixels, seed, epoch, device)
             val_loss, conf = evaluate_pixels(head, val if val is not None else train, k, device, weight,
                                              head.config.rgb_skip, adj_dev)
+        if not math.isfinite(loss):
+            raise PdsegError(f"training stopped at epoch {epoch}: the loss is {loss} (not a finite number), so the "
+                             "head learns nothing; check --class-weights and the learning rate, then train again")
         sc = scores(conf, class_names)
         row = epoch_row(epoch, loss, val_loss if val is not None else None, sc)
         state.history.append(row)

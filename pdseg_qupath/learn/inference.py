@@ -274,7 +274,7 @@ def predict_image(
         region = Window(0, 0, *grid_size(slide.width, slide.height, d), d)
     rx, ry = region.x, region.y
     tile, k = model.io.tile, len(model.class_map)
-    messages: list[str] = []
+    messages: list[str] = list(getattr(slide, "notes", []))
     keep_fn, tissue = _tile_filter(slide, region, tile, opts, keep, messages)
     pin = predictor.device.startswith("cuda")
 

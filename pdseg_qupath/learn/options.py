@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.slide import check_mpp
 from pdseg_qupath.learn.augment import AugmentConfig
 
 
@@ -31,8 +32,9 @@ class IOConfig:
     stride: int = 4
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp) and self.mpp > 0):
-            raise PdsegError(f"--mpp {self.mpp}: the work resolution must be a positive µm/px")
+        if isinstance(self.mpp, bool):
+            raise PdsegError(f"--mpp {self.mpp}: the work resolution must be a pixel size in µm/px")
+        check_mpp(self.mpp, "--mpp (the work resolution)")
         if self.stride < 1 or self.tile < self.stride or self.tile % self.stride:
             raise PdsegError(f"tile size {self.tile} px must be a positive multiple of the feature stride {self.stride}")
         if not 0 <= self.overlap < self.tile // 2:
@@ -96,6 +98,12 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if self.head not in ("pixel", "context"):
             raise PdsegError(f"--head {self.head!r}: use pixel or context")
+        _finite(self, cache_mb=(0, None), lr=(0, None), weight_decay=(0, None), dropout=(0, 1), val_fraction=(0, 1))
+        if self.class_weights is not None and not isinstance(self.class_weights, str):
+            w = list(self.class_weights)
+            if not all(_is_number(v) and math.isfinite(v) and v >= 0 for v in w) or not any(v > 0 for v in w):
+                raise PdsegError(f"--class-weights {','.join(map(str, w))}: each weight must be a finite number "
+                                 ">= 0, and not all 0")
 
     def io(self, mpp: float, backbone_tile: int, stride: int) -> IOConfig:
         """The tiles of this run: the backbone's tile size unless set, a quarter tile of overlap unless set."""
@@ -145,7 +153,30 @@ class PredictOptions:
     review_size_um: float = 128.0
     """Side of a review region in µm (the uncertainty map's cells are a quarter of it)."""
 
+    def __post_init__(self) -> None:
+        if self.image_mpp is not None:
+            check_mpp(self.image_mpp, "--image-mpp")
+        if self.tissue_mpp is not None:
+            check_mpp(self.tissue_mpp, "tissue_mpp")
+        _finite(self, simplify=(0, None), min_area_um2=(0, None))
+        if self.batch_size < 1:
+            raise PdsegError(f"--batch-size {self.batch_size}: must be at least 1")
+
     @property
     def canvas(self) -> bool:
         """Whether a downsampled label map is kept while predicting (for an overlay or a class map)."""
         return self.overlay or self.classmap
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(opts: Any, **ranges: tuple[float | None, float | None]) -> None:
+    """Each named option a finite number in [low, high] (``None``: unbounded); else one clear line."""
+    for name, (low, high) in ranges.items():
+        v = getattr(opts, name)
+        if not _is_number(v) or not math.isfinite(v) or (low is not None and v < low) or (
+                high is not None and v > high):
+            bounds = f">= {low:g}" if high is None else f"from {low:g} to {high:g}"
+            raise PdsegError(f"{name.replace('_', '-')} {v!r}: expected a finite number {bounds}")

@@ -12,11 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from pdseg_qupath.core.annotations import Annotation, ClassMap, LabelCount, ReadReport
+from pdseg_qupath.core.annotations import (
+    Annotation,
+    ClassMap,
+    LabelCount,
+    ReadReport,
+    outside_image,
+    outside_message,
+)
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
+from pdseg_qupath.core.fileio import writable_dir
 from pdseg_qupath.core.names import check_name_length, check_unique, qupath_export_basename
-from pdseg_qupath.core.slide import open_slide
+from pdseg_qupath.core.slide import check_mpp, open_slide
 from pdseg_qupath.learn.data import label_objects, source_class_map
 from pdseg_qupath.outputs.masks import TILE_SUFFIX_MAX, MaskExportStats, export_image_masks, write_classes_json
 from pdseg_qupath.sources.base import AnnotationSource, ImageRecord
@@ -51,8 +59,10 @@ def masks(
     events: Events = SILENT,
 ) -> MasksResult:
     """Rasterize the annotations of every image of ``source`` at ``mpp`` µm/px into ``out_dir``."""
-    if not mpp > 0:
-        raise PdsegError(f"--mpp must be positive, got {mpp}")
+    check_mpp(mpp, "--mpp")
+    if image_mpp is not None:
+        check_mpp(image_mpp, "--image-mpp")
+    writable_dir(out_dir)
     # 1. Every image's annotations.
     rows: dict[str, MaskRow] = {}
     loaded: list[tuple[ImageRecord, list[Annotation]]] = []
@@ -106,6 +116,9 @@ def _export_one(rec: ImageRecord, anns: list[Annotation], cmap: ClassMap, out_di
     step = events.step(f"  {rec.name}")
     try:
         size = (slide.width, slide.height) if slide else (rec.width, rec.height)
+        away = outside_image(anns, *size)
+        if away:
+            events.message(outside_message(rec.name, len(away), *size), "warn")
         return export_image_masks(size, slide.mpp if slide else (rec.mpp or image_mpp), anns, cmap, out_dir,
                                   rec.name, mpp=mpp, tile_size=tile_size,
                                   on_tile=lambda d, n: step.set_total(n, done=d),

@@ -33,6 +33,8 @@ from pdseg_qupath.backbone.spec import is_hub_id
 from pdseg_qupath.core.annotations import ClassMap
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
+from pdseg_qupath.core.fileio import writable_dir
+from pdseg_qupath.core.slide import check_mpp
 from pdseg_qupath.learn.cache import (
     MapCache,
     PixelCache,
@@ -260,9 +262,8 @@ def _check_arguments(out_dir: str | Path, epochs: int, mpp: float) -> Path:
         raise PdsegError(f"{out}: exists and is not a folder; choose another --out")
     if epochs < 1:
         raise PdsegError(f"--epochs {epochs}: train for at least one epoch")
-    if not mpp > 0:
-        raise PdsegError(f"--mpp {mpp}: the work resolution must be a positive µm/px")
-    return out
+    check_mpp(mpp, "--mpp (the work resolution)")
+    return writable_dir(out)
 
 
 def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: TrainOptions,

@@ -31,7 +31,7 @@ from pdseg_qupath.core.fileio import write_json
 from pdseg_qupath.core.geometry import clean_geometry
 from pdseg_qupath.core.names import PDSEG_DIR
 from pdseg_qupath.sources.base import ImageRecord, WriteReport
-from pdseg_qupath.sources.qupath.backup import ProjectBackup
+from pdseg_qupath.sources.qupath.backup import ProjectBackup, qpdata_is_damaged, unreadable_data_message
 from pdseg_qupath.sources.qupath.qpproj import (
     missing_classes,
     mpp_from_builder,
@@ -270,9 +270,13 @@ class QuPathProjectSource:
     def read_annotations(self, image: ImageRecord) -> tuple[list[Annotation], ReadReport]:
         entry = self._entry(image)
         report = ReadReport(source=f"{self.path} [{image.name}]")
+        self._check_data(entry, image)
         try:
             objects = list(self._hierarchy_for_reading(entry).annotations)
         except Exception as e:
+            if getattr(entry, "entry_path", None) is not None and (Path(entry.entry_path) / "data.qpdata").exists():
+                raise PdsegError(unreadable_data_message(self.project_dir, entry.entry_path, image.name,
+                                                         f"{type(e).__name__}: {e}")) from None
             raise PdsegError(
                 f"{self.path}: could not read the objects of image {image.name!r} ({type(e).__name__}: {e}). "
                 "Check that the image opens in QuPath."
@@ -302,6 +306,12 @@ class QuPathProjectSource:
         if wiped:
             report.messages.insert(0, wiped)
         return out, report
+
+    def _check_data(self, entry: Any, image: ImageRecord) -> None:
+        """A 0-byte data.qpdata (a write killed half-way) is an error that says how to restore it."""
+        entry_dir = getattr(entry, "entry_path", None)
+        if qpdata_is_damaged(entry_dir):
+            raise PdsegError(unreadable_data_message(self.project_dir, entry_dir, image.name, "an empty file"))
 
     def _hierarchy_for_reading(self, entry: Any) -> Any:
         """The entry's objects; straight from data.qpdata when the image file is missing.
@@ -358,6 +368,7 @@ class QuPathProjectSource:
                 f"{image.name}: QuPath cannot open the image file ({image.uri}) and saves objects only for "
                 "images it can open. Fix the image path first ('Update URIs' in QuPath)."
             )
+        self._check_data(entry, image)  # never write over (or back up) damaged objects
         report = WriteReport(image=image.name)
         report.backup = self._backup.ensure(entry.entry_path)  # before any change; raises if it fails
         classes = self._ensure_classes(annotations)
