@@ -209,3 +209,16 @@ def test_review_regions_and_the_uncertainty_map_go_into_the_project(project, fak
     anns, _ = src.read_annotations(src.images()[0])
     (region,) = [a for a in anns if a.classification == "Review*"]
     assert region.is_ignore and ClassMap.from_annotations(anns).index("Review*") == IGNORE
+
+
+def test_predict_says_when_its_last_write_back_was_wiped(project, fake_paquo):
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
+
+    user_objects = [FakeAnnotationObject(o.roi, o.path_class, o.name) for o in fake_paquo[project]["images"][0]["objects"]]
+    with QuPathProjectSource(project, writable=True) as src:
+        first = src.write_predictions(src.images()[0], _predictions())
+    (project / "data" / "1" / "data.qpdata").write_text(dump_qpdata(user_objects))  # QuPath saved over it
+    with QuPathProjectSource(project, writable=True) as src:
+        again = src.write_predictions(src.images()[0], _predictions())
+    assert not any("are gone" in m for m in first.messages)
+    assert any("4 pdseg object(s) written by model abcdef01" in m and "are gone" in m for m in again.messages)
