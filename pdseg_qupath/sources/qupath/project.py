@@ -74,7 +74,9 @@ class _Paquo:
         self.QuPathPathDetectionObject = QuPathPathDetectionObject
         self.QuPathImageType = QuPathImageType
         try:  # QuPath's own geometry classes: read ROIs as JTS geometries, build them with QuPath's factory
-            from paquo.java import GeometryTools, ImagePlane, PathObjects, WKBReader, WKBWriter
+            from paquo.java import GeometryTools, JClass, PathObjects, WKBReader, WKBWriter
+
+            ImagePlane = JClass("qupath.lib.regions.ImagePlane")  # noqa: N806 - a Java class
         except Exception:  # noqa: BLE001 - an older paquo: fall back to its .roi conversion
             GeometryTools = ImagePlane = PathObjects = WKBReader = WKBWriter = None  # noqa: N806
         self.GeometryTools, self.ImagePlane, self.PathObjects = GeometryTools, ImagePlane, PathObjects
