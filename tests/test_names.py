@@ -65,6 +65,14 @@ def test_a_sidecar_two_images_could_own_is_an_error(tmp_path: Path) -> None:
     assert recs["a.png"].error is None and recs["a.tif"].error is None
 
 
+def test_folder_predictions_of_a_svs_and_a_svs_tif_go_to_two_files(tmp_path: Path) -> None:
+    from pdseg_qupath.sources.base import ImageRecord
+
+    src = GeoJSONFolder(tmp_path)
+    paths = {src.predictions_path(ImageRecord(name=n, uri=f"file:///{n}")) for n in ("a.svs", "a.svs.tif")}
+    assert {p.name for p in paths} == {"a.svs.geojson", "a.svs.tif.geojson"}
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return tiny_model(tmp_path_factory.mktemp("m") / "model")
