@@ -304,6 +304,8 @@ def bench_features_cmd(
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Up-block indices, comma-separated, 0 = coarsest."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."),
     channels_last: bool = typer.Option(False, "--channels-last"),
+    reference: bool = typer.Option(False, "--reference", help="Time the reference path (diffusers modules as "
+                                   "shipped, NCHW, system allocator): what ran before the CPU fast path."),
 ) -> None:
     """Feature-extraction tiles/s, GFLOP/tile, TFLOP/s, peak memory and error vs eager fp32, as JSON."""
     from pdseg_qupath.backbone.bench import bench_features
@@ -314,7 +316,7 @@ def bench_features_cmd(
         backbone, resolve_device(device), batch_size, steps, comp,
         t=[int(v) for v in t.split(",")] if t else None,
         blocks=[int(v) for v in blocks.split(",")] if blocks else None,
-        precision=precision, channels_last=channels_last,
+        precision=precision, channels_last=channels_last, reference=reference,
     )
     print(json.dumps(result, indent=2))
 
