@@ -60,6 +60,13 @@ def _classes_option(classes: Optional[str]) -> Optional[list[str]]:
     return [c.strip() for c in classes.split(",") if c.strip()] if classes else None
 
 
+def _names_option(values: Optional[list[str]]) -> Optional[list[str]]:
+    """Image names given comma-separated, by repeating the option, or both (as --classes and --val-images)."""
+    if not values:
+        return None
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+
+
 def _class_weights_option(value: Optional[str]) -> Optional[str | list[float]]:
     if not value or value == "balanced":
         return value
@@ -207,7 +214,7 @@ def train(
 def predict(
     sources: list[str] = typer.Argument(..., help="A QuPath project or folder (write-back), or with --out: slides, folders, globs and .qpproj files."),
     model: Path = typer.Option(..., "--model", help="Model folder written by `train`."),
-    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names (repeatable; write-back mode)."),
+    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names: comma-separated, or the option repeated (write-back mode)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Batch mode: <slide>.geojson per slide and summary.csv here; reruns resume."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Tiles per batch (halved automatically on GPU out-of-memory)."),
@@ -261,7 +268,7 @@ def predict(
     _on_interrupt("the images finished before the interruption were written (the project's backups are in "
                   "pdseg/backups/); run predict again to do the rest (earlier predictions are replaced, not doubled)")
     with closing(open_source(source, writable=write_back and is_project(source))) as src, ui.session() as events:
-        result = run_predict(src, model, images=images, out_dir=out, device=device, options=opts,
+        result = run_predict(src, model, images=_names_option(images), out_dir=out, device=device, options=opts,
                              write_back=write_back, events=events)
     console.print(f"{result.tiles} tiles in {result.seconds:.1f} s ({result.tiles_per_second:.2f} tiles/s); backbone {result.backbone_label}")
     for line in _where_written(src, result, out):
@@ -281,7 +288,7 @@ def evaluate(
     report: Path = typer.Option(..., "--report", help="Report folder: metrics.json, confusion matrix, overlays."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Read SOURCE as a published data set: bcss or glas."),
     split: str = typer.Option("test", "--split", help="GlaS split: train, testA, testB or test (A+B)."),
-    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names (repeatable)."),
+    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names: comma-separated, or the option repeated."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none."),
     include_training: bool = typer.Option(
@@ -300,7 +307,7 @@ def evaluate(
     src = _open_source_or_dataset(source, dataset, split)
     notes = list(getattr(src, "notes", []))
     with closing(src), ui.session() as events:
-        metrics = run_evaluate(src, model, report, images=images, device=device, image_mpp=image_mpp,
+        metrics = run_evaluate(src, model, report, images=_names_option(images), device=device, image_mpp=image_mpp,
                                notes=notes, include_training=include_training, events=events)
     console.print(f"[green]report written to {report}[/] (accuracy {metrics['accuracy']:.3f}, mIoU {metrics['miou']:.3f}, macro Dice {metrics['macro_dice']:.3f})")
 

@@ -158,6 +158,8 @@ def _predict_one(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
     if write_back:
         try:
             res.write = source.write_predictions(rec, [*pred.annotations, *pred.review])
+            for msg in res.write.messages:  # corrections kept, a wiped earlier write, where the file went
+                events.message(msg, "warn" if "are gone" in msg else "note")
         except PdsegError as exc:
             res.error = f"write-back failed: {exc}"  # the run goes on; the command exits non-zero
             res.messages.append(res.error)
