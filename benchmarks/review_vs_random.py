@@ -169,22 +169,26 @@ def main() -> None:
     ap.add_argument("--k0", type=int, default=4, help="random regions labelled before the first round")
     ap.add_argument("--k", type=int, default=4, help="regions corrected per round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--tiles-per-class", type=int, default=12)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="add the rows of earlier runs' --json files (other seeds) to the summary and the curve")
     args = ap.parse_args()
     args.pool, args.test = args.pool.split(","), args.test.split(",")
     cell_px = int(round(args.cell_um / 0.5))
     cells = [(t, x, y) for t in args.pool for y in range(0, 512, cell_px) for x in range(0, 512, cell_px)]
-    rows = []
+    rows: list[dict] = []
     t0 = time.perf_counter()
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
         initial = [cells[int(i)] for i in rng.choice(len(cells), size=args.k0, replace=False)]
         for arm in ("review", "random"):
             rows += run_arm(arm, seed, args, initial, cells)
+    for earlier in args.merge:
+        rows += json.loads(earlier.read_text())["rows"]
     summary = {}
     for arm in ("review", "random"):
         by_round = {}
@@ -192,8 +196,18 @@ def main() -> None:
             if r["arm"] == arm:
                 by_round.setdefault(r["regions"], []).append(r["nucleus_dice"])
         summary[arm] = {n: round(float(np.mean(v)), 4) for n, v in sorted(by_round.items())}
-    result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "rows": rows, "mean_nucleus_dice_by_regions": summary, "seconds": round(time.perf_counter() - t0)}
+    dice = {(r["arm"], r["seed"], r["regions"]): r["nucleus_dice"] for r in rows}
+    gains = {}  # review minus random, per number of corrected regions, over the seeds that ran both
+    for (arm, seed, n), v in sorted(dice.items()):
+        if arm == "review" and ("random", seed, n) in dice:
+            gains.setdefault(n, []).append(round(v - dice[("random", seed, n)], 4))
+    result = {"args": {k: ([str(x) for x in v] if k == "merge" else str(v) if isinstance(v, Path) else v)
+                       for k, v in vars(args).items()},
+              "rows": rows, "mean_nucleus_dice_by_regions": summary,
+              "review_minus_random_by_regions": {n: {"per_seed": g, "mean": round(float(np.mean(g)), 4),
+                                                     "seeds_review_ahead": sum(x > 0 for x in g)}
+                                                 for n, g in gains.items()},
+              "seconds": round(time.perf_counter() - t0)}
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -209,3 +209,40 @@ def test_review_regions_and_the_uncertainty_map_go_into_the_project(project, fak
     anns, _ = src.read_annotations(src.images()[0])
     (region,) = [a for a in anns if a.classification == "Review*"]
     assert region.is_ignore and ClassMap.from_annotations(anns).index("Review*") == IGNORE
+
+
+def test_predict_says_when_its_last_write_back_was_wiped(project, fake_paquo):
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
+
+    user_objects = [FakeAnnotationObject(o.roi, o.path_class, o.name) for o in fake_paquo[project]["images"][0]["objects"]]
+    with QuPathProjectSource(project, writable=True) as src:
+        first = src.write_predictions(src.images()[0], _predictions())
+    (project / "data" / "1" / "data.qpdata").write_text(dump_qpdata(user_objects))  # QuPath saved over it
+    with QuPathProjectSource(project, writable=True) as src:
+        again = src.write_predictions(src.images()[0], _predictions())
+    assert not any("are gone" in m for m in first.messages)
+    assert any("4 pdseg object(s) written by model abcdef01" in m and "are gone" in m for m in again.messages)
+
+
+def test_the_simulated_pathologist_labels_exactly_the_review_region():
+    """benchmarks/review_vs_random.py: a corrected region becomes its ground truth, nothing outside it."""
+    import importlib.util
+    from pathlib import Path
+
+    from shapely.geometry import Point, shape
+
+    spec = importlib.util.spec_from_file_location(
+        "review_vs_random", Path(__file__).parents[1] / "benchmarks" / "review_vs_random.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cell = box(64, 0, 128, 64)
+    nuclei = [Point(60, 30).buffer(10), Point(100, 100).buffer(5), Point(90, 20).buffer(6)]
+    feats = bench._region_labels(nuclei, cell)
+    by_class = {}
+    for f in feats:
+        by_class.setdefault(f["properties"]["classification"]["name"], []).append(shape(f["geometry"]))
+    assert sum(g.area for gs in by_class.values() for g in gs) == pytest.approx(cell.area)
+    assert all(cell.buffer(1e-9).contains(g) for gs in by_class.values() for g in gs)
+    assert len(by_class["Nucleus"]) == 2  # the one far outside the region is not labelled
+    assert sum(g.area for g in by_class["Nucleus"]) == pytest.approx(
+        nuclei[0].intersection(cell).area + nuclei[2].area)

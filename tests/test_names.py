@@ -65,6 +65,14 @@ def test_a_sidecar_two_images_could_own_is_an_error(tmp_path: Path) -> None:
     assert recs["a.png"].error is None and recs["a.tif"].error is None
 
 
+def test_folder_predictions_of_a_svs_and_a_svs_tif_go_to_two_files(tmp_path: Path) -> None:
+    from pdseg_qupath.sources.base import ImageRecord
+
+    src = GeoJSONFolder(tmp_path)
+    paths = {src.predictions_path(ImageRecord(name=n, uri=f"file:///{n}")) for n in ("a.svs", "a.svs.tif")}
+    assert {p.name for p in paths} == {"a.svs.geojson", "a.svs.tif.geojson"}
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return tiny_model(tmp_path_factory.mktemp("m") / "model")
@@ -178,3 +186,65 @@ def test_a_worker_dies_with_its_coordinator(tmp_path: Path) -> None:
     finally:
         if _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+COORDINATOR = """
+import sys
+from pdseg_qupath.tasks.cohort import predict_cohort
+predict_cohort([sys.argv[1]], sys.argv[2], sys.argv[3], devices="cpu", workers=2)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    """Worker processes of ``pid`` (spawned by multiprocessing; its resource tracker left out)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"resource_tracker" not in cmd:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_batch_workers_stop_when_the_coordinator_is_killed(tmp_path: Path, model: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    slides = tmp_path / "slides"
+    for i in range(6):
+        write_pyramid(slides / f"w{i}.tif", w=160, h=144, seed=30 + i)
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen([sys.executable, "-c", COORDINATOR, str(slides), str(model), str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("*.geojson")):
+            workers = _children(proc.pid) or workers
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # still running: killed midway
+        workers = _children(proc.pid) or workers
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers)
+        written = sorted(p.name for p in out.iterdir())
+        time.sleep(1.0)
+        assert sorted(p.name for p in out.iterdir()) == written  # nothing written after the coordinator died
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)

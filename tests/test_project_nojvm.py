@@ -114,12 +114,16 @@ def test_groovy_scripts_run_against_qupath_stand_ins(tmp_path):
     slide = safe_filename("slide a:1/2.svs") + ".geojson"
     assert r["export_all"] == [slide, "b.png.geojson"]  # no image open: every image
     assert r["export_one"] == ["b.png.geojson"]  # Run for project / headless: the current image
-    assert [f["properties"]["name"] for f in json.loads(r["export_file"])["features"]] == ["mine", "pdseg old", None]
+    assert [f["properties"]["name"] for f in json.loads(r["export_file"])["features"]] == [
+        "mine", "pdseg old", None, "pdseg as written", "pdseg corrected"]
     for key in ("import06", "import04"):  # QuPath 0.6 addObjects, older addPathObjects
-        assert r[key]["names"] == [["mine", None, "pdseg Tumor", "pdseg Necrosis"], ["pdseg keep: no file for b"]]
+        # untouched predictions are replaced; the one the pathologist reclassified stays (it is a label now)
+        assert r[key]["names"] == [["mine", None, "pdseg corrected", "pdseg Tumor", "pdseg Necrosis"],
+                                   ["pdseg keep: no file for b"]]
         assert r[key]["saves"] == [1, 0] and r[key]["classes"] == ["Tumor", "Necrosis"]
+    assert "no predictions file b.png.geojson" in out.stdout
     # batch run on an image whose predictions file is empty: its old pdseg objects go, the others stay
-    assert r["import_batch"]["names"] == [["mine", "pdseg old", None], []]
+    assert r["import_batch"]["names"] == [["mine", "pdseg old", None, "pdseg as written", "pdseg corrected"], []]
     assert r["import_batch"]["saves"] == [0, 1]
 
 
@@ -353,6 +357,11 @@ class FakeDetectionObject(FakeAnnotationObject):
 
 class FakeJava:
     """paquo.java: the QuPath and JTS classes the adapter uses for geometry."""
+
+    @staticmethod
+    def JClass(name: str) -> Any:
+        assert name == "qupath.lib.regions.ImagePlane", name
+        return FakeJava.ImagePlane
 
     class GeometryTools:
         @staticmethod

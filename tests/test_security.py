@@ -194,3 +194,14 @@ def test_summary_cells_never_start_a_formula_and_read_back_exactly(tmp_path: Pat
     assert again.rows["=evil.svs"]["error"] == "@x" and again.rows["=evil.svs"]["tissue_mm2"] == "-0.5"
     assert again.fields == s.fields
     assert csv_cell("-1.5e-3") == "-1.5e-3" and csv_cell("'=x") == "''=x"
+
+
+def test_a_model_trained_on_a_hub_backbone_records_its_local_folder(saved: Path, monkeypatch) -> None:
+    from pdseg_qupath.backbone import hub
+    from pdseg_qupath.tasks.train import _backbone_record
+
+    monkeypatch.setattr(hub, "fetch_hub_backbone", lambda spec: saved)  # the snapshot, as if downloaded
+    bb = load_backbone("owner/repo")  # typed by the user: fetched
+    rec = _backbone_record("owner/repo", bb)
+    assert rec["spec"] == str(saved.resolve()) and rec["hub_id"] == "owner/repo"
+    assert load_backbone(rec["spec"], allow_hub=False).sha256 == rec["sha256"]

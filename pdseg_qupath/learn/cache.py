@@ -184,8 +184,10 @@ class MapCache:
             return {"features": torch.zeros((0, self.channels, 0, 0), dtype=torch.float16),
                     "rgb": torch.zeros((0, 0, 0, 3), dtype=torch.uint8),
                     "labels": torch.zeros((0, 0, 0), dtype=torch.uint8), "tile": torch.zeros(0, dtype=torch.int32)}
-        return {"features": torch.cat(self.features), "rgb": torch.cat(self.rgb), "labels": torch.cat(self.labels),
-                "tile": torch.cat(self.tile)}
+        if len(self.tile) > 1:  # concatenate once, in place: the views are not held twice
+            self.features, self.rgb = [torch.cat(self.features)], [torch.cat(self.rgb)]
+            self.labels, self.tile = [torch.cat(self.labels)], [torch.cat(self.tile)]
+        return {"features": self.features[0], "rgb": self.rgb[0], "labels": self.labels[0], "tile": self.tile[0]}
 
     def save(self, path: Path) -> None:
         tensors = self.tensors()

@@ -17,7 +17,7 @@ from pdseg_qupath.core.annotations import (
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.raster import AnnotationIndex
 from pdseg_qupath.core.slide import Slide, open_slide
-from pdseg_qupath.sources.base import AnnotationSource, ImageRecord, select_images
+from pdseg_qupath.sources.base import AnnotationSource, ImageRecord, require_pixel_sizes, select_images
 
 
 @dataclass
@@ -92,6 +92,7 @@ def load_training_images(
             f"only one class ({cmap.names[0] if len(cmap) else 'none'}) is annotated; a segmentation model "
             "needs at least two (annotate e.g. the background or other tissue too)"
         )
+    require_pixel_sizes([im.record for im in images], image_mpp)
     for im in images:
         if im.record.path is None:
             raise PdsegError(f"{im.record.name}: its image is not a local file ({im.record.uri})")

@@ -40,6 +40,23 @@ class IOConfig:
         if not 0 <= self.overlap < self.tile // 2:
             raise PdsegError(f"overlap {self.overlap} must be in [0, {self.tile // 2}) for {self.tile}-px tiles")
 
+    def resolution_problem(self, name: str, slide_mpp: float, width: int, height: int) -> str | None:
+        """Why a slide's pixel size looks wrong for this model (a typo in --image-mpp, say), or None.
+
+        Suspicious: an image coarser than the work resolution by more than 2× (it would be upscaled, and a
+        512-px PNG at --image-mpp 5 instead of 0.5 becomes hundreds of tiles), or finer by more than 8×.
+        """
+        ratio = slide_mpp / self.mpp
+        if 0.125 <= ratio <= 2.0:
+            return None
+        step = self.tile - 2 * self.overlap if self.tile > 2 * self.overlap else self.tile
+        w, h = width / self.downsample(slide_mpp), height / self.downsample(slide_mpp)
+        tiles = max(1, math.ceil(w / step)) * max(1, math.ceil(h / step))
+        how = "upscaled" if ratio > 1 else "downscaled"
+        return (f"{name}: {slide_mpp:g} µm/px is {ratio:.3g}× the model's {self.mpp:g} µm/px, so the image is {how} "
+                f"{max(ratio, 1 / ratio):.3g}× ({width}×{height} px → about {tiles} tiles). If that pixel size is a "
+                "typo (check --image-mpp), fix it; a slide really at that resolution needs a model trained near it")
+
     def downsample(self, slide_mpp: float) -> float:
         """Level-0 pixels per work pixel on a slide of ``slide_mpp`` µm/px."""
         return self.mpp / slide_mpp

@@ -39,7 +39,7 @@ from pdseg_qupath.learn.options import PredictOptions
 from pdseg_qupath.learn.runtime import die_with_parent, parse_devices
 from pdseg_qupath.outputs.slide_outputs import geojson_model_id, geojson_path
 from pdseg_qupath.outputs.tables import Summary
-from pdseg_qupath.sources.base import ImageRecord
+from pdseg_qupath.sources.base import ImageRecord, require_pixel_sizes
 from pdseg_qupath.sources.inputs import expand_inputs
 from pdseg_qupath.tasks.predict import open_predictor, predict_job
 
@@ -80,6 +80,10 @@ class CohortProgress:
         self.tiles += n
         self.tile_step.advance(n)
         self._describe()
+
+    def slide_total(self, n: int) -> None:
+        """The tiles of the slide in flight (one device): its bar gets a total and an ETA."""
+        self.tile_step.set_total(n, done=0)
 
     def slide_done(self, who: str) -> None:
         self.current.pop(who, None)
@@ -149,6 +153,9 @@ def predict_cohort(
         raise PdsegError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     # 1. The slides and the model.
     jobs = collect_slides(inputs)
+    if not jobs:
+        raise PdsegError(f"no slides found in {', '.join(map(str, inputs))}")
+    _check_pixel_sizes(jobs, opts.image_mpp)
     for j in jobs:  # before any work: a name too long to write fails now, not after predicting the slide
         check_name_length(j.name, output_name(j.name, _longest_suffix(opts)), str(out))
     m = load_model(model)
@@ -194,6 +201,24 @@ def _resume(jobs: list[ImageRecord], summary: Summary, model_id: str, out: Path,
     return todo
 
 
+def _check_pixel_sizes(jobs: list[ImageRecord], image_mpp: float | None) -> None:
+    """Without --image-mpp, every slide must record its pixel size: one message before any work, not one
+    failure per slide."""
+    if image_mpp is not None:
+        return
+    from pdseg_qupath.core.slide import probe
+
+    readable = []
+    for j in jobs:
+        if j.mpp is None and j.path is not None and not j.error:
+            try:
+                j.mpp = probe(j.path)[2]
+            except Exception:  # noqa: BLE001 - an unreadable slide is reported when it is predicted
+                continue
+        readable.append(j)
+    require_pixel_sizes(readable, None)
+
+
 def _longest_suffix(opts: PredictOptions) -> str:
     return ".overlay.png" if opts.overlay or opts.classmap else ".geojson"
 
@@ -211,7 +236,7 @@ def _run(todo: list[ImageRecord], m: Any, model_path: str, out: Path, opts: Pred
             predictor = open_predictor(m, devs[0], opts.batch_size, events)
             for job in todo:
                 prog.start("main", job.name)
-                record(predict_job(job, predictor, out, opts, on_tiles=prog.add_tiles))
+                record(predict_job(job, predictor, out, opts, on_tiles=prog.add_tiles, on_total=prog.slide_total))
                 prog.slide_done("main")
         return "local", devs
     if todo:

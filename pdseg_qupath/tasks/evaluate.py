@@ -52,7 +52,7 @@ from pdseg_qupath.learn.options import PredictOptions
 from pdseg_qupath.learn.predictor import Predictor
 from pdseg_qupath.outputs.overlay import render_overlay
 from pdseg_qupath.outputs.plots import write_confusion_png
-from pdseg_qupath.sources.base import AnnotationSource, ImageRecord, select_images
+from pdseg_qupath.sources.base import AnnotationSource, ImageRecord, require_pixel_sizes, select_images
 from pdseg_qupath.tasks.predict import open_predictor
 
 
@@ -91,7 +91,9 @@ def evaluate(
     Images the model was trained on are skipped unless ``include_training``; with ``tissue_only`` (as
     ``predict``) the main scores count only annotated pixels inside the detected tissue.
     """
-    # 1. The model.
+    # 1. The model (once the images' pixel sizes are known).
+    records = select_images(source.images(), images or None)
+    require_pixel_sizes(records, image_mpp)
     predictor = open_predictor(model, device, batch_size, events)
     m = predictor.model
     out = Path(report_dir)
@@ -101,7 +103,6 @@ def evaluate(
     # 2. Each image (held out from training unless asked).
     tally = _Tally(Confusion(len(m.class_map)), Confusion(len(m.class_map)), tissue_only,
                    PredictOptions().tissue_mpp)
-    records = select_images(source.images(), images or None)
     trained = set((m.training or {}).get("train_images") or [])
     used = sorted(r.name for r in records if r.name in trained)
     if used and include_training:

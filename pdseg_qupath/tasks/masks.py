@@ -27,7 +27,7 @@ from pdseg_qupath.core.names import check_name_length, check_unique, qupath_expo
 from pdseg_qupath.core.slide import check_mpp, open_slide
 from pdseg_qupath.learn.data import label_objects, source_class_map
 from pdseg_qupath.outputs.masks import TILE_SUFFIX_MAX, MaskExportStats, export_image_masks, write_classes_json
-from pdseg_qupath.sources.base import AnnotationSource, ImageRecord
+from pdseg_qupath.sources.base import AnnotationSource, ImageRecord, require_pixel_sizes
 
 
 @dataclass
@@ -86,6 +86,7 @@ def masks(
     except PdsegError as exc:
         failed = [f"{r.image}: {r.error}" for r in rows.values() if r.error]
         raise PdsegError("\n".join([str(exc), *failed])) from None
+    require_pixel_sizes([rec for rec, anns in loaded if anns], image_mpp)
     # 3. Each image's masks, once no two images would write the same file and every name fits.
     check_unique([(rec.name, qupath_export_basename(rec.name)) for rec, _ in loaded], str(out_dir))
     for rec, _ in loaded:

@@ -30,7 +30,7 @@ from pdseg_qupath.learn.options import PredictOptions
 from pdseg_qupath.learn.predictor import Predictor
 from pdseg_qupath.outputs.slide_outputs import write_slide_outputs
 from pdseg_qupath.outputs.tables import write_areas_csv
-from pdseg_qupath.sources.base import AnnotationSource, ImageRecord, WriteReport, select_images
+from pdseg_qupath.sources.base import AnnotationSource, ImageRecord, WriteReport, require_pixel_sizes, select_images
 
 
 @dataclass
@@ -91,7 +91,11 @@ def predict(
     An image that cannot be read is reported and skipped; the others go on.
     """
     opts = options or PredictOptions(overlay=out_dir is not None)
-    # 1. The model, on the device.
+    # 1. The images (checked before the model is loaded), and the model on the device.
+    records = select_images(source.images(), images or None)
+    if not records:
+        raise PdsegError(f"{_where(source)}: no images to predict (an empty folder or project?)")
+    require_pixel_sizes(records, opts.image_mpp)
     predictor = open_predictor(model, device, opts.batch_size, events)
     m = predictor.model
     events.message(f"model {m.name} ({m.model_id[:8]}): {', '.join(m.class_map.names)} at {m.io.mpp:g} µm/px · "
@@ -99,8 +103,7 @@ def predict(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    # 2. The images.
-    records = select_images(source.images(), images or None)
+    # 2. Their output names.
     _check_output_names(source, records, out, opts, write_back)
     # 3. Each image: predict, write its files, write back.
     results: list[ImageResult] = []
@@ -135,6 +138,10 @@ def _predict_one(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
         events.message(f"{rec.name}: skipped ({exc})", "error")
         return res
     m = predictor.model
+    problem = m.io.resolution_problem(rec.name, slide.mpp, slide.width, slide.height)
+    if problem:
+        res.messages.append(problem)
+        events.message(problem, "warn")
     with slide:
         step.describe(rec.name)
         step.set_total(None, done=0)
@@ -151,6 +158,8 @@ def _predict_one(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
     if write_back:
         try:
             res.write = source.write_predictions(rec, [*pred.annotations, *pred.review])
+            for msg in res.write.messages:  # corrections kept, a wiped earlier write, where the file went
+                events.message(msg, "warn" if "are gone" in msg else "note")
         except PdsegError as exc:
             res.error = f"write-back failed: {exc}"  # the run goes on; the command exits non-zero
             res.messages.append(res.error)
@@ -174,6 +183,10 @@ def _check_output_names(source: AnnotationSource, records: Sequence[ImageRecord]
         check_name_length(r.name, output_name(r.name, max(suffixes, key=len)))
 
 
+def _where(source: AnnotationSource) -> str:
+    return str(getattr(source, "path", None) or getattr(source, "root", None) or "the source")
+
+
 def _areas_path(source: AnnotationSource, out: Path | None, areas_csv: str | Path | None) -> Path | None:
     if areas_csv is not None:
         return Path(areas_csv)
@@ -191,7 +204,8 @@ def _areas_path(source: AnnotationSource, out: Path | None, areas_csv: str | Pat
 
 
 def predict_job(job: ImageRecord, predictor: Predictor, out_dir: str | Path, options: PredictOptions,
-                on_tiles: Callable[[int], None] | None = None) -> dict[str, Any]:
+                on_tiles: Callable[[int], None] | None = None,
+                on_total: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Predict one slide of a cohort into ``out_dir`` and return its summary row. Never raises for a bad
     slide: the error goes into the row, so the cohort goes on."""
     m = predictor.model
@@ -203,7 +217,11 @@ def predict_job(job: ImageRecord, predictor: Predictor, out_dir: str | Path, opt
         return row
     try:
         with open_slide(job.path, mpp=job.mpp, fallback_mpp=options.image_mpp) as slide:
-            pred = predict_image(slide, predictor, options=options, on_tiles=on_tiles)
+            problem = m.io.resolution_problem(job.name, slide.mpp, slide.width, slide.height)
+            if problem:  # batch mode: skip it, with the reason, rather than spend hours on a typo
+                row["error"] = f"skipped: {problem}"
+                return row
+            pred = predict_image(slide, predictor, options=options, on_tiles=on_tiles, on_total=on_total)
             write_slide_outputs(out_dir, job.name, pred, slide, m.class_map, options,
                                 title=f"{job.name} - pdseg {m.name}", model_id=m.model_id)
     except PdsegError as exc:

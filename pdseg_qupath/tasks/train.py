@@ -179,8 +179,9 @@ def train(
         events.message(f"backbone: {bb_record['label']} · {opts.head} head · {len(cmap)} classes "
                        f"({', '.join(cmap.names)}) · "
                        f"{mpp:g} µm/px · {len(plan.tiles)} training tiles × {opts.views} views · "
-                       f"{len(plan.val_tiles)} validation tiles (split by {plan.val_mode}) · ≤ {per_view} px per "
-                       f"view · device {dev}")
+                       f"{len(plan.val_tiles)} validation tiles (split by {plan.val_mode}) · "
+                       f"{'whole feature maps' if opts.head == 'context' else f'≤ {per_view} px per view'} · "
+                       f"device {dev}")
         timings["prepare_s"] = time.perf_counter() - t0
         # 4. Features at sampled labelled pixels.
         t1 = time.perf_counter()

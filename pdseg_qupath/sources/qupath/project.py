@@ -74,7 +74,9 @@ class _Paquo:
         self.QuPathPathDetectionObject = QuPathPathDetectionObject
         self.QuPathImageType = QuPathImageType
         try:  # QuPath's own geometry classes: read ROIs as JTS geometries, build them with QuPath's factory
-            from paquo.java import GeometryTools, ImagePlane, PathObjects, WKBReader, WKBWriter
+            from paquo.java import GeometryTools, JClass, PathObjects, WKBReader, WKBWriter
+
+            ImagePlane = JClass("qupath.lib.regions.ImagePlane")  # noqa: N806 - a Java class
         except Exception:  # noqa: BLE001 - an older paquo: fall back to its .roi conversion
             GeometryTools = ImagePlane = PathObjects = WKBReader = WKBWriter = None  # noqa: N806
         self.GeometryTools, self.ImagePlane, self.PathObjects = GeometryTools, ImagePlane, PathObjects
@@ -302,7 +304,7 @@ class QuPathProjectSource:
                 report.messages.append(f"{label}: invalid geometry repaired")
             out.append(self._annotation(obj, geom))
         report.read = len(out)
-        wiped = self._wiped(entry, out)
+        wiped = self._wiped(entry, any(a.is_pdseg or FINGERPRINT in a.measurements for a in out))
         if wiped:
             report.messages.insert(0, wiped)
         return out, report
@@ -405,6 +407,10 @@ class QuPathProjectSource:
                                                        image_name=image.name)
         with hierarchy.no_autoflush():  # one hierarchy event for the whole batch, not one per object
             objects = list(hierarchy.annotations)
+            wiped = self._wiped(self._entry(image), any(is_pdseg_name(o.name) or FINGERPRINT in _measurements(o)
+                                                        for o in objects))
+            if wiped:
+                report.messages.append(wiped)
             old = [obj for obj in objects if is_pdseg_name(obj.name) and self._untouched(obj)]
             report.kept = len(objects) - len(old)
             corrected = sum(1 for obj in objects if is_pdseg_name(obj.name)) - len(old)
@@ -481,12 +487,10 @@ class QuPathProjectSource:
         except OSError:
             pass  # only the wipe check depends on it
 
-    def _wiped(self, entry: Any, annotations: Sequence[Annotation]) -> str | None:
+    def _wiped(self, entry: Any, ours_present: bool) -> str | None:
         """A warning when the objects pdseg last wrote to this image are all gone (QuPath saved over them)."""
         last = self._writes().get(str(entry.entry_id))
-        if not isinstance(last, dict) or not last.get("objects"):
-            return None
-        if any(a.is_pdseg or FINGERPRINT in a.measurements for a in annotations):
+        if ours_present or not isinstance(last, dict) or not last.get("objects"):
             return None
         model = f" by model {str(last.get('model'))[:8]}" if last.get("model") else ""
         return (f"{last.get('image', entry.image_name)}: the {last['objects']} pdseg object(s) written{model} at "
