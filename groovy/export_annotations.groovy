@@ -5,7 +5,7 @@
  * In the file name, each of  / \ : * ? " < > |  in the image name becomes _  (the same rule as
  * pdseg_qupath.core.names.safe_filename).
  *
- * QuPath 0.5 and 0.6.
+ * QuPath 0.5 and 0.6 (checked with QuPath 0.6.0 and its bundled Java 21).
  *
  * In QuPath: open the project, then Automate > Script editor, open this file and choose
  *   Run > Run for project   (all images; select them all in the dialog), or
@@ -14,6 +14,8 @@
  * Headless (the script runs once per image of the project; nothing is modified, so no --save):
  *   QuPath script -p /path/to/project.qpproj export_annotations.groovy
  * (on Windows use QuPath-0.6.x (console).exe; on macOS QuPath.app/Contents/MacOS/QuPath)
+ * Headless runs stop at the first image whose image file is missing (QuPath's own behaviour, before this
+ * script runs): fix its path first (Update URIs), or run the script in the GUI.
  *
  * Afterwards train with the slides and this folder, e.g.
  *   pdseg-qupath train <folder with the slides and the .geojson files> ...

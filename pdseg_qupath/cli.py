@@ -7,6 +7,7 @@ and shows what the task reports through :mod:`pdseg_qupath.ui`.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from contextlib import closing
 from pathlib import Path
@@ -18,6 +19,26 @@ from pdseg_qupath import __version__, ui
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.ui import console, err_console
 
+
+def _flags_without_type() -> None:
+    """typer 0.29 prints ``<bool>`` after on/off flags in ``--help`` (they take no value): show no type there."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - another typer layout
+        return
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_pdseg", False):
+        return
+
+    def display_type_rich(self, ctx):  # type: ignore[no-untyped-def]
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich._pdseg = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_without_type()
+
 app = typer.Typer(
     name="pdseg-qupath",
     help="PathSegDiff tissue segmentation for QuPath: annotations in, masks, models and predictions out.",
@@ -27,17 +48,45 @@ app = typer.Typer(
 )
 
 
+_ON_INTERRUPT: list[str] = []
+"""What the running command has saved so far and how to continue, said when the user presses Ctrl-C."""
+
+
+def _on_interrupt(note: str) -> None:
+    _ON_INTERRUPT[:] = [note]
+
+
 def _classes_option(classes: Optional[str]) -> Optional[list[str]]:
     return [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+
+
+def _names_option(values: Optional[list[str]]) -> Optional[list[str]]:
+    """Image names given comma-separated, by repeating the option, or both (as --classes and --val-images)."""
+    if not values:
+        return None
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
 def _class_weights_option(value: Optional[str]) -> Optional[str | list[float]]:
     if not value or value == "balanced":
         return value
     try:
-        return [float(v) for v in value.split(",")]
+        weights = [float(v) for v in value.split(",")]
     except ValueError:
         raise PdsegError(f"--class-weights: expected 'balanced' or numbers like 1,2.5, got {value!r}") from None
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise PdsegError(f"--class-weights {value}: each weight must be a finite number >= 0")
+    return weights
+
+
+def _int_list(value: Optional[str], flag: str) -> Optional[list[int]]:
+    """``1,2,3`` as integers, or one clear line naming the flag."""
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise PdsegError(f"{flag} {value}: expected whole numbers separated by commas, e.g. {flag} 1,2") from None
 
 
 def _version(value: bool) -> None:
@@ -90,6 +139,17 @@ def masks(
         raise typer.Exit(1)
 
 
+def _open_source_or_dataset(source: Path, dataset: Optional[str], split: str):
+    """SOURCE as a project or folder, or with ``--dataset`` as BCSS or GlaS in its published layout."""
+    if dataset:
+        from pdseg_qupath.sources.datasets import open_dataset
+
+        return open_dataset(dataset, source, **({"split": split} if dataset == "glas" else {}))
+    from pdseg_qupath.sources.inputs import open_source
+
+    return open_source(source)
+
+
 BACKBONE_HELP = "Backbone: 'small' (shipped, pretrained), a diffusers folder, a Hugging Face repo id, or random:<config>."
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N."
 
@@ -99,34 +159,51 @@ def train(
     source: Path = typer.Argument(..., help="A QuPath project (.qpproj, opened read-only) or a folder of images with <name>.geojson."),
     out: Path = typer.Option(..., "--out", help="Model folder to write (head.safetensors + model.json + plots)."),
     backbone: str = typer.Option("small", "--backbone", help=BACKBONE_HELP),
-    mpp: float = typer.Option(0.5, "--mpp", help="Work resolution in µm/px (0.5 ≈ 20x, what PathSegDiff used)."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="Work resolution in µm/px (default 0.5 ≈ 20x, what PathSegDiff used; with --dataset the data set's own)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes in label order (default: all, sorted)."),
     image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none (PNG/JPEG)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Read SOURCE as a published data set: bcss or glas."),
+    split: str = typer.Option("train", "--split", help="GlaS split to train on: train, testA, testB or test (A+B)."),
     epochs: int = typer.Option(30, "--epochs", help="Maximum epochs (early stopping on the validation split)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     val_images: Optional[str] = typer.Option(None, "--val-images", help="Comma-separated image names held out for validation."),
     seed: int = typer.Option(0, "--seed", help="Same seed and inputs → same metrics on CPU."),
-    cache_mb: float = typer.Option(512.0, "--cache-mb", help="Upper bound of the in-memory feature cache."),
+    cache_mb: float = typer.Option(512.0, "--cache-mb", help="Upper bound of the in-memory feature cache, in MB."),
     tiles_per_class: int = typer.Option(48, "--tiles-per-class", help="Training tiles sampled per class (stratified, so rare classes are seen)."),
-    t: Optional[str] = typer.Option(None, "--t", help="Diffusion timestep(s) of the features, comma-separated (default: the backbone's)."),
+    t: Optional[str] = typer.Option(None, "--timesteps", "--t", help="Diffusion timestep(s) the features are taken at, 0–999, comma-separated (default: the backbone's). --t is the old name."),
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Decoder (up) blocks to tap, comma-separated, 0 = coarsest (default: the backbone's)."),
     class_weights: Optional[str] = typer.Option(None, "--class-weights", help="'balanced' (inverse frequency) or one weight per class, comma-separated."),
-    rgb_skip: bool = typer.Option(False, "--rgb-skip", help="Give the head the RGB tile beside the features."),
+    rgb_skip: bool = typer.Option(False, "--rgb-skip", help="Give the pixel head the RGB tile beside the features (the context head always has it)."),
+    head: str = typer.Option("pixel", "--head", help="pixel (1x1 per-pixel classifier) or context (dilated 3x3 blocks over ~124 feature-stride px, plus RGB)."),
     keep_features: bool = typer.Option(False, "--keep-features", help="Keep the feature cache so a rerun with other head options skips extraction."),
+    force: bool = typer.Option(False, "--force", help="Replace the model already in --out (otherwise refused)."),
 ) -> None:
-    """Train the segmentation head on your annotations (sparse is fine: unannotated pixels are ignored)."""
+    """Train the segmentation head on your annotations (sparse is fine: unannotated pixels are ignored).
+
+    Labels are your own objects plus predictions you corrected or accepted; untouched pdseg predictions
+    are never labels. An interrupted run resumes when the same command is run again.
+    With --dataset bcss|glas, SOURCE is that data set's folder in its published layout (as for evaluate),
+    trained at the data set's own pixel size unless --mpp is given."""
     from pdseg_qupath.learn.options import TrainOptions
-    from pdseg_qupath.sources.inputs import open_source
     from pdseg_qupath.tasks.train import train as run_train
 
-    with closing(open_source(source)) as src, ui.session() as events:
+    if (out / "model.json").exists() and not force:
+        raise PdsegError(f"{out} already holds a trained model: pass --force to replace it, or choose another --out "
+                         "(an interrupted run in that folder resumes by itself)")
+    _on_interrupt(f"the features extracted so far are kept in {out / '.pdseg-train'}; run the same command again "
+                  "to resume where it stopped")
+    src = _open_source_or_dataset(source, dataset, split)
+    if mpp is None:
+        mpp = getattr(src, "mpp", None) or 0.5
+    with closing(src), ui.session() as events:
         result = run_train(
             src, out, backbone=backbone, mpp=mpp, classes=_classes_option(classes), image_mpp=image_mpp,
             epochs=epochs, device=device, val_images=_classes_option(val_images), seed=seed, events=events,
             options=TrainOptions(
                 cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
-                t=[int(v) for v in t.split(",")] if t else None,
-                blocks=[int(v) for v in blocks.split(",")] if blocks else None,
+                head=head,
+                t=_int_list(t, "--t"),
+                blocks=_int_list(blocks, "--blocks"),
                 class_weights=_class_weights_option(class_weights),
             ),
         )
@@ -137,14 +214,16 @@ def train(
 def predict(
     sources: list[str] = typer.Argument(..., help="A QuPath project or folder (write-back), or with --out: slides, folders, globs and .qpproj files."),
     model: Path = typer.Option(..., "--model", help="Model folder written by `train`."),
-    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names (repeatable; write-back mode)."),
+    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names: comma-separated, or the option repeated (write-back mode)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Batch mode: <slide>.geojson per slide and summary.csv here; reruns resume."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Tiles per batch (halved automatically on GPU out-of-memory)."),
     tissue_only: bool = typer.Option(True, "--tissue-only/--all", help="Skip white background found on a thumbnail."),
     image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none."),
-    simplify: float = typer.Option(1.0, "--simplify", help="Polygon simplification in work-resolution px (0 = exact pixel outlines)."),
-    min_area: float = typer.Option(0.0, "--min-area", help="Drop predicted pieces smaller than this many µm²."),
+    simplify: float = typer.Option(1.0, "--simplify", help="Polygon simplification tolerance in px at the model's resolution (1 px = the model's µm/px, e.g. 0.5 µm; 0 = exact pixel outlines)."),
+    min_area: float = typer.Option(0.0, "--min-area", help="Drop predicted pieces smaller than this area, in µm²."),
+    review: int = typer.Option(0, "--review", help="Also write the N least certain regions as ranked Review* annotations and an uncertainty map (detections with 'pdseg: uncertainty')."),
+    review_size: float = typer.Option(128.0, "--review-size", help="Side of a review region, in µm (map cells: a quarter of it)."),
     write_back: Optional[bool] = typer.Option(None, "--write-back/--no-write-back", help="Write objects into the project (a .qpproj is backed up first). Default: yes without --out."),
     force: bool = typer.Option(False, "--force", help="Batch mode: redo slides already done with this model."),
     devices: Optional[str] = typer.Option(None, "--devices", help="Batch mode: GPUs to use, e.g. 0,1 or auto (one worker process each)."),
@@ -162,10 +241,12 @@ def predict(
                          "batch-mode options: give --out DIR (and leave out --write-back)")
     opts = PredictOptions(batch_size=batch_size, tissue_only=tissue_only, image_mpp=image_mpp, simplify=simplify,
                           min_area_um2=min_area, overlay=overlay or (out is not None and not batch),
-                          classmap=classmap)
+                          classmap=classmap, review=review, review_size_um=review_size)
     if batch:
         from pdseg_qupath.tasks.cohort import predict_cohort
 
+        _on_interrupt(f"finished slides are in {out} (summary.csv); run the same command again to predict the rest "
+                      "(finished ones are skipped)")
         with ui.session() as events:
             res = predict_cohort(sources, model, out, options=opts, force=force, devices=devices or device,
                                  workers=workers, cluster=cluster, events=events)
@@ -179,14 +260,24 @@ def predict(
     from pdseg_qupath.tasks.predict import predict as run_predict
 
     source = Path(sources[0])
+    if source.is_file() and not is_project(source):
+        raise PdsegError(f"{source}: a single slide has no annotations to write back into; give --out DIR to "
+                         f"predict it into a folder (e.g. pdseg-qupath predict {source} --model {model} --out "
+                         "predictions/), or give the QuPath project or folder that holds it")
     write_back = True if write_back is None else write_back
+    _on_interrupt("the images finished before the interruption were written (the project's backups are in "
+                  "pdseg/backups/); run predict again to do the rest (earlier predictions are replaced, not doubled)")
     with closing(open_source(source, writable=write_back and is_project(source))) as src, ui.session() as events:
-        result = run_predict(src, model, images=images, out_dir=out, device=device, options=opts,
+        result = run_predict(src, model, images=_names_option(images), out_dir=out, device=device, options=opts,
                              write_back=write_back, events=events)
     console.print(f"{result.tiles} tiles in {result.seconds:.1f} s ({result.tiles_per_second:.2f} tiles/s); backbone {result.backbone_label}")
+    for line in _where_written(src, result, out):
+        console.print(line)
     if result.failed:
         for r in result.failed:
             err_console.print(f"[red]{r.image}: {r.error}")
+        err_console.print(f"[red]{len(result.failed)} of {len(result.images)} image(s) failed[/]; the others "
+                          "were predicted and written")
         raise typer.Exit(1)
 
 
@@ -197,28 +288,27 @@ def evaluate(
     report: Path = typer.Option(..., "--report", help="Report folder: metrics.json, confusion matrix, overlays."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Read SOURCE as a published data set: bcss or glas."),
     split: str = typer.Option("test", "--split", help="GlaS split: train, testA, testB or test (A+B)."),
-    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names (repeatable)."),
+    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names: comma-separated, or the option repeated."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none."),
+    include_training: bool = typer.Option(
+        False, "--include-training",
+        help="Also score images the model was trained on (left out by default: their scores are optimistic)."),
 ) -> None:
-    """Score a model on annotated pixels only: per-class Dice and IoU, accuracy, mIoU, confusion matrix."""
+    """Score a model on annotated pixels only: per-class Dice and IoU, accuracy, mIoU, confusion matrix.
+
+    Scores count annotated pixels inside the tissue that predict detects (all annotated pixels are in
+    metrics.json as all_annotated); images the model was trained on are left out unless --include-training.
+    """
     from pdseg_qupath.tasks.evaluate import evaluate as run_evaluate
 
     if source is None:
         raise PdsegError("give SOURCE: a QuPath project, a folder with GeoJSON, or a data set folder with --dataset")
-    notes: list[str] = []
-    if dataset:
-        from pdseg_qupath.sources.datasets import open_dataset
-
-        src = open_dataset(dataset, source, **({"split": split} if dataset == "glas" else {}))
-        notes = list(getattr(src, "notes", []))
-    else:
-        from pdseg_qupath.sources.inputs import open_source
-
-        src = open_source(source)
+    src = _open_source_or_dataset(source, dataset, split)
+    notes = list(getattr(src, "notes", []))
     with closing(src), ui.session() as events:
-        metrics = run_evaluate(src, model, report, images=images, device=device, image_mpp=image_mpp,
-                               notes=notes, events=events)
+        metrics = run_evaluate(src, model, report, images=_names_option(images), device=device, image_mpp=image_mpp,
+                               notes=notes, include_training=include_training, events=events)
     console.print(f"[green]report written to {report}[/] (accuracy {metrics['accuracy']:.3f}, mIoU {metrics['miou']:.3f}, macro Dice {metrics['macro_dice']:.3f})")
 
 
@@ -227,7 +317,7 @@ def demo(
     out: Path = typer.Option(Path("pdseg-demo"), "--out", help="Output folder."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Default: the best installed backbone, else the shipped 'small'."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    epochs: int = typer.Option(20, "--epochs"),
+    epochs: int = typer.Option(20, "--epochs", help="Maximum training epochs of the demo model."),
     examples: Optional[Path] = typer.Option(None, "--examples", help="The examples/ folder (default: the one in this checkout)."),
 ) -> None:
     """Train on the bundled example slide, predict it whole, evaluate on held-out polygons (a few minutes on CPU)."""
@@ -248,10 +338,10 @@ def pretrain(
     image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none (e.g. 0.62 for GlaS)."),
     steps_ae: int = typer.Option(3000, "--steps-ae", help="Autoencoder steps (stage 1; 0 keeps the --from autoencoder)."),
     steps_unet: int = typer.Option(3000, "--steps-unet", help="UNet steps (stage 2)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Tiles per training step (default: fits the device)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of an interrupted run."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed and inputs → same result on CPU)."),
     save_dtype: str = typer.Option("float32", "--save-dtype", help="float32, or float16 to halve the folder (loads as fp32)."),
 ) -> None:
     """Pretrain (or fine-tune) the latent diffusion backbone on your own unlabelled slides."""
@@ -297,13 +387,13 @@ app.add_typer(bench_app, name="bench")
 def bench_features_cmd(
     backbone: str = typer.Option("pathsegdiff-brca-20x", "--backbone", help="Backbone spec (folder, hub id or config name)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-    batch_size: int = typer.Option(4, "--batch-size"),
+    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per batch."),
     steps: int = typer.Option(3, "--steps", help="Timed batches after warm-up."),
     compile: str = typer.Option("no", "--compile", help="no, yes, auto, or a torch.compile mode."),
-    t: Optional[str] = typer.Option(None, "--t", help="Timestep(s), comma-separated (default: the backbone's)."),
+    t: Optional[str] = typer.Option(None, "--timesteps", "--t", help="Diffusion timestep(s), 0–999, comma-separated (default: the backbone's). --t is the old name."),
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Up-block indices, comma-separated, 0 = coarsest."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."),
-    channels_last: bool = typer.Option(False, "--channels-last"),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Use the channels-last memory layout (may be faster on GPUs)."),
     reference: bool = typer.Option(False, "--reference", help="Time the reference path (diffusers modules as "
                                    "shipped, NCHW, system allocator): what ran before the CPU fast path."),
 ) -> None:
@@ -314,8 +404,8 @@ def bench_features_cmd(
     comp: bool | str = {"no": False, "yes": True}.get(compile, compile)
     result = bench_features(
         backbone, resolve_device(device), batch_size, steps, comp,
-        t=[int(v) for v in t.split(",")] if t else None,
-        blocks=[int(v) for v in blocks.split(",")] if blocks else None,
+        t=_int_list(t, "--t"),
+        blocks=_int_list(blocks, "--blocks"),
         precision=precision, channels_last=channels_last, reference=reference,
     )
     print(json.dumps(result, indent=2))
@@ -325,9 +415,9 @@ def bench_features_cmd(
 def bench_predict_cmd(
     backbone: str = typer.Option("small", "--backbone", help="Backbone spec (the head is random: speed only)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Tiles per batch."),
     tiles: int = typer.Option(64, "--tiles", help="About this many tiles of a synthetic tissue slide."),
-    tile: Optional[int] = typer.Option(None, "--tile", help="Tile size (default: the backbone's)."),
+    tile: Optional[int] = typer.Option(None, "--tile", help="Tile size in px (default: the backbone's)."),
     slide: Optional[Path] = typer.Option(None, "--slide", help="Time this slide instead (its top-left corner)."),
     io_threads: int = typer.Option(2, "--io-threads", help="Tile-reading threads (0: no overlap of stages)."),
 ) -> None:
@@ -338,16 +428,60 @@ def bench_predict_cmd(
                                    io_threads=io_threads), indent=2))
 
 
+def _where_written(src: object, result: object, out: Optional[Path]) -> list[str]:
+    """Where ``predict`` put its objects and files, one line each."""
+    lines = []
+    written = [r for r in result.images if r.write is not None]  # type: ignore[attr-defined]
+    if written:
+        objects = sum(r.write.added for r in written)
+        target = getattr(src, "path", None)
+        if target is not None and str(target).endswith(".qpproj"):
+            backup = next((r.write.backup for r in written if r.write.backup), None)
+            lines.append(f"written back into {target}: {objects} object(s) in {len(written)} image(s)"
+                         + (f" (backup of the earlier state: {backup})" if backup else ""))
+        else:
+            files = sorted({str(m.split(':')[0]) for r in written for m in r.write.messages if m.endswith("kept")})
+            lines.append(f"{objects} object(s) written to {', '.join(files) if len(files) <= 3 else str(Path(files[0]).parent)}"
+                         " (import them with File › Import objects, or groovy/import_predictions.groovy)")
+    if out is not None:
+        lines.append(f"files (GeoJSON, overlays, areas.csv) in {out}")
+    if getattr(result, "areas_csv", None) is not None:
+        lines.append(f"areas per class: {result.areas_csv}")  # type: ignore[attr-defined]
+    return lines
+
+
+def _by_ctrl_c(exc: BaseException) -> bool:
+    """Whether an exit was caused by Ctrl-C (typer turns the KeyboardInterrupt into exit code 130)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _interrupted() -> None:
+    note = _ON_INTERRUPT[0] if _ON_INTERRUPT else "outputs finished before the interruption are kept"
+    err_console.print(f"[yellow]interrupted (Ctrl-C):[/] {note}")
+
+
 def main() -> None:
-    """Console entry point: user errors become one red line and exit code 2, never a traceback."""
+    """Console entry point: user errors become one red line and exit code 2, never a traceback; Ctrl-C says
+    what was saved and how to continue (exit code 130; the CLI framework itself would print nothing)."""
     try:
         app()
     except PdsegError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted; finished outputs are kept, rerun to continue[/]")
+        _interrupted()
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130 and _by_ctrl_c(exc):
+            _interrupted()
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

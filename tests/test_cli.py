@@ -71,10 +71,46 @@ def test_unknown_class_is_a_clear_error(gbm_folder: Path, tmp_path: Path, capsys
     assert "Tumor" in text and "Traceback" not in text
 
 
-def test_missing_pixel_size_names_image_mpp(gbm_folder: Path, tmp_path: Path, capsys) -> None:
-    code, text = run(["masks", str(gbm_folder), "--mpp", "0.5", "--out", str(tmp_path / "m")], capsys)
-    assert code == 1  # the image fails, the run reports it per image
-    assert "--image-mpp" in text
+@pytest.mark.parametrize("command", [
+    ["masks", "--mpp", "0.5", "--out", "m"],
+    ["train", "--out", "model", "--backbone", "random:tiny"],
+    ["predict", "--model", "no-model"],
+    ["evaluate", "--model", "no-model", "--report", "r"],
+])
+def test_missing_pixel_size_is_one_clear_line_in_every_command(gbm_folder: Path, tmp_path: Path, capsys,
+                                                              command: list[str]) -> None:
+    args = [a if a not in ("m", "model", "r") else str(tmp_path / a) for a in command]
+    code, text = run([args[0], str(gbm_folder), *args[1:]], capsys)
+    assert code == 2, text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--image-mpp" in lines[0] and "01.png" in lines[0], text
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_continue(gbm_folder: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pdseg_qupath.tasks.train.train", interrupted)
+    code, text = run(["train", str(gbm_folder), "--out", str(tmp_path / "model"), "--image-mpp", "0.5"], capsys)
+    assert code == 130
+    assert "interrupted (Ctrl-C)" in text and ".pdseg-train" in text and "run the same command again" in text
+
+
+def test_first_hour_stumbles_get_a_clear_line(gbm_folder: Path, tmp_path: Path, capsys) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.json").write_text("{}")
+    code, text = run(["train", str(gbm_folder), "--out", str(model)], capsys)
+    assert code == 2 and "--force" in text and "already holds a trained model" in text
+    code, text = run(["predict", str(gbm_folder / "01.png"), "--model", str(model)], capsys)
+    assert code == 2 and "give --out DIR" in text
+    (tmp_path / "empty").mkdir()
+    code, text = run(["predict", str(tmp_path / "empty"), "--model", str(model)], capsys)
+    assert code == 2 and "no images to predict" in text
+    code, text = run(["predict", "--help"], capsys)
+    assert code == 0 and "<bool>" not in text and "µm²" in text and "--review" in text
+    code, text = run(["train", "--help"], capsys)
+    assert "--timesteps" in text and "--t " in text.replace(",", " ")
 
 
 def test_broken_geojson_names_file_and_line(gbm_folder: Path, tmp_path: Path, capsys) -> None:

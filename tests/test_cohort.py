@@ -63,7 +63,7 @@ def test_collect_slides_from_globs_folders_and_a_qpproj(tmp_path):
     assert [(j.name, j.mpp, j.error) for j in pj][0] == ("case 7", 0.25, None)
     assert pj[0].path == b and "not a local file" in pj[1].error
     write_pyramid(tmp_path / "c" / "s1.tif", seed=4)
-    with pytest.raises(PdsegError, match="share the output name 's1.tif'"):
+    with pytest.raises(PdsegError, match="s1.tif' and '.*s1.tif' would both be written as 's1.tif'"):
         collect_slides([tmp_path / "a", tmp_path / "c"])
     with pytest.raises(PdsegError, match="no files match"):
         collect_slides([str(tmp_path / "*.svs")])
@@ -197,3 +197,18 @@ def test_cli_batch_mode(tmp_path, model):
     assert again.exit_code == 0 and "0 predicted, 2 already done" in " ".join(again.output.split())
     bad = CliRunner().invoke(app, ["predict", str(slides / "c0.tif"), str(slides / "c1.tif"), "--model", str(model)])
     assert isinstance(bad.exception, PdsegError) and "--out" in str(bad.exception)
+
+
+def test_pixel_size_missing_or_implausible(tmp_path, model):
+    slides = tmp_path / "pngs"
+    slides.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((40, 48, 3), 200 + i, np.uint8)).save(slides / f"p{i}.png")
+    with pytest.raises(PdsegError, match=r"2 image\(s\) record no pixel size.*p0.png, p1.png.*--image-mpp"):
+        predict_cohort([slides], model, tmp_path / "out", devices="cpu")
+    # 5 µm/px typed for 0.5: each slide is skipped with the reason, not upscaled into hundreds of tiles
+    res = predict_cohort([slides], model, tmp_path / "out", devices="cpu", options=PredictOptions(image_mpp=5.0))
+    assert [r["status"] for r in res.rows] == ["failed", "failed"]
+    assert all(r["error"].startswith("skipped: ") and "typo" in r["error"] and "upscaled 10×" in r["error"]
+               for r in res.rows)
+    assert res.tiles == 0

@@ -66,3 +66,43 @@ def test_glas_splits_and_binary_classes(tmp_path):
         open_dataset("camelyon", tmp_path)
     with pytest.raises(PdsegError, match="BCSS layout"):
         open_bcss(tmp_path)
+
+
+def test_train_and_evaluate_on_a_dataset_folder(tmp_path, capsys):
+    """``train --dataset glas`` / ``--dataset bcss``: the published layout, at the data set's own µm/px."""
+    import json
+
+    from test_cli import run
+
+    rng = np.random.default_rng(0)
+    for stem in ("train_1", "train_2", "testA_1"):
+        img = np.full((64, 64, 3), (236, 170, 200), np.uint8)
+        inst = np.zeros((64, 64), np.uint8)
+        inst[8:30, 10:40], inst[40:58, 20:50] = 1, 2
+        img[inst > 0] = (90, 50, 140)
+        Image.fromarray((img + rng.integers(0, 8, img.shape)).astype(np.uint8)).save(tmp_path / f"{stem}.bmp")
+        Image.fromarray(inst).save(tmp_path / f"{stem}_anno.bmp")
+    code, text = run(["train", str(tmp_path), "--dataset", "glas", "--out", str(tmp_path / "m"), "--backbone",
+                      "random:tiny", "--epochs", "1", "--tiles-per-class", "3", "--device", "cpu"], capsys)
+    assert code == 0, text
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["mpp"] == 0.62 and [c["name"] for c in meta["class_map"]["classes"]] == ["Background", "Gland"]
+    assert sorted(meta["training"]["train_images"] + meta["training"]["val_images"]) == ["train_1.bmp", "train_2.bmp"]
+    code, text = run(["evaluate", str(tmp_path), "--dataset", "glas", "--model", str(tmp_path / "m"), "--report",
+                      str(tmp_path / "r"), "--device", "cpu"], capsys)
+    assert code == 0, text
+    assert list(json.loads((tmp_path / "r" / "metrics.json").read_text())["per_image"]) == ["testA_1.bmp"]
+
+    bcss = tmp_path / "bcss"
+    codes = np.ones((48, 48), np.uint8)  # tumor
+    codes[:, 24:] = 2  # stroma
+    codes[:4] = 0  # outside the ROI: ignored
+    for name in ("TCGA-A1-A0SK-DX1_xmin1_ymin2_MPP-0.5000.png", "TCGA-OL-A5D6-DX1_xmin1_ymin2_MPP-0.5000.png"):
+        _bcss(bcss, name, codes)
+    code, text = run(["train", str(bcss), "--dataset", "bcss", "--out", str(tmp_path / "b"), "--backbone",
+                      "random:tiny", "--epochs", "1", "--tiles-per-class", "3", "--device", "cpu"], capsys)
+    assert code == 0, text
+    meta = json.loads((tmp_path / "b" / "model.json").read_text())
+    assert meta["mpp"] == 0.5 and [c["name"] for c in meta["class_map"]["classes"]] == ["Stroma", "Tumor"]
+    code, text = run(["train", str(bcss), "--dataset", "glas", "--out", str(tmp_path / "x")], capsys)
+    assert code != 0 and "no GlaS images" in text

@@ -50,3 +50,38 @@ def test_config_round_trip_and_layers():
     assert kinds == [("proj", (1, 1), 192, 128), ("mid", (1, 1), 128, 64), ("out", (1, 1), 64, 3)]
     n_params = sum(p.numel() for p in head.parameters())
     assert n_params == 192 * 128 + 128 + 128 * 64 + 64 + 64 * 3 + 3
+
+
+def test_context_head_dense_equals_sampled_and_sees_its_receptive_field():
+    torch.manual_seed(0)
+    cfg = HeadConfig.build("context", 6, 3, hidden=(8, 8))
+    assert cfg.kind == "context" and cfg.rgb_skip and cfg.dilations == (1, 2, 4, 8)
+    assert HeadConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.receptive_field == 4 * 31
+    head = FCNHead(cfg).eval()
+    f = torch.randn(2, 6, 40, 40)
+    rgb = torch.randint(0, 256, (2, 3, 160, 160)).float()
+    dense = head(f, rgb)
+    ys = [torch.tensor([0, 80, 159, 33]), torch.tensor([5, 150])]
+    xs = [torch.tensor([0, 80, 2, 100]), torch.tensor([159, 7])]
+    px = torch.cat([rgb[b][:, ys[b], xs[b]].T for b in range(2)])
+    got = head.forward_at(f, ys, xs, px)
+    want = torch.cat([dense[b][:, ys[b], xs[b]].T for b in range(2)])
+    assert torch.allclose(got, want, atol=1e-5)
+    # a feature 15 feature px away changes the output pixel; one 17 px away does not
+    # output pixel 82 lies between feature pixels 20 and 21: feature 20 + 15 = 35 is in reach, 21 + 16 = 37 not
+    near, far = f.clone(), f.clone()
+    near[0, :, 20, 35] += 5.0
+    far[0, :, 20, 37] += 5.0
+    assert not torch.allclose(head(near, rgb)[0, :, 82, 82], dense[0, :, 82, 82])
+    assert torch.allclose(head(far, rgb)[0, :, 82, 82], dense[0, :, 82, 82], atol=1e-6)
+    with pytest.raises(ValueError, match="whole feature maps"):
+        head.forward_pixels(torch.zeros(3, 6))
+
+
+def test_old_configs_load_as_pixel_heads():
+    d = HeadConfig(4, 2).to_json()
+    del d["kind"], d["dilations"]
+    assert HeadConfig.from_json(d).kind == "pixel"
+    with pytest.raises(ValueError, match="head 'mlp'"):
+        HeadConfig(4, 2, kind="mlp")

@@ -67,7 +67,10 @@ def test_evaluate_report(tmp_path):
     for pc in saved["per_class"].values():
         assert set(pc) >= {"dice", "iou", "pixels"}
     assert {"accuracy", "miou", "macro_dice"} <= saved.keys()
-    assert saved["per_class"]["Background"]["pixels"] + saved["per_class"]["Nucleus"]["pixels"] == 72 * 60
+    every = saved["all_annotated"]["per_class"]
+    assert every["Background"]["pixels"] + every["Nucleus"]["pixels"] == 72 * 60
+    in_tissue = saved["per_class"]["Background"]["pixels"] + saved["per_class"]["Nucleus"]["pixels"]
+    assert in_tissue == round(72 * 60 * (1 - saved["outside_tissue_share"]))
     assert saved["unscored_annotation_classes"] == {"Tumor": 1}
     assert "blank.png" in saved["skipped_images"] and saved["notes"] == ["a note"]
     assert metrics["accuracy"] == saved["accuracy"]
@@ -76,3 +79,15 @@ def test_evaluate_report(tmp_path):
     with pytest.raises(PdsegError, match="nothing to evaluate"):
         evaluate(open_source(test), model, tmp_path / "r2", images=["blank.png"], device="cpu",
                  image_mpp=0.5)
+    # scored as predict sees the slide (its tissue mask), with every annotated pixel reported beside
+    assert saved["scored_within"].startswith("detected tissue") and 0 <= saved["outside_tissue_share"] <= 1
+    assert saved["all_annotated"]["per_class"].keys() == {"Background", "Nucleus"}
+    # the training images are left out unless asked for, and then the report says so
+    trained = json.loads((model / "model.json").read_text())["training"]["train_images"]
+    held_out = evaluate(open_source(src), model, tmp_path / "r3", device="cpu", image_mpp=0.5)
+    assert held_out["excluded_training_images"] == trained and not set(held_out["per_image"]) & set(trained)
+    with pytest.raises(PdsegError, match="every image was used to train"):
+        evaluate(open_source(src), model, tmp_path / "r3", images=trained, device="cpu", image_mpp=0.5)
+    again = evaluate(open_source(src), model, tmp_path / "r3", device="cpu", image_mpp=0.5, include_training=True)
+    assert any("optimistic" in n for n in again["notes"]) and again["excluded_training_images"] == []
+    assert set(trained) < set(again["per_image"])

@@ -115,6 +115,36 @@ def test_slide_smaller_than_a_tile(tmp_path, predictor):
     assert area == pytest.approx(20 * 14)
 
 
+def test_objects_stay_inside_the_image(tmp_path, predictor):
+    # 0.35 µm/px against the model's 0.5: the last work pixel reaches past the image's edge
+    png = make_image(tmp_path, "odd", size=(47, 33), seed=3, n_nuclei=2)
+    with open_slide(png, fallback_mpp=0.35) as slide:
+        pred = predict_image(slide, predictor, options=PredictOptions(tissue_only=False))
+    bounds = shapely.box(0, 0, 47, 33)
+    assert pred.annotations and all(bounds.contains(a.geometry) and a.geometry.is_valid for a in pred.annotations)
+    assert sum(a.geometry.area for a in pred.annotations) == pytest.approx(47 * 33)
+
+
+def test_review_regions_rank_the_least_certain_places(tmp_path, predictor):
+    from pdseg_qupath.learn.review import RANK, REVIEW_CLASS, UNCERTAINTY
+
+    png = make_image(tmp_path, "review", size=(96, 80), seed=5, n_nuclei=8)
+    with open_slide(png, fallback_mpp=0.5) as slide:
+        pred = predict_image(slide, predictor, options=PredictOptions(tissue_only=False, review=3, review_size_um=16))
+    regions = [a for a in pred.review if a.object_type == "annotation"]
+    cells = [a for a in pred.review if a.object_type == "detection"]
+    assert [a.measurements[RANK] for a in regions] == [1.0, 2.0, 3.0]
+    scores = [a.measurements[UNCERTAINTY] for a in regions]
+    assert scores == sorted(scores, reverse=True) and 0 <= scores[-1] <= scores[0] <= 1
+    assert all(a.classification == REVIEW_CLASS and a.is_ignore and a.is_pdseg for a in regions)
+    assert all(a.geometry.area == pytest.approx(32 * 32) for a in regions)  # 16 µm at 0.5 µm/px
+    # the map: 8-px cells covering the image, each with its mean uncertainty; the top region holds the worst
+    assert sum(c.geometry.area for c in cells) == pytest.approx(96 * 80)
+    inside = [c.measurements[UNCERTAINTY] for c in cells if regions[0].geometry.contains(c.geometry)]
+    assert np.mean(inside) == pytest.approx(scores[0], abs=1e-3)
+    assert max(c.measurements[UNCERTAINTY] for c in cells) <= 1
+
+
 def test_blank_slide_with_tissue_detection_predicts_nothing(tmp_path, predictor):
     from PIL import Image
 

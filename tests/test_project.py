@@ -5,6 +5,9 @@ Run with a QuPath 0.5/0.6 installation: ``PAQUO_QUPATH_DIR=/opt/QuPath pytest te
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +137,9 @@ def test_write_predictions_replaces_only_pdseg_objects(project):
     assert sorted(a.name for a in mine) == ["pdseg Necrosis", "pdseg Tumor 0"]
     tumour = next(a for a in mine if a.classification == "Tumor")
     assert tumour.measurements["pdseg area µm²"] == 625.0 and tumour.geometry.area == pytest.approx(2500)
-    assert next(a for a in mine if a.classification == "Necrosis").measurements == {"pdseg n": 3.0}
+    necrosis = next(a for a in mine if a.classification == "Necrosis")
+    assert necrosis.measurements["pdseg n"] == 3.0 and "pdseg: fingerprint" in necrosis.measurements
+    assert [a.role for a in mine] == ["untouched", "untouched"]  # the fingerprint survives QuPath's storage
     assert [a.id for a in users_after] == [a.id for a in users_before]
     assert [a.classification for a in users_after] == [a.classification for a in users_before]
     assert all(a.geometry.equals(b.geometry) for a, b in zip(users_after, users_before))
@@ -156,3 +161,72 @@ def test_moved_image(project, tmp_path):
     anns, _ = src.read_annotations(recs["tile.png"])
     assert [a.classification for a in anns] == ["Stroma"]
     src.close()
+
+
+EDIT_IN_QUPATH = textwrap.dedent("""
+    import sys
+    from paquo.classes import QuPathPathClass
+    from paquo.projects import QuPathProject
+    from shapely.geometry import box
+    with QuPathProject(sys.argv[1], mode="r+") as qp:
+        entry = next(e for e in qp.images if e.uri.endswith("slide.tif"))
+        pcs = {pc.id: pc for pc in qp.path_classes}
+        h = entry.hierarchy
+        if sys.argv[2] == "draw":
+            h.add_annotation(roi=box(200, 150, 230, 190), path_class=pcs["Stroma"]).name = "drawn mid-run"
+        else:  # reclassify the first pdseg prediction
+            obj = next(o for o in h.annotations if (o.name or "").startswith("pdseg"))
+            obj.update_path_class(pcs["Stroma"])
+        entry.save()
+""")
+
+
+def test_an_edit_saved_mid_run_is_kept_and_corrections_are_told_apart(project):
+    from pdseg_qupath.core.annotations import CORRECTED, UNTOUCHED
+
+    preds = [Annotation(box(10.004, 120.5, 50.337, 160.25), "Tumor", (200, 0, 0)),
+             Annotation(box(60, 120, 90, 150).difference(box(70, 130, 75, 135)), "Stroma", (150, 200, 150))]
+    src = QuPathProjectSource(project, writable=True)
+    assert src._pq.PathObjects is not None and src._pq.ImagePlane is not None  # QuPath's own geometry path
+    slide = _by_file(src.images())["slide.tif"]
+    before, _ = src.read_annotations(slide)
+    # a second process (QuPath, in real life) saves an edit while pdseg is predicting
+    subprocess.run([sys.executable, "-c", EDIT_IN_QUPATH, str(project), "draw"], check=True)
+    report = src.write_predictions(slide, preds)
+    src.close()
+    assert report.added == 2
+    src = QuPathProjectSource(project)
+    after, read = src.read_annotations(_by_file(src.images())["slide.tif"])
+    names = [a.name for a in after]
+    assert "drawn mid-run" in names and all(b.name in names for b in before)
+    assert [a.role for a in after if a.is_pdseg] == [UNTOUCHED, UNTOUCHED]  # the fingerprint survives QuPath
+    assert all(a.geometry.is_valid for a in after) and not any("are gone" in m for m in read.messages)
+    src.close()
+    subprocess.run([sys.executable, "-c", EDIT_IN_QUPATH, str(project), "reclassify"], check=True)
+    src = QuPathProjectSource(project)
+    after, _ = src.read_annotations(_by_file(src.images())["slide.tif"])
+    assert sorted(a.role for a in after if a.is_pdseg) == [CORRECTED, UNTOUCHED]
+
+
+def test_review_map_detections_and_a_wiped_write_back(project):
+    preds = [Annotation(box(10, 120, 50, 160), "Tumor", (200, 0, 0), metadata={"pdseg_model": "0123456789abcdef"}),
+             Annotation(box(0, 0, 64, 64), "Review*", (255, 140, 0), name="pdseg review 001",
+                        measurements={"pdseg: uncertainty": 0.7, "pdseg: review rank": 1.0}),
+             Annotation(box(0, 0, 16, 16), None, name="pdseg uncertainty", object_type="detection",
+                        measurements={"pdseg: uncertainty": 0.5})]
+    for _ in range(2):  # the second run replaces the map rather than adding to it
+        src = QuPathProjectSource(project, writable=True)
+        src.write_predictions(_by_file(src.images())["slide.tif"], preds)
+        src.close()
+    with QuPathProject(project, mode="r+") as qp:
+        entry = next(e for e in qp.images if e.uri.endswith("slide.tif"))
+        (cell,) = list(entry.hierarchy.detections)
+        assert cell.measurements["pdseg: uncertainty"] == pytest.approx(0.5)
+        assert "Review*" in [pc.id for pc in qp.path_classes]
+        # an open QuPath saves its older copy: the pdseg objects vanish
+        for obj in [o for o in entry.hierarchy.annotations if (o.name or "").startswith("pdseg")]:
+            entry.hierarchy.annotations.discard(obj)
+        entry.save()
+    src = QuPathProjectSource(project)
+    _, report = src.read_annotations(_by_file(src.images())["slide.tif"])
+    assert "2 pdseg object(s) written by model 01234567" in report.messages[0] and "are gone" in report.messages[0]

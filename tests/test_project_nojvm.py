@@ -1,8 +1,10 @@
 """The QuPath project adapter without QuPath: pure helpers, backups, and the adapter on a fake of paquo.
 
 The fake mimics the parts of paquo 0.9 the adapter uses, including its traps (float-only measurements,
-class names without ':', read-only mode raising, entry.save() skipping unreadable images). The same
-behaviour is checked against a real QuPath in test_project.py.
+class names without ':', read-only mode raising, entry.save() skipping unreadable images), and what QuPath
+does to stored objects (coordinates at 0.01 px held as float32, measurements as float32). Saved image data
+goes to ``data.qpdata`` as JSON, so a second process can edit it the way QuPath would save an edit. The
+same behaviour is checked against a real QuPath in test_project.py.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import shapely
 from PIL import Image
 from shapely.geometry import LineString, MultiPolygon, Point, Polygon, box
 
@@ -110,12 +114,16 @@ def test_groovy_scripts_run_against_qupath_stand_ins(tmp_path):
     slide = safe_filename("slide a:1/2.svs") + ".geojson"
     assert r["export_all"] == [slide, "b.png.geojson"]  # no image open: every image
     assert r["export_one"] == ["b.png.geojson"]  # Run for project / headless: the current image
-    assert [f["properties"]["name"] for f in json.loads(r["export_file"])["features"]] == ["mine", "pdseg old", None]
+    assert [f["properties"]["name"] for f in json.loads(r["export_file"])["features"]] == [
+        "mine", "pdseg old", None, "pdseg as written", "pdseg corrected"]
     for key in ("import06", "import04"):  # QuPath 0.6 addObjects, older addPathObjects
-        assert r[key]["names"] == [["mine", None, "pdseg Tumor", "pdseg Necrosis"], ["pdseg keep: no file for b"]]
+        # untouched predictions are replaced; the one the pathologist reclassified stays (it is a label now)
+        assert r[key]["names"] == [["mine", None, "pdseg corrected", "pdseg Tumor", "pdseg Necrosis"],
+                                   ["pdseg keep: no file for b"]]
         assert r[key]["saves"] == [1, 0] and r[key]["classes"] == ["Tumor", "Necrosis"]
+    assert "no predictions file b.png.geojson" in out.stdout
     # batch run on an image whose predictions file is empty: its old pdseg objects go, the others stay
-    assert r["import_batch"]["names"] == [["mine", "pdseg old", None], []]
+    assert r["import_batch"]["names"] == [["mine", "pdseg old", None, "pdseg as written", "pdseg corrected"], []]
     assert r["import_batch"]["saves"] == [0, 1]
 
 
@@ -277,6 +285,7 @@ class FakePathClass:
             raise ValueError("PathClass names cannot contain ':' or '\\n'")
         self.name, self.parent = name, parent
         self.color = FakeColor(color[:3]) if color is not None else FakeColor((9, 9, 9))
+        self.java_object = self  # stands for QuPath's PathClass
 
     @property
     def id(self) -> str:
@@ -294,15 +303,43 @@ class FloatMeasurements(dict):
             self[k] = v
 
 
+def _as_stored(geom: Any) -> Any:
+    """What QuPath keeps of a ROI: coordinates on its 0.01-px precision grid, held as float32."""
+    return shapely.transform(shapely.set_precision(geom, 0.01), lambda c: c.astype(np.float32).astype(np.float64))
+
+
+class FakeROI:
+    def __init__(self, geom: Any) -> None:
+        self.geom = geom
+
+    def getGeometry(self) -> "FakeJTS":
+        return FakeJTS(self.geom)
+
+
+class FakeJTS:
+    def __init__(self, geom: Any) -> None:
+        self.geom = geom
+
+
+class FakeJavaAnnotation:
+    """What PathObjects.createAnnotationObject returns (a Java object in paquo)."""
+
+    def __init__(self, roi: FakeROI, java_class: Any) -> None:
+        self.roi, self.java_class = roi, java_class
+
+
 class FakeAnnotationObject:
     _next = 0
 
     def __init__(self, roi: Any, path_class: Any = None, name: str | None = None, uid: str | None = None) -> None:
+        if isinstance(roi, FakeJavaAnnotation):  # paquo: QuPathPathAnnotationObject(java_object)
+            roi, path_class = roi.roi.geom, roi.java_class
         FakeAnnotationObject._next += 1
         uid = uid or f"00000000-0000-4000-8000-{FakeAnnotationObject._next:012d}"
         self.roi, self.path_class, self.name, self.locked = roi, path_class, name, False
         self.measurements = FloatMeasurements()
-        self.java_object = types.SimpleNamespace(getID=lambda: uid, getColor=lambda: None)
+        self.java_object = types.SimpleNamespace(getID=lambda: uid, getColor=lambda: None,
+                                                 getROI=lambda: FakeROI(self.roi))
 
     @classmethod
     def from_shapely(cls, roi: Any, path_class: Any = None, measurements: Any = None) -> "FakeAnnotationObject":
@@ -314,15 +351,109 @@ class FakeAnnotationObject:
         return obj
 
 
+class FakeDetectionObject(FakeAnnotationObject):
+    """paquo's QuPathPathDetectionObject (a detection: the uncertainty map)."""
+
+
+class FakeJava:
+    """paquo.java: the QuPath and JTS classes the adapter uses for geometry."""
+
+    @staticmethod
+    def JClass(name: str) -> Any:
+        assert name == "qupath.lib.regions.ImagePlane", name
+        return FakeJava.ImagePlane
+
+    class GeometryTools:
+        @staticmethod
+        def getDefaultFactory() -> str:
+            return "qupath-default-factory"
+
+        @staticmethod
+        def geometryToROI(jts: FakeJTS, plane: Any) -> FakeROI:
+            assert plane == "default-plane"
+            return FakeROI(_as_stored(jts.geom))
+
+    class ImagePlane:
+        @staticmethod
+        def getDefaultPlane() -> str:
+            return "default-plane"
+
+    class PathObjects:
+        @staticmethod
+        def createAnnotationObject(roi: FakeROI, java_class: Any) -> FakeJavaAnnotation:
+            return FakeJavaAnnotation(roi, java_class)
+
+        @staticmethod
+        def createDetectionObject(roi: FakeROI, java_class: Any) -> FakeJavaAnnotation:
+            return FakeJavaAnnotation(roi, java_class)
+
+    class WKBReader:
+        def __init__(self, factory: Any = None) -> None:
+            assert factory == "qupath-default-factory", "build ROIs with QuPath's default geometry factory"
+
+        def read(self, data: bytes) -> FakeJTS:
+            return FakeJTS(shapely.from_wkb(data))
+
+    class WKBWriter:
+        def __init__(self, dims: int = 2) -> None:
+            assert dims == 2
+
+        def write(self, jts: FakeJTS) -> bytes:
+            return shapely.to_wkb(jts.geom)
+
+
+def dump_qpdata(objects: list, detections: list = ()) -> str:
+    """The fake's data.qpdata: the objects as QuPath would keep them (float32 measurements)."""
+    def one(o: Any) -> dict:
+        return {"wkb": shapely.to_wkb(o.roi, hex=True), "id": o.java_object.getID(), "name": o.name,
+                "class": [o.path_class.id, list(o.path_class.color)] if o.path_class is not None else None,
+                "measurements": {k: float(np.float32(v)) for k, v in o.measurements.items()}}
+    return json.dumps({"fake-qpdata": [one(o) for o in objects], "detections": [one(o) for o in detections]})
+
+
+def load_qpdata(text: str, key: str = "fake-qpdata") -> list | None:
+    try:
+        data = json.loads(text)[key]
+    except (ValueError, TypeError, KeyError):
+        return None
+    kind = FakeDetectionObject if key == "detections" else FakeAnnotationObject
+    out = []
+    for d in data:
+        pc = None
+        if d["class"]:
+            *parents, leaf = d["class"][0].split(": ")
+            parent = None
+            for part in parents:
+                parent = FakePathClass(part, parent=parent)
+            pc = FakePathClass(leaf, d["class"][1], parent)
+        o = kind(shapely.from_wkb(d["wkb"]), pc, d["name"], d["id"])
+        dict.update(o.measurements, d["measurements"])
+        out.append(o)
+    return out
+
+
+class FakeImageData:
+    def __init__(self, objects: list, detections: list = ()) -> None:
+        self.hierarchy = FakeHierarchy(objects, readonly=False, detections=detections)
+
+    def getHierarchy(self) -> "FakeHierarchy":
+        return self.hierarchy
+
+    def isChanged(self) -> bool:
+        return self.hierarchy.changed
+
+
 class FakeProxy(list):
-    def __init__(self, items: list, hierarchy: "FakeHierarchy") -> None:
+    def __init__(self, items: list, hierarchy: "FakeHierarchy", kind: type | None = None) -> None:
         super().__init__(items)
-        self._h = hierarchy
+        self._h, self._kind = hierarchy, kind
 
     def add(self, x: Any) -> None:
         if self._h.readonly:
             raise OSError("project in readonly mode")
-        if not isinstance(x, FakeAnnotationObject):
+        if self._kind is FakeDetectionObject and not isinstance(x, FakeDetectionObject):
+            raise TypeError("requires QuPathPathDetectionObject")
+        if self._kind is None and (not isinstance(x, FakeAnnotationObject) or isinstance(x, FakeDetectionObject)):
             raise TypeError("requires QuPathPathAnnotationObject")
         self.append(x)
         self._h.changed = True
@@ -335,9 +466,10 @@ class FakeProxy(list):
 
 
 class FakeHierarchy:
-    def __init__(self, objects: list, readonly: bool) -> None:
+    def __init__(self, objects: list, readonly: bool, detections: Any = ()) -> None:
         self.readonly, self.changed, self.flushes = readonly, False, 0
         self.annotations = FakeProxy(objects, self)
+        self.detections = FakeProxy(list(detections), self, FakeDetectionObject)
 
     @contextmanager
     def no_autoflush(self):
@@ -369,14 +501,41 @@ class FakeEntry:
         self.image_name, self.uri, self.entry_id = rec["name"], rec["uri"], rec["id"]
         self.entry_path = project.dir / "data" / str(rec["id"])
         self._hierarchy: FakeHierarchy | None = None
-        self.java_object = types.SimpleNamespace(readHierarchy=lambda: [self._copy(o) for o in rec["objects"]])
+        self.java_object = types.SimpleNamespace(readHierarchy=lambda: self._stored(), readImageData=self._read,
+                                                 saveImageData=self._write)
+
+    def _stored(self) -> list:
+        """The objects as saved: data.qpdata when the fake wrote it (or another process did), else the start."""
+        try:
+            loaded = load_qpdata((self.entry_path / "data.qpdata").read_text())
+        except OSError:
+            loaded = None
+        return loaded if loaded is not None else [self._copy(o) for o in self._rec["objects"]]
+
+    def _read(self) -> FakeImageData:
+        if not self.is_readable():
+            raise RuntimeError("ImageData of a missing image")
+        try:
+            detections = load_qpdata((self.entry_path / "data.qpdata").read_text(), "detections") or []
+        except OSError:
+            detections = []
+        return FakeImageData(self._stored(), detections)
+
+    def _write(self, data: FakeImageData) -> None:
+        if self._p.readonly:
+            raise OSError("project in readonly mode")
+        objects = list(data.hierarchy.annotations)
+        (self.entry_path / "data.qpdata").write_text(dump_qpdata(objects, list(data.hierarchy.detections)))
+        self._rec["objects"] = [self._copy(o) for o in objects]
+        self._rec["saves"] = self._rec.get("saves", 0) + 1
+        data.hierarchy.changed = False
 
     @property
     def hierarchy(self) -> FakeHierarchy:
         if self._hierarchy is None:
             if not self._p.readonly and not self.is_readable():
                 raise TypeError("ImageData of a missing image")  # what may happen in QuPath 0.6
-            self._hierarchy = FakeHierarchy([self._copy(o) for o in self._rec["objects"]], self._p.readonly)
+            self._hierarchy = FakeHierarchy(self._stored(), self._p.readonly)
         return self._hierarchy
 
     @staticmethod
@@ -409,10 +568,7 @@ class FakeEntry:
         if self._p.readonly:
             raise OSError("project in readonly mode")
         if self.is_readable() and self.is_changed():
-            self._rec["objects"] = [self._copy(o) for o in self.hierarchy.annotations]
-            self._rec["saves"] = self._rec.get("saves", 0) + 1
-            (self.entry_path / "data.qpdata").write_text(f"saved {len(self._rec['objects'])}")
-            self.hierarchy.changed = False
+            self._write(types.SimpleNamespace(hierarchy=self.hierarchy))
 
 
 class FakeProject:
@@ -453,10 +609,13 @@ def fake_paquo(monkeypatch):
     mods = {
         "paquo.projects": types.SimpleNamespace(QuPathProject=FakeProject),
         "paquo.classes": types.SimpleNamespace(QuPathPathClass=FakePathClass),
-        "paquo.pathobjects": types.SimpleNamespace(QuPathPathAnnotationObject=FakeAnnotationObject),
+        "paquo.pathobjects": types.SimpleNamespace(QuPathPathAnnotationObject=FakeAnnotationObject,
+                                                   QuPathPathDetectionObject=FakeDetectionObject),
         "paquo.hierarchy": types.SimpleNamespace(
-            QuPathPathObjectHierarchy=lambda h, readonly, image_name: FakeHierarchy(h, readonly)
+            QuPathPathObjectHierarchy=lambda h, readonly, image_name: h if isinstance(h, FakeHierarchy)
+            else FakeHierarchy(h, readonly)
         ),
+        "paquo.java": FakeJava,
         "paquo.images": types.SimpleNamespace(QuPathImageType=types.SimpleNamespace(BRIGHTFIELD_H_E="BRIGHTFIELD_H_E")),
     }
     for name, mod in mods.items():
@@ -603,7 +762,9 @@ def test_write_predictions_twice_replaces_only_pdseg_objects(project, fake_paquo
     mine = [a for a in after if a.is_pdseg]
     users = [a for a in after if not a.is_pdseg]
     assert [(a.name, a.classification) for a in mine] == [("pdseg Tumor", "Tumor"), ("pdseg Necrosis", "Necrosis")]
-    assert mine[0].measurements == {"pdseg area µm²": 12.0, "pdseg mean probability": 0.9}
+    assert mine[0].measurements["pdseg area µm²"] == 12.0
+    assert mine[0].measurements["pdseg mean probability"] == pytest.approx(0.9)  # QuPath keeps float32
+    assert [a.role for a in mine] == ["untouched", "untouched"]  # the fingerprint survives storage
     assert mine[0].geometry.geom_type == "MultiPolygon"
     assert [(a.id, a.name, a.classification) for a in users] == [(a.id, a.name, a.classification) for a in before]
     assert all(u.geometry.equals(b.geometry) for u, b in zip(users, before))

@@ -88,7 +88,7 @@ def test_open_slide_pixel_size_precedence(pyramid: Path, tmp_path: Path) -> None
     with pytest.raises(MissingPixelSizeError, match="--image-mpp") as e:
         open_slide(png)
     assert "tile.png" in str(e.value)
-    with pytest.raises(PdsegError, match="positive"):
+    with pytest.raises(PdsegError, match="cannot be a real pixel size"):
         open_slide(png, fallback_mpp=0)
 
 

@@ -16,7 +16,7 @@ from pdseg_qupath.learn.augment import AugmentConfig, augment, dihedral
 from pdseg_qupath.learn.cache import BatchRunner, pixels_per_view, stratified_pixels, uniform_pixels
 from pdseg_qupath.learn.modelio import load_model
 
-from _loop_data import feature, make_folder, make_image, train_tiny
+from _loop_data import feature, make_folder, make_image, small_options, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_class_without_pixels(data, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(data, src)
     # a "Tumor" annotation far smaller than a pixel: in the class map, but never rasterized
-    extra = [feature(Point(40.5, 40.5).buffer(0.05, 4), "Tumor")]
+    extra = [feature(Point(40.0, 40.0).buffer(0.05, 4), "Tumor")]  # between pixel centres
     make_image(src, "img0", seed=0, extra_features=extra)
     res = train_tiny(src, tmp_path / "m", epochs=1)
     assert res.class_map.names == ["Background", "Nucleus", "Tumor"]
@@ -239,3 +239,84 @@ def test_prior_correction_is_recorded_and_folded_into_the_head(trained):
     shares = prior["annotated_share"]
     assert shares["Background"] > shares["Nucleus"] > 0 and sum(shares.values()) == pytest.approx(1, abs=1e-4)
     assert prior["logit_adjustment"][1] < 0 < prior["logit_adjustment"][0]
+
+
+def test_context_head_trains_on_whole_maps_and_predicts(data, tmp_path):
+    from pdseg_qupath.learn.predictor import Predictor
+
+    res = train_tiny(data, tmp_path / "m", epochs=2, head="context", keep_features=True)
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["head"]["kind"] == "context" and meta["head"]["dilations"] == [1, 2, 4, 8]
+    assert meta["head"]["rgb_skip"] is True and meta["training"]["options"]["head"] == "context"
+    cache = meta["training"]["cache"]
+    assert cache["form"] == "maps" and cache["views_train"] == res.cache["views_train"] > 0
+    assert cache["bytes"] == (cache["views_train"] + cache["views_val"]) * cache["bytes_per_view"]
+    assert cache["class_pixels_train"]["Nucleus"] > 0
+    assert any("receptive field" in m for m in res.messages)  # 8-px overlap on 32-px tiles
+    model = load_model(tmp_path / "m")
+    assert model.head.config.kind == "context"
+    tiles = np.full((2, 32, 32, 3), 200, np.uint8)
+    logits = Predictor(model, device="cpu").logits(tiles, [(0, 0), (32, 0)])
+    assert logits.shape == (2, 2, 32, 32) and np.isfinite(logits).all()
+    again = train_tiny(data, tmp_path / "m", epochs=2, head="context", keep_features=True)
+    assert again.resumed and again.history == res.history  # map shards reload bit for bit
+
+
+def test_context_head_cache_budget_keeps_fewer_tiles(data, tmp_path):
+    from pdseg_qupath.learn.cache import bytes_per_map
+    from pdseg_qupath.learn.predictor import load_extractor
+
+    per_view = bytes_per_map(load_extractor("random:tiny", "cpu")[1].channels, 32, 4)
+    budget = 20 * per_view / 2**20  # 8 validation views + 6 of the 2 x 12 training views
+    res = train_tiny(data, tmp_path / "m", epochs=1, head="context", cache_mb=budget)
+    assert any("holds the feature maps of 6 of 12 training tiles" in m for m in res.messages)
+    assert res.cache["views_train"] == 12 and res.cache["bytes"] <= budget * 2**20
+    with pytest.raises(PdsegError, match="too small for the context head"):
+        train_tiny(data, tmp_path / "n", epochs=1, head="context", cache_mb=9 * per_view / 2**20)
+
+
+def _fake_images(class_sets):
+    from types import SimpleNamespace
+
+    from shapely.geometry import box
+
+    from pdseg_qupath.core.annotations import Annotation
+    from pdseg_qupath.learn.data import TrainingImage
+
+    return [TrainingImage(SimpleNamespace(name=f"im{i}"), [Annotation(box(0, 0, 4, 4), classification=c) for c in cs])
+            for i, cs in enumerate(class_sets)]
+
+
+def test_automatic_split_is_stratified_by_class():
+    from pdseg_qupath.learn.sampling import image_classes, split_images
+
+    # the case: 8 images, "Normal" on 3 of them, a plain random split often held out 2 of the 3
+    imgs = _fake_images([{"Tumor", "Stroma", "Normal"}] * 3 + [{"Tumor", "Stroma"}] * 5)
+    for seed in range(20):
+        train, val = split_images(imgs, None, 0.2, np.random.default_rng(seed))
+        assert len(val) == 2 and sorted(train + val) == list(range(8))
+        assert sum(1 for i in val if "Normal" in image_classes(imgs[i])) == 1
+    # a class on one image only stays in training; every class on two or more images is validated
+    imgs = _fake_images([{"A", "B"}, {"A"}, {"A", "C"}, {"A", "C"}, {"A", "B", "D"}])
+    for seed in range(20):
+        train, val = split_images(imgs, None, 0.4, np.random.default_rng(seed))
+        seen = set().union(*(image_classes(imgs[i]) for i in val))
+        assert set().union(*(image_classes(imgs[i]) for i in train)) == {"A", "B", "C", "D"}
+        assert {"B", "C"} <= seen and 4 not in val
+    # nothing can be held out without losing a class: no image split
+    assert split_images(_fake_images([{"A"}, {"B"}]), None, 0.5, np.random.default_rng(0)) == ([0, 1], [])
+
+
+def test_class_missing_from_validation_is_warned(data, tmp_path):
+    from pdseg_qupath.sources.inputs import open_source
+    from pdseg_qupath.tasks.train import train as train_model
+
+    src = tmp_path / "src"
+    shutil.copytree(data, src)
+    make_image(src, "plain", seed=7, n_nuclei=0)  # Background only
+    res = train_model(open_source(src), tmp_path / "m", backbone="random:tiny", mpp=0.5, image_mpp=0.5, epochs=1,
+                      device="cpu", val_images=["plain.png"], options=small_options())
+    assert any("'Nucleus' has no annotation in the validation images" in m for m in res.messages)
+    auto = train_model(open_source(src), tmp_path / "n", backbone="random:tiny", mpp=0.5, image_mpp=0.5, epochs=1,
+                       device="cpu", options=small_options(val_fraction=0.3))
+    assert auto.val_images != ["plain.png"] and not any("validation images" in m for m in auto.messages)

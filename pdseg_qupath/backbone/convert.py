@@ -206,9 +206,9 @@ def read_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
                 f"{ckpt}: refused to open — this checkpoint contains Python objects beyond tensors, and "
                 "loading it would run arbitrary code from the file (torch.load weights_only=True "
                 f"failed: {str(e).splitlines()[0][:200]}). If you trust its origin, extract the weights "
-                "once in a separate Python session: sd = torch.load(CKPT, weights_only=False)['state_dict']; "
-                "safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items() if hasattr(v, 'shape')}, "
-                "'weights.safetensors') — then convert weights.safetensors instead.") from None
+                "once in a separate Python session (torch.load with weights_only off, then ['state_dict']); "
+                "save its tensors with safetensors.torch.save_file to weights.safetensors, and convert that file "
+                "instead.") from None
         except RuntimeError as e:
             if mmap and "mmap" in str(e).lower():
                 continue  # legacy (non-zip) format cannot be memory-mapped

@@ -113,8 +113,13 @@ def _combined_sha(files: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------------------------------------- load
 
 def load_folder(folder: str | Path, device: torch.device | str = "cpu", *, spec: str | None = None,
-                verify: bool = False) -> Backbone:
-    """Load a diffusers-format backbone folder, naming the broken file if anything is wrong."""
+                verify: bool = True) -> Backbone:
+    """Load a diffusers-format backbone folder, naming the broken file if anything is wrong.
+
+    Every weights file is checked against the sha256 its manifest records (reading a file once costs little
+    next to one forward pass), and weights that are not finite are refused: a backbone is only ever used
+    under the label of the bytes it holds. ``verify=False`` skips the checksums (sizes are still checked).
+    """
     folder = Path(folder)
     manifest = _read_json(folder / MANIFEST)
     try:
@@ -122,16 +127,23 @@ def load_folder(folder: str | Path, device: torch.device | str = "cpu", *, spec:
     except (KeyError, TypeError) as e:
         raise PdsegError(f"{folder / MANIFEST}: no valid 'config' entry ({e}); re-create the folder "
                          "with pdseg-qupath convert-backbone") from None
-    files = manifest.get("files", {})
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files or not all(isinstance(v, dict) for v in files.values()):
+        raise PdsegError(f"{folder / MANIFEST}: records no weights files with their sha256; re-create the "
+                         "folder with pdseg-qupath convert-backbone or pretrain")
     for rel, info in files.items():
         p = folder / rel
-        if not p.is_file():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not p.is_file():
             raise PdsegError(f"{p}: missing; the backbone folder is incomplete — copy it again")
         if "bytes" in info and p.stat().st_size != info["bytes"]:
             raise PdsegError(f"{p}: has {p.stat().st_size} bytes, expected {info['bytes']} (truncated "
                              "copy?); copy the backbone folder again")
         if verify and sha256_file(p) != info.get("sha256"):
-            raise PdsegError(f"{p}: sha256 does not match {MANIFEST}; the file is corrupt — copy it again")
+            raise PdsegError(f"{p}: sha256 does not match {MANIFEST}; the file is corrupt or was changed — "
+                             "copy the backbone folder again")
+    if manifest.get("sha256") != _combined_sha({k: str(v.get("sha256")) for k, v in files.items()}):
+        raise PdsegError(f"{folder / MANIFEST}: its sha256 does not match the files it lists; the manifest was "
+                         "edited or is corrupt — copy the backbone folder again")
     device = torch.device(device)
     unet = _load_model(UNet2DConditionModel, folder / "unet", device)
     vq = _load_model(VQModel, folder / "vqvae", device)
@@ -149,6 +161,7 @@ def load_folder(folder: str | Path, device: torch.device | str = "cpu", *, spec:
     bb = Backbone(cfg, vq, unet, scheduler, conditioner, spec=spec or str(folder),
                   random_weights=bool(manifest.get("random_weights", False)),
                   sha256=manifest.get("sha256"), source=manifest.get("source"))
+    bb.folder = str(folder.resolve())  # where it was read: what a model file records for a hub backbone
     return bb.to(device).eval().requires_grad_(False)
 
 
@@ -157,9 +170,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise PdsegError(f"{path}: missing; this is not a complete pdseg backbone folder "
                          "(create one with pdseg-qupath convert-backbone)")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise PdsegError(f"{path}: not valid JSON ({e}); copy or convert the backbone again") from None
+    if not isinstance(data, dict):
+        raise PdsegError(f"{path}: not a JSON object; copy or convert the backbone again")
+    return data
 
 
 def _load_model(cls: type, sub: Path, device: torch.device) -> Any:
@@ -187,6 +203,10 @@ def _load_state(model: nn.Module, path: Path, device: torch.device) -> None:
                          "truncated — copy or convert the backbone again") from None
     # Weights may be stored in half precision to halve the folder (the shipped `small`); models run fp32.
     state = {k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in state.items()}
+    bad = sum(int((~torch.isfinite(v)).sum()) for v in state.values() if v.is_floating_point())
+    if bad:
+        raise PdsegError(f"{path}: {bad} weights are not finite (NaN or infinite); the file is corrupt — "
+                         "copy or convert the backbone again")
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:

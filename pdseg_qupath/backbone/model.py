@@ -38,6 +38,8 @@ class Backbone(nn.Module):
         self.random_weights = random_weights
         self.sha256 = sha256
         self.source = source
+        self.folder: str | None = None
+        """The folder the weights were read from, if any."""
 
     @property
     def device(self) -> torch.device:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
+import shapely
 from shapely.geometry.base import BaseGeometry
 
 RGB = tuple[int, int, int]
@@ -39,8 +41,14 @@ class Annotation:
 
     @property
     def is_ignore(self) -> bool:
-        """QuPath's ``Ignore*`` class marks areas to leave out of training and scoring."""
+        """QuPath's ignored classes (``Ignore*``, ``Region*``, any name ending in ``*``) mark areas to leave
+        out of training and scoring."""
         return is_ignore_class(self.classification)
+
+    @property
+    def role(self) -> str:
+        """What the object is to training (:func:`label_role`)."""
+        return label_role(self)
 
 
 def is_pdseg_name(name: object) -> bool:
@@ -55,8 +63,113 @@ def prediction_name(a: Annotation) -> str:
     return f"{PDSEG_MARKER} {a.name or a.classification or 'unclassified'}"
 
 
+def stamped(a: Annotation) -> Annotation:
+    """``a`` as pdseg writes it: named with the marker, its fingerprint among its measurements."""
+    return replace(a, name=prediction_name(a), measurements={**a.measurements, **fingerprint(a.geometry, a.classification)})
+
+
 def is_ignore_class(name: str | None) -> bool:
-    return name is not None and name.rstrip("*").lower() == "ignore"
+    """QuPath's convention: a class whose name ends in ``*`` (``Ignore*``, ``Region*``, ``Review*``) is ignored
+    by its classifiers; pdseg gives it label :data:`IGNORE` (255). Derived classes (``Tumor: Region*``) too."""
+    return name is not None and name.strip().endswith("*")
+
+
+# ------------------------------------------------------------------------- predictions vs. labels
+
+FINGERPRINT = "pdseg: fingerprint"
+"""Measurement holding a 24-bit hash of the class a prediction was written with (exact in QuPath's float32)."""
+FINGERPRINT_AREA = "pdseg: written area px^2"
+FINGERPRINT_X = "pdseg: written centroid x px"
+FINGERPRINT_Y = "pdseg: written centroid y px"
+FINGERPRINT_KEYS = (FINGERPRINT, FINGERPRINT_AREA, FINGERPRINT_X, FINGERPRINT_Y)
+
+USER, ACCEPTED, CORRECTED, UNTOUCHED = "user", "accepted", "corrected", "untouched"
+"""The roles of an object: drawn by the user; a prediction renamed by the user (the ``pdseg`` prefix
+removed); a prediction whose class or outline the user changed; a prediction as pdseg wrote it."""
+
+
+def class_hash(name: str | None) -> float:
+    """24 bits of CRC-32 of the class name, as a float (exactly representable in float32)."""
+    return float(zlib.crc32((name or "").encode("utf-8")) & 0xFFFFFF)
+
+
+def fingerprint(geometry: BaseGeometry, classification: str | None) -> dict[str, float]:
+    """The measurements stored in every object pdseg writes, so that a later read can tell an untouched
+    prediction from one the pathologist edited: the class hash, the area and the centroid in level-0 px."""
+    c = geometry.centroid
+    return {
+        FINGERPRINT: class_hash(classification),
+        FINGERPRINT_AREA: float(round(geometry.area, 2)),
+        FINGERPRINT_X: float(round(c.x, 2)),
+        FINGERPRINT_Y: float(round(c.y, 2)),
+    }
+
+
+def matches_fingerprint(a: "Annotation") -> bool:
+    """True when ``a`` still has the class and outline it was written with.
+
+    Tolerances absorb what storing does to a shape (QuPath keeps coordinates at 0.01 px, some as float32):
+    area within 1 px² + 0.005 px × perimeter, centroid within 0.5 px. A real edit in QuPath (brush, wand,
+    moving vertices, translating) changes far more; a new class always changes the hash.
+    """
+    m = a.measurements
+    try:
+        stored = [float(m[k]) for k in FINGERPRINT_KEYS]
+    except (KeyError, TypeError, ValueError):
+        return False
+    if stored[0] != class_hash(a.classification):
+        return False
+    g = a.geometry
+    if g is None or g.is_empty:
+        return False
+    c = g.centroid
+    tol = 1.0 + 0.005 * float(shapely.length(g))
+    return abs(g.area - stored[1]) <= tol and abs(c.x - stored[2]) <= 0.5 and abs(c.y - stored[3]) <= 0.5
+
+
+def label_role(a: "Annotation") -> str:
+    """:data:`USER`, :data:`ACCEPTED`, :data:`CORRECTED` or :data:`UNTOUCHED` (see their note).
+
+    The rule, as the README states it: an object whose name starts with ``pdseg`` is a prediction and is
+    never a label unless the pathologist changed its class or outline; removing ``pdseg`` from its name
+    accepts it as it is. A prediction without a fingerprint (written by an older pdseg) counts as untouched.
+    """
+    if not is_pdseg_name(a.name):
+        return ACCEPTED if FINGERPRINT in a.measurements else USER
+    if FINGERPRINT not in a.measurements:
+        return UNTOUCHED
+    return UNTOUCHED if matches_fingerprint(a) else CORRECTED
+
+
+@dataclass
+class LabelCount:
+    """How many objects of each role an image's labels took (untouched predictions are left out)."""
+
+    user: int = 0
+    accepted: int = 0
+    corrected: int = 0
+    untouched: int = 0
+
+    def add(self, other: "LabelCount") -> "LabelCount":
+        for k in (USER, ACCEPTED, CORRECTED, UNTOUCHED):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        return self
+
+    def describe(self) -> str:
+        return (f"{self.user} drawn, {self.corrected} corrected and {self.accepted} accepted prediction(s) used as "
+                f"labels; {self.untouched} untouched prediction(s) left out")
+
+
+def training_labels(annotations: Iterable["Annotation"]) -> tuple[list["Annotation"], LabelCount]:
+    """The objects that are labels: everything except untouched predictions, with the count of each role."""
+    out: list[Annotation] = []
+    count = LabelCount()
+    for a in annotations:
+        role = label_role(a)
+        setattr(count, role, getattr(count, role) + 1)
+        if role != UNTOUCHED:
+            out.append(a)
+    return out, count
 
 
 @dataclass
@@ -124,7 +237,8 @@ class ClassMap:
         if len(names) >= IGNORE:
             raise ValueError(f"at most {IGNORE} classes are supported, got {len(names)}")
         if any(is_ignore_class(n) for n in names):
-            raise ValueError("'Ignore*' is not a trainable class: it marks pixels to leave out (label 255)")
+            raise ValueError("classes ending in '*' (Ignore*, Region*) are not trainable: they mark pixels to "
+                             "leave out (label 255)")
 
     @property
     def names(self) -> list[str]:
@@ -134,7 +248,7 @@ class ClassMap:
         return len(self.classes)
 
     def index(self, name: str | None) -> int | None:
-        """Label index of a class name, :data:`IGNORE` for ``Ignore*``, ``None`` if not in the map."""
+        """Label index of a class name, :data:`IGNORE` for an ignored class (``*``), ``None`` if not in the map."""
         if is_ignore_class(name):
             return IGNORE
         for i, c in enumerate(self.classes):
@@ -150,7 +264,17 @@ class ClassMap:
 
     @classmethod
     def from_json(cls, data: dict) -> "ClassMap":
-        return cls(tuple(ClassInfo(c["name"], tuple(c["color"])) for c in data["classes"]))  # type: ignore[arg-type]
+        """The map as :meth:`to_json` writes it; ``ValueError`` names what is malformed."""
+        classes = []
+        for c in data["classes"]:
+            name, color = c["name"], c["color"]
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"class name {name!r} is not text (QuPath class names are text: write \"{name}\")")
+            if not (isinstance(color, list) and len(color) == 3
+                    and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in color)):
+                raise ValueError(f"class {name!r}: colour {color!r} is not [r, g, b] with values 0-255")
+            classes.append(ClassInfo(name, tuple(color)))  # type: ignore[arg-type]
+        return cls(tuple(classes))
 
     @classmethod
     def from_annotations(
@@ -167,9 +291,31 @@ class ClassMap:
         if names is None:
             names = sorted(colors)
         else:
+            ignored = [n for n in names if is_ignore_class(n)]
+            if ignored:
+                raise ValueError(f"{ignored}: classes ending in '*' are ignored by QuPath and pdseg (label 255), "
+                                 "not trainable")
             unknown = [n for n in names if n not in colors]
             if unknown:
                 raise ValueError(
                     f"unknown class(es) {unknown}: the annotations use {sorted(colors) or 'no classes'}"
                 )
         return cls(tuple(ClassInfo(n, colors.get(n) or default_color(n)) for n in names))
+
+
+def outside_image(annotations: Iterable[Annotation], width: int, height: int) -> list[Annotation]:
+    """The annotations that lie entirely outside a ``width`` × ``height`` px image (level 0): they label
+    no pixel, which usually means they belong to another image or were drawn at another scale."""
+    out = []
+    for a in annotations:
+        if a.geometry is None or a.geometry.is_empty:
+            continue
+        x0, y0, x1, y1 = a.geometry.bounds
+        if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+            out.append(a)
+    return out
+
+
+def outside_message(image: str, n: int, width: int, height: int) -> str:
+    return (f"{image}: {n} annotation(s) lie entirely outside the image ({width} × {height} px) and label nothing; "
+            "were they drawn on another image, or at another resolution?")

@@ -27,13 +27,18 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~umask
 
 
+def _tmp_prefix(path: Path) -> str:
+    """A temp name beside ``path`` that fits wherever ``path`` fits (long names are shortened)."""
+    return "." + path.name.encode("utf-8")[:180].decode("utf-8", "ignore") + "."
+
+
 def atomic_write_with(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Let ``write(tmp)`` fill a temp file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         mode = _mode_for(path)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise PdsegError(f"{path}: cannot write here ({e.strerror or e}); check the folder is writable") from None
     os.close(fd)
@@ -76,7 +81,7 @@ def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
     except OSError as e:
         raise PdsegError(f"{path}: cannot write here ({e.strerror or e}); check the folder is writable") from None
     try:
@@ -95,6 +100,43 @@ def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
             raise PdsegError(f"{path}: cannot write ({e.strerror or e})") from None
         raise
     return path
+
+
+def writable_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Create folder ``path`` if needed and prove it writable (a probe file), before any work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".pdseg-write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PdsegError(f"{path}: cannot write here ({e.strerror or e}); choose a writable {flag} folder") from None
+    return path
+
+
+def refuse_symlink(path: str | Path, what: str = "") -> Path:
+    """``path``, unless it is a symbolic link: pdseg never writes or deletes through a link it did not create."""
+    path = Path(path)
+    if path.is_symlink():
+        raise PdsegError(f"{path}: is a symbolic link{f' ({what})' if what else ''}; pdseg never writes or deletes "
+                         "through links it did not create. Remove the link, or choose another --out")
+    return path
+
+
+def open_no_follow(path: str | Path) -> int:
+    """A file descriptor for ``path`` (created if missing, never truncated), refusing a symbolic link."""
+    path = refuse_symlink(path)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise PdsegError(f"{path}: cannot open ({e.strerror or e}); check the folder is writable and that "
+                         "the file is not a symbolic link") from None
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> Path:
+    """Copy ``src`` to ``dst`` atomically; a symbolic link at ``dst`` is replaced, never written through."""
+    return atomic_write_with(dst, lambda tmp: shutil.copy2(src, tmp))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

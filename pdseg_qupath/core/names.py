@@ -13,6 +13,9 @@ Two rules, each for a reason:
 from __future__ import annotations
 
 import re
+from typing import Iterable
+
+from pdseg_qupath.core.errors import PdsegError
 
 PDSEG_DIR = "pdseg"
 """Folder beside a source (inside a QuPath project, or a folder of images) that holds what pdseg writes."""
@@ -50,3 +53,32 @@ def qupath_export_basename(image_name: str) -> str:
             name = name[: -len(ext)]
             break
     return _INVALID_CHARS.sub("", name) or "image"
+
+
+NAME_MAX = 255
+"""Longest file name (bytes, UTF-8) that common file systems accept."""
+
+
+def check_unique(names: Iterable[tuple[str, str]], where: str = "") -> None:
+    """Refuse, up front, two inputs whose outputs would share a file name.
+
+    ``names`` holds (input name, output file name) pairs. Names are compared case-insensitively (as macOS
+    and Windows do), so ``A.png`` and ``a.png`` clash too; an input listed twice is not a clash.
+    """
+    seen: dict[str, tuple[str, str]] = {}
+    for image, out in names:
+        key = out.casefold()
+        if key in seen and seen[key][0] != image:
+            first = seen[key]
+            raise PdsegError(f"{first[0]!r} and {image!r} would both be written as {first[1]!r}"
+                             f"{f' in {where}' if where else ''}; rename one of the images (or predict them into "
+                             "different folders)")
+        seen.setdefault(key, (image, out))
+
+
+def check_name_length(image_name: str, out_name: str, folder: str = "") -> None:
+    """Refuse an output name longer than file systems accept, before any work is done for it."""
+    if len(out_name.encode("utf-8")) > NAME_MAX:
+        raise PdsegError(f"{image_name}: the output file name would be {len(out_name.encode('utf-8'))} bytes "
+                         f"({out_name[:40]}…){f' in {folder}' if folder else ''}, more than the {NAME_MAX} file "
+                         "systems accept; rename the image (shorter name) and run again")

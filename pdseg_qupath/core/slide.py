@@ -27,17 +27,93 @@ MAX_PLAUSIBLE_MPP = 50.0
 _CHUNK = 4096
 """Largest source extent (px per side) resampled at once, so huge windows are read in bounded pieces."""
 
-Image.MAX_IMAGE_PIXELS = None  # slides are large by nature; decompression-bomb checks only get in the way
+MAX_IMAGE_PIXELS_ENV = "PDSEG_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 400_000_000
+"""Plain images (PNG, JPEG...) are decoded whole, so their size is capped (400 Mpx, ~1.2 GB as RGB, e.g.
+20,000 × 20,000 px): a tiny compressed file must not cost gigabytes (a decompression bomb). Whole-slide
+TIFFs are read tile by tile and are not capped. Raise it with the environment variable
+``PDSEG_MAX_IMAGE_PIXELS``."""
+
+
+def max_image_pixels() -> int:
+    """The cap on a plain image's pixels: ``PDSEG_MAX_IMAGE_PIXELS`` if set, else 400 million."""
+    import os
+
+    raw = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(float(raw))
+    except (ValueError, OverflowError):
+        raise PdsegError(f"{MAX_IMAGE_PIXELS_ENV}={raw!r}: expected a number of pixels, e.g. 1000000000") from None
+    if value < 1:
+        raise PdsegError(f"{MAX_IMAGE_PIXELS_ENV}={raw!r}: must be a positive number of pixels")
+    return value
+
+
+def _check_plain_image_size(path: Path) -> None:
+    """Refuse a plain image larger than :func:`max_image_pixels`, from its header, before decoding it."""
+    limit = max_image_pixels()
+    Image.MAX_IMAGE_PIXELS = limit  # Pillow's own guard, at the same size
+    try:
+        with Image.open(path) as img:  # the header only
+            w, h = img.size
+    except Image.DecompressionBombError:
+        w = h = None
+    except Exception:
+        return  # not an image Pillow knows: the readers say so
+    if w is None or w * h > limit:
+        size = f"{w} × {h} px ({w * h / 1e6:.0f} Mpx)" if w else "too large"
+        raise PdsegError(f"{path}: image is {size}, more than the {limit / 1e6:g} Mpx a plain image may have "
+                         "(it is decoded whole: a decompression-bomb guard). Save it as a tiled TIFF, or raise "
+                         f"the limit: {MAX_IMAGE_PIXELS_ENV}=<pixels>")
+
+
+MIN_MPP, MAX_MPP = 0.01, 1000.0
+"""The pixel sizes (µm/px) pdseg accepts anywhere: beyond them no light-microscope image exists, and a
+wrong value would silently ask for absurd amounts of memory (1e-5 µm/px: 112 GiB) or for no tiles at all."""
+
+
+def check_mpp(value: Any, what: str) -> float:
+    """``value`` as a pixel size in µm/px, or a :class:`PdsegError` naming ``what`` (an option or a file)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise PdsegError(f"{what}: {value!r} is not a pixel size in µm/px (e.g. 0.5 for 20x)") from None
+    if not (math.isfinite(v) and MIN_MPP <= v <= MAX_MPP):
+        raise PdsegError(f"{what}: {value!r} µm/px cannot be a real pixel size (expected {MIN_MPP:g} to "
+                         f"{MAX_MPP:g}, e.g. 0.25 for 40x, 0.5 for 20x)")
+    return v
+
+
+def _mpp_xy(props: dict[str, Any]) -> list[float]:
+    vals = []
+    for key in ("tiffslide.mpp-x", "tiffslide.mpp-y"):
+        try:
+            v = float(props.get(key))  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            continue
+        if math.isfinite(v) and v > 0:
+            vals.append(v)
+    return vals
 
 
 def _tiffslide_mpp(props: dict[str, Any]) -> float | None:
-    vals = [props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y")]
-    vals = [float(v) for v in vals if v is not None]
-    vals = [v for v in vals if math.isfinite(v) and v > 0]
+    """The recorded µm/px (mean of x and y); None when absent, or not a real pixel size (writer defaults
+    such as 72 dpi, or values below :data:`MIN_MPP`), so that ``--image-mpp`` applies."""
+    vals = _mpp_xy(props)
     if not vals:
         return None
     mpp = sum(vals) / len(vals)
-    return mpp if mpp <= MAX_PLAUSIBLE_MPP else None
+    return mpp if MIN_MPP <= mpp <= MAX_PLAUSIBLE_MPP else None
+
+
+def _non_square_note(path: Path, props: dict[str, Any]) -> list[str]:
+    vals = _mpp_xy(props)
+    if len(vals) == 2 and abs(vals[0] - vals[1]) > 0.01 * max(vals):
+        return [f"{path.name}: pixels are not square ({vals[0]:g} × {vals[1]:g} µm/px); pdseg works with their "
+                f"mean, {sum(vals) / 2:g} µm/px, so areas and shapes are approximate"]
+    return []
 
 
 def _open_backend(path: Path) -> tuple[Any, str]:
@@ -55,6 +131,7 @@ def _open_backend(path: Path) -> tuple[Any, str]:
         pass
     except Exception as e:  # a TIFF that tiffslide cannot interpret
         raise PdsegError(f"{path}: cannot read this TIFF slide ({e})") from e
+    _check_plain_image_size(path)
     try:
         nts = tiffslide.NotTiffSlide(path)
         if nts.properties.get("tiffslide.series-axes") in ("YXS", "YX", "CYX") and nts.level_dimensions:
@@ -87,6 +164,7 @@ def probe(path: str | Path) -> tuple[int, int, float | None]:
         pass
     except Exception as e:
         raise PdsegError(f"{p}: cannot read this TIFF slide ({e})") from e
+    _check_plain_image_size(p)
     try:
         with Image.open(p) as img:  # reads the header only
             w, h = img.size
@@ -122,6 +200,8 @@ class Slide:
         self.path = path
         self.name = path.name
         self.mpp = float(mpp)
+        self.notes: list[str] = []
+        """Warnings about the image (e.g. non-square pixels), for the task to report."""
         self._h = handle
         self._kind = kind
         if kind == "tiffslide":
@@ -241,9 +321,8 @@ def open_slide(path: str | Path, *, mpp: float | None = None, fallback_mpp: floa
     Raises :class:`MissingPixelSizeError` when none of the three gives one: pixel sizes are never guessed.
     """
     p = Path(path)
-    for label, v in (("mpp", mpp), ("--image-mpp", fallback_mpp)):
-        if v is not None and not (math.isfinite(v) and v > 0):
-            raise PdsegError(f"{p}: {label} must be a positive pixel size in µm/px, got {v}")
+    mpp = None if mpp is None else check_mpp(mpp, f"{p}: recorded pixel size")
+    fallback_mpp = None if fallback_mpp is None else check_mpp(fallback_mpp, "--image-mpp")
     handle, kind = _open_backend(p)
     recorded = _tiffslide_mpp(handle.properties) if kind == "tiffslide" else None
     chosen = mpp if mpp is not None else recorded if recorded is not None else fallback_mpp
@@ -254,7 +333,10 @@ def open_slide(path: str | Path, *, mpp: float | None = None, fallback_mpp: floa
             pass
         raise MissingPixelSizeError(str(p))
     try:
-        return Slide(p, handle, kind, chosen)
+        slide = Slide(p, handle, kind, chosen)
+        if kind == "tiffslide" and mpp is None and recorded is not None:
+            slide.notes += _non_square_note(p, handle.properties)
+        return slide
     except PdsegError:
         raise
     except Exception as e:

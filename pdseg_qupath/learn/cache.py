@@ -1,4 +1,9 @@
-"""The training cache: LDM features at sampled labelled pixels, in RAM, bounded by a size in MB.
+"""The training cache: LDM features of the training tiles, in RAM, bounded by a size in MB.
+
+Two forms, filled by one extraction loop (:func:`extract_views`): :class:`PixelCache` keeps features
+only at sampled labelled pixels (the ``pixel`` head), :class:`MapCache` keeps whole feature maps at
+feature resolution with the tile's colours and labels (the ``context`` head, whose dilated blocks need
+the neighbourhood of each pixel). What follows explains the pixel form, the default's fast path.
 
 Why this and not whole feature maps or latents:
 
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pdseg_qupath.core.annotations import IGNORE
 from pdseg_qupath.core.fileio import atomic_write_with
 from pdseg_qupath.core.grid import Window
 from pdseg_qupath.learn.augment import AugmentConfig, augment
@@ -85,7 +91,7 @@ class PixelCache:
         self.tile.append(torch.full((len(flat_idx),), tile_id, dtype=torch.int32))
         return len(flat_idx)
 
-    def extend(self, other: "PixelCache") -> None:
+    def extend(self, other: PixelCache) -> None:
         self.features += other.features
         self.rgb += other.rgb
         self.labels += other.labels
@@ -120,7 +126,7 @@ class PixelCache:
         atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"channels": str(self.channels)}))
 
     @classmethod
-    def load(cls, path: Path) -> "PixelCache":
+    def load(cls, path: Path) -> PixelCache:
         d = load_file(str(path))
         cache = cls(int(d["features"].shape[1]))
         cache.features, cache.rgb, cache.labels, cache.tile = [d["features"]], [d["rgb"]], [d["labels"]], [d["tile"]]
@@ -129,6 +135,77 @@ class PixelCache:
     def class_counts(self, n_classes: int) -> np.ndarray:
         t = self.tensors()["labels"].numpy()
         return np.bincount(t[t < n_classes], minlength=n_classes)
+
+
+def bytes_per_map(channels: int, tile: int, stride: int) -> int:
+    """Cache cost of one whole tile view: fp16 feature map, rgb and labels at pixel resolution, tile index."""
+    return 2 * channels * (tile // stride) ** 2 + 4 * tile * tile + 4
+
+
+@dataclass
+class MapCache:
+    """Whole tile views: features (V, C, h, w) fp16, rgb (V, T, T, 3) uint8, labels (V, T, T) uint8, tile (V,)."""
+
+    channels: int
+    features: list[torch.Tensor] = field(default_factory=list)
+    rgb: list[torch.Tensor] = field(default_factory=list)
+    labels: list[torch.Tensor] = field(default_factory=list)
+    tile: list[torch.Tensor] = field(default_factory=list)
+
+    def add_map(self, features: torch.Tensor, rgb: np.ndarray, labels: np.ndarray, tile_id: int) -> int:
+        """Keep one tile view whole; returns its number of labelled pixels."""
+        self.features.append(features.detach().cpu().to(torch.float16)[None])
+        self.rgb.append(torch.from_numpy(np.ascontiguousarray(rgb))[None])
+        self.labels.append(torch.from_numpy(np.ascontiguousarray(labels))[None])
+        self.tile.append(torch.tensor([tile_id], dtype=torch.int32))
+        return int((labels != IGNORE).sum())
+
+    def extend(self, other: MapCache) -> None:
+        self.features += other.features
+        self.rgb += other.rgb
+        self.labels += other.labels
+        self.tile += other.tile
+
+    @property
+    def views(self) -> int:
+        return sum(len(t) for t in self.tile)
+
+    def __len__(self) -> int:
+        """Labelled pixels over all views (0: nothing to learn from)."""
+        return int(sum(int((lab != IGNORE).sum()) for lab in self.labels))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for part in (self.features, self.rgb, self.labels, self.tile)
+                   for t in part)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if not self.tile:
+            return {"features": torch.zeros((0, self.channels, 0, 0), dtype=torch.float16),
+                    "rgb": torch.zeros((0, 0, 0, 3), dtype=torch.uint8),
+                    "labels": torch.zeros((0, 0, 0), dtype=torch.uint8), "tile": torch.zeros(0, dtype=torch.int32)}
+        if len(self.tile) > 1:  # concatenate once, in place: the views are not held twice
+            self.features, self.rgb = [torch.cat(self.features)], [torch.cat(self.rgb)]
+            self.labels, self.tile = [torch.cat(self.labels)], [torch.cat(self.tile)]
+        return {"features": self.features[0], "rgb": self.rgb[0], "labels": self.labels[0], "tile": self.tile[0]}
+
+    def save(self, path: Path) -> None:
+        tensors = self.tensors()
+        atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"channels": str(self.channels)}))
+
+    @classmethod
+    def load(cls, path: Path) -> MapCache:
+        d = load_file(str(path))
+        cache = cls(int(d["features"].shape[1]))
+        cache.features, cache.rgb, cache.labels, cache.tile = [d["features"]], [d["rgb"]], [d["labels"]], [d["tile"]]
+        return cache
+
+    def class_counts(self, n_classes: int) -> np.ndarray:
+        counts = np.zeros(n_classes, dtype=np.int64)
+        for lab in self.labels:
+            a = lab.numpy().ravel()
+            counts += np.bincount(a[a < n_classes], minlength=n_classes)[:n_classes]
+        return counts
 
 
 # ------------------------------------------------------------------------------------- extraction
@@ -150,26 +227,29 @@ def extract_views(
     runner: BatchRunner,
     shard: Callable[[str, int], Path | None] = lambda name, i: None,
     on_views: Callable[[int], None] | None = None,
-) -> PixelCache:
-    """Features at sampled pixels of every (tile, view): view 0 is the tile, later views are augmented.
+    dense: bool = False,
+) -> PixelCache | MapCache:
+    """Features of every (tile, view): view 0 is the tile, later views are augmented. Kept at sampled
+    pixels (a :class:`PixelCache`), or with ``dense`` as whole maps (a :class:`MapCache`).
 
     Work goes in shards of 64 views; with ``shard(name, i)`` giving a path, each finished shard is
     written there and a shard already on disk is loaded instead of extracted (resume).
     """
-    cache = PixelCache(int(extractor.channels))
+    kind: Any = MapCache if dense else PixelCache
+    cache = kind(int(extractor.channels))
     jobs = [(ti, v) for ti in range(len(tiles)) for v in range(views)]
     for s, start in enumerate(range(0, len(jobs), SHARD_VIEWS)):
         chunk = jobs[start : start + SHARD_VIEWS]
         path = shard(name, s)
         if path is not None and path.is_file():
             try:
-                cache.extend(PixelCache.load(path))
+                cache.extend(kind.load(path))
                 if on_views:
                     on_views(len(chunk))
                 continue
             except Exception:  # a shard cut short by the interruption: extract it again
                 path.unlink(missing_ok=True)
-        part = PixelCache(cache.channels)
+        part = kind(cache.channels)
 
         def run(batch: list[tuple[int, int]]) -> list[int]:
             rgbs, labs, origins = [], [], []
@@ -187,6 +267,9 @@ def extract_views(
                 feats = extractor.extract(np.stack(rgbs), origins=origins).float().cpu()
             counts = []
             for (ti, v), f, rgb, lab in zip(batch, feats, rgbs, labs):
+                if dense:
+                    counts.append(part.add_map(f, rgb, lab, ti))
+                    continue
                 rng = np.random.default_rng([seed, 2, ti, v])
                 idx = (stratified_pixels(lab, n_pixels, n_classes, rng) if stratified
                        else uniform_pixels(lab, n_pixels, rng))

@@ -1,6 +1,8 @@
-"""The head's training loop on cached pixels: cross-entropy, AdamW, early stopping on validation mIoU.
+"""The head's training loop on cached features: cross-entropy, AdamW, early stopping on validation mIoU.
 
-One epoch is one pass over the cached training pixels in shuffled batches; the validation pixels (or,
+One epoch is one pass over the cached training pixels in shuffled batches (pixel head), or over the
+cached tile views in shuffled batches of whole maps, with the loss at a fresh stratified sample of each
+view's labelled pixels (context head; unlabelled pixels, 255, never count). The validation pixels (or,
 without a validation split, the training pixels) are scored after each epoch and the best epoch's
 weights are kept. The per-epoch state is checkpointed through :class:`~pdseg_qupath.learn.resume.Resume`
 so an interrupted run continues where it stopped, bit for bit.
@@ -9,6 +11,7 @@ so an interrupted run continues where it stopped, bit for bit.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,8 +25,12 @@ from pdseg_qupath.core.metrics import Confusion, scores
 from pdseg_qupath.learn.head import FCNHead, HeadConfig
 from pdseg_qupath.learn.options import TrainOptions
 from pdseg_qupath.learn.resume import Resume
+from pdseg_qupath.learn.sampling import stratified_pixels, uniform_pixels
 
 EVAL_CHUNK = 65536
+MAP_BATCH = 8
+"""Tile views per optimiser step of the context head."""
+VAL_PIXELS_PER_MAP = 4096
 
 
 def class_weights(spec: Any, counts: np.ndarray) -> torch.Tensor | None:
@@ -38,8 +45,9 @@ def class_weights(spec: Any, counts: np.ndarray) -> torch.Tensor | None:
         w = w / w[w > 0].mean()
         return torch.tensor(w, dtype=torch.float32)
     w = np.asarray(list(spec), dtype=np.float32)
-    if len(w) != len(counts) or (w < 0).any():
-        raise PdsegError(f"class weights {list(spec)}: need {len(counts)} non-negative numbers, one per class")
+    if len(w) != len(counts) or not np.isfinite(w).all() or (w < 0).any() or not (w > 0).any():
+        raise PdsegError(f"class weights {list(spec)}: need {len(counts)} finite, non-negative numbers "
+                         "(not all 0), one per class")
     return torch.from_numpy(w)
 
 
@@ -71,6 +79,80 @@ def evaluate_pixels(head: FCNHead, data: dict[str, torch.Tensor], n_classes: int
             n += int((y != IGNORE).sum())
             conf.update(y.cpu().numpy(), logits.argmax(1).cpu().numpy())
     return total / max(1, n), conf
+
+
+def map_pixels(labels: torch.Tensor, n: int, n_classes: int, stratified: bool,
+               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ys, xs) of up to ``n`` labelled pixels of one (T, T) label map, stratified by class or uniform."""
+    lab = labels.numpy()
+    idx = stratified_pixels(lab, n, n_classes, rng) if stratified else uniform_pixels(lab, n, rng)
+    w = lab.shape[1]
+    t = torch.from_numpy(idx)
+    return t // w, t % w
+
+
+def map_sample_counts(data: dict[str, torch.Tensor], n: int, n_classes: int, seed: int) -> np.ndarray:
+    """Labelled pixels per class that one epoch of stratified sampling draws (the sampled class shares)."""
+    counts = np.zeros(n_classes, dtype=np.int64)
+    for v in range(len(data["labels"])):
+        ys, xs = map_pixels(data["labels"][v], n, n_classes, True, np.random.default_rng([seed, 0, v]))
+        counts += np.bincount(data["labels"][v][ys, xs].numpy(), minlength=n_classes)[:n_classes]
+    return counts
+
+
+def _map_batch(head: FCNHead, data: dict[str, torch.Tensor], views: list[int], picks: list[tuple], device: str):
+    """Logits and labels at the picked pixels of a batch of cached tile views."""
+    f = data["features"][views].to(device).float()
+    ys, xs = [p[0] for p in picks], [p[1] for p in picks]
+    rgb = torch.cat([data["rgb"][v][y, x] for v, y, x in zip(views, ys, xs)]).to(device).float()
+    y = torch.cat([data["labels"][v][yy, xx] for v, yy, xx in zip(views, ys, xs)]).to(device).long()
+    return head.forward_at(f, [t.to(device) for t in ys], [t.to(device) for t in xs], rgb), y
+
+
+def evaluate_maps(head: FCNHead, data: dict[str, torch.Tensor], n_classes: int, device: str,
+                  weight: torch.Tensor | None, adjust: torch.Tensor | None = None,
+                  picks: list[tuple] | None = None) -> tuple[float, Confusion]:
+    """Mean cross-entropy and the confusion matrix of a context head at ``picks`` (fixed pixels per view)."""
+    head.eval()
+    conf = Confusion(n_classes)
+    total, n = 0.0, 0
+    views = list(range(len(data["labels"])))
+    if picks is None:
+        picks = [map_pixels(data["labels"][v], VAL_PIXELS_PER_MAP, n_classes, False, np.random.default_rng([0, v]))
+                 for v in views]
+    with torch.no_grad():
+        for i in range(0, len(views), MAP_BATCH):
+            vs = views[i : i + MAP_BATCH]
+            logits, y = _map_batch(head, data, vs, [picks[v] for v in vs], device)
+            if adjust is not None:
+                logits = logits + adjust
+            total += F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE, reduction="sum").item()
+            n += int((y != IGNORE).sum())
+            conf.update(y.cpu().numpy(), logits.argmax(1).cpu().numpy())
+    return total / max(1, n), conf
+
+
+def _train_epoch_maps(head: FCNHead, optim: torch.optim.Optimizer, data: dict[str, torch.Tensor], n_pixels: int,
+                      n_classes: int, weight: torch.Tensor | None, seed: int, epoch: int, device: str) -> float:
+    head.train()
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    torch.manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(len(data["labels"]), generator=g).tolist()
+    total, count = 0.0, 0
+    for i in range(0, len(order), MAP_BATCH):
+        vs = order[i : i + MAP_BATCH]
+        picks = [map_pixels(data["labels"][v], n_pixels, n_classes, True, np.random.default_rng([seed, epoch, v]))
+                 for v in vs]
+        logits, y = _map_batch(head, data, vs, picks, device)
+        if len(y) == 0:
+            continue
+        loss = F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        total += loss.item() * len(y)
+        count += len(y)
+    return total / max(1, count)
 
 
 def epoch_row(epoch: int, train_loss: float, val_loss: float | None, sc: dict) -> dict:
@@ -110,11 +192,22 @@ class FitResult:
 
 
 def new_head(config: HeadConfig, features: torch.Tensor, seed: int) -> FCNHead:
-    """A head with fresh weights (seeded) and per-channel feature statistics from the training pixels."""
+    """A head with fresh weights (seeded) and per-channel feature statistics from the training features:
+    pixels (N, C), or whole maps (V, C, h, w), summed a few views at a time."""
     torch.manual_seed(seed)
     head = FCNHead(config)
-    f32 = features.float()
-    head.set_normalization(f32.mean(0), f32.std(0))
+    if features.ndim == 2:
+        f32 = features.float()
+        head.set_normalization(f32.mean(0), f32.std(0))
+        return head
+    c = features.shape[1]
+    s1, s2, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+    for i in range(0, len(features), MAP_BATCH):
+        f = features[i : i + MAP_BATCH].double().transpose(0, 1).reshape(c, -1)
+        s1, s2, n = s1 + f.sum(1), s2 + (f * f).sum(1), n + f.shape[1]
+    mean = s1 / max(1, n)
+    var = (s2 - n * mean * mean) / max(1, n - 1)
+    head.set_normalization(mean.float(), var.clamp_min(0).sqrt().float())
     return head
 
 
@@ -183,16 +276,29 @@ def fit_head(
     for row in state.history:
         if on_epoch is not None:
             on_epoch(row, state, False)
-    feats, labels = train["features"].to(device), train["labels"].to(device).long()
-    rgb = train["rgb"].to(device) if opts.rgb_skip else None
+    maps = head.config.kind == "context"
+    if maps:
+        scored = val if val is not None else train
+        picks = [map_pixels(scored["labels"][v], VAL_PIXELS_PER_MAP, k, False, np.random.default_rng([seed, 7, v]))
+                 for v in range(len(scored["labels"]))]
+    else:
+        feats, labels = train["features"].to(device), train["labels"].to(device).long()
+        rgb = train["rgb"].to(device) if head.config.rgb_skip else None
     stopped_early = False
     for epoch in range(state.epoch + 1, epochs + 1):
         if state.stale >= opts.patience:
             stopped_early = True
             break
-        loss = _train_epoch(head, optim, feats, labels, rgb, weight, opts.batch_pixels, seed, epoch, device)
-        val_loss, conf = evaluate_pixels(head, val if val is not None else train, k, device, weight,
-                                         opts.rgb_skip, adj_dev)
+        if maps:
+            loss = _train_epoch_maps(head, optim, train, opts.pixels_per_tile, k, weight, seed, epoch, device)
+            val_loss, conf = evaluate_maps(head, scored, k, device, weight, adj_dev, picks)
+        else:
+            loss = _train_epoch(head, optim, feats, labels, rgb, weight, opts.batch_pixels, seed, epoch, device)
+            val_loss, conf = evaluate_pixels(head, val if val is not None else train, k, device, weight,
+                                             head.config.rgb_skip, adj_dev)
+        if not math.isfinite(loss):
+            raise PdsegError(f"training stopped at epoch {epoch}: the loss is {loss} (not a finite number), so the "
+                             "head learns nothing; check --class-weights and the learning rate, then train again")
         sc = scores(conf, class_names)
         row = epoch_row(epoch, loss, val_loss if val is not None else None, sc)
         state.history.append(row)

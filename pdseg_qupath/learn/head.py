@@ -1,6 +1,6 @@
-"""The segmentation head: PathSegDiff's "simple fully convolutional network" on frozen LDM features.
+"""The segmentation heads on frozen LDM features: ``pixel`` (PathSegDiff's 1x1 FCN) and ``context``.
 
-Exact layers (C = feature channels, K = classes, s = feature stride, 4 for VQ-f4)::
+The ``pixel`` head's exact layers (C = feature channels, K = classes, s = feature stride, 4 for VQ-f4)::
 
     x  = (features - mean) / std                      per-channel standardisation (fixed buffers)
     h1 = Conv1x1(C -> hidden[0])(x)                    at feature resolution (H/s x W/s)
@@ -16,6 +16,18 @@ upsample is exactly the same as applying it to features upsampled to full resolu
 hidden[0] instead of C channels at full resolution (64 vs 2112 for the paper's backbone). That identity
 is what lets training use features *sampled at labelled pixels* (:meth:`FCNHead.forward_pixels`) while
 prediction runs the head densely on whole tiles (:meth:`FCNHead.forward`) with the same weights.
+
+The ``context`` head inserts residual dilated 3x3 convolutions at feature resolution, after ``proj``::
+
+    h1 = Conv1x1(C -> hidden[0])(x)
+    h1 = h1 + Conv3x3(dilation d)(ReLU(h1))            for d in dilations (default 1, 2, 4, 8)
+    ... then upsample, RGB skip (always on), ReLU, Dropout, Conv1x1, ReLU, Dropout, Conv1x1 as above.
+
+Tissue classes are decided by structure over hundreds of µm, not the colour of one pixel: with
+dilations 1, 2, 4, 8 each output pixel sees 1 + 2·15 = 31 feature pixels (124 px at stride 4, 124 µm at
+1 µm/px), while the RGB skip keeps the borders sharp. Everything after the upsample is still per
+pixel, so training computes the context maps of whole cached tiles at feature resolution and the rest
+only at sampled labelled pixels (:meth:`FCNHead.forward_at`), exactly as dense prediction would.
 """
 
 from __future__ import annotations
@@ -26,6 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+HEADS = ("pixel", "context")
+"""``pixel``: the 1x1 FCN (a per-pixel classifier). ``context``: dilated 3x3 blocks at feature resolution."""
+
+CONTEXT_DILATIONS = (1, 2, 4, 8)
+CONTEXT_HIDDEN = (32, 32)
+"""The context head's widths: its four 3x3 blocks at 32 channels cost ~50 MFLOP per 64x64 feature map."""
+
 
 @dataclass(frozen=True)
 class HeadConfig:
@@ -35,21 +54,46 @@ class HeadConfig:
     dropout: float = 0.1
     stride: int = 4
     rgb_skip: bool = False
+    kind: str = "pixel"
+    dilations: tuple[int, ...] = ()
+    """Dilations of the context blocks (empty for the pixel head)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEADS:
+            raise ValueError(f"head {self.kind!r}: use one of {', '.join(HEADS)}")
+        if (self.kind == "context") != bool(self.dilations):
+            raise ValueError("a context head needs dilations, a pixel head none")
+
+    @classmethod
+    def build(cls, kind: str, in_channels: int, n_classes: int, **kw) -> HeadConfig:
+        """A config of head ``kind``: the context head gets its dilations and always fuses RGB."""
+        if kind == "context":
+            kw = {**kw, "rgb_skip": True, "dilations": tuple(kw.get("dilations") or CONTEXT_DILATIONS)}
+        if kw.get("hidden") is None:
+            kw["hidden"] = CONTEXT_HIDDEN if kind == "context" else (64, 32)
+        return cls(in_channels, n_classes, kind=kind, **kw)
+
+    @property
+    def receptive_field(self) -> int:
+        """Width in pixels of the window one output pixel depends on (the bilinear upsample adds ~1 stride)."""
+        return self.stride * (1 + 2 * sum(self.dilations))
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
+        d["dilations"] = list(self.dilations)
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "HeadConfig":
+    def from_json(cls, d: dict) -> HeadConfig:
         d = dict(d)
         d["hidden"] = tuple(int(h) for h in d.get("hidden", (64, 32)))
+        d["dilations"] = tuple(int(x) for x in d.get("dilations", ()))
         return cls(**d)
 
 
 class FCNHead(nn.Module):
-    """Per-pixel classifier on LDM features; see the module docstring for its layers."""
+    """The pixel or context head on LDM features; see the module docstring for its layers."""
 
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
@@ -58,6 +102,7 @@ class FCNHead(nn.Module):
         self.register_buffer("mean", torch.zeros(c))
         self.register_buffer("std", torch.ones(c))
         self.proj = nn.Conv2d(c, h1, 1)
+        self.context = nn.ModuleList(nn.Conv2d(h1, h1, 3, padding=d, dilation=d) for d in config.dilations)
         self.rgb = nn.Conv2d(3, h1, 1) if config.rgb_skip else None
         self.mid = nn.Conv2d(h1, h2, 1)
         self.out = nn.Conv2d(h2, k, 1)
@@ -77,20 +122,39 @@ class FCNHead(nn.Module):
         h = self.drop(F.relu(self.mid(h)))
         return self.out(h)
 
+    def feature_map(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, hidden[0], H/s, W/s): the first layer (and the context blocks) at feature resolution."""
+        x = (features - self.mean[:, None, None]) / self.std[:, None, None]
+        h = self.proj(x)
+        for conv in self.context:
+            h = h + conv(F.relu(h))
+        return h
+
     def forward(self, features: torch.Tensor, rgb: torch.Tensor | None = None) -> torch.Tensor:
         """Dense logits (B, K, H, W) at pixel resolution from features (B, C, H/s, W/s).
 
         ``rgb`` is the (B, 3, H, W) tile (0..255), used only by heads with ``rgb_skip``.
         """
-        x = (features - self.mean[:, None, None]) / self.std[:, None, None]
-        h = self.proj(x)
+        h = self.feature_map(features)
         s = self.config.stride
         if s != 1:
             h = F.interpolate(h, scale_factor=s, mode="bilinear", align_corners=False)
         return self._tail(h, rgb)
 
+    def forward_at(self, features: torch.Tensor, ys: list[torch.Tensor], xs: list[torch.Tensor],
+                   rgb: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (N, K) at pixels (ys[b], xs[b]) of tiles with features (B, C, H/s, W/s), concatenated
+        over b; ``rgb`` (N, 3) holds those pixels' colours. Equal to ``forward`` indexed there."""
+        h = self.feature_map(features)
+        picked = torch.cat([sample_features(h[b], ys[b], xs[b], self.config.stride) for b in range(len(h))])
+        rgb4 = rgb[:, :, None, None] if rgb is not None else None
+        return self._tail(picked[:, :, None, None], rgb4)[:, :, 0, 0]
+
     def forward_pixels(self, features: torch.Tensor, rgb: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (N, K) for N single pixels: features (N, C) already interpolated at those pixels."""
+        """Logits (N, K) for N single pixels: features (N, C) already interpolated at those pixels
+        (pixel head only: the context head needs whole maps, see :meth:`forward_at`)."""
+        if self.context:
+            raise ValueError("the context head needs whole feature maps (forward_at), not single pixels")
         x = (features - self.mean) / self.std
         h = self.proj(x[:, :, None, None])
         rgb4 = rgb[:, :, None, None] if rgb is not None else None

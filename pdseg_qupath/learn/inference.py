@@ -24,12 +24,14 @@ import torch
 from scipy import ndimage
 
 from pdseg_qupath.core.annotations import IGNORE, PDSEG_MARKER, Annotation, ClassMap
+from pdseg_qupath.core.geometry import polygonal_part
 from pdseg_qupath.core.grid import Window, grid_size
 from pdseg_qupath.core.raster import polygons
 from pdseg_qupath.core.tissue import TissueMap
 from pdseg_qupath.learn.options import PredictOptions
 from pdseg_qupath.learn.pipeline import count_tiles, run_region
 from pdseg_qupath.learn.predictor import Predictor
+from pdseg_qupath.learn.review import ReviewGrid
 from pdseg_qupath.learn.stitch import Strip
 
 AREA_MEASUREMENT = "pdseg: area µm^2"
@@ -97,6 +99,8 @@ class ImagePrediction:
     """Predicted area of each class in mm², before ``min_area_um2`` filtering."""
     stage_seconds: dict[str, float] = field(default_factory=dict)
     """Busy seconds per pipeline stage (see :func:`pdseg_qupath.learn.pipeline.run_region`)."""
+    review: list[Annotation] = field(default_factory=list)
+    """With ``review``: the ranked ``Review*`` regions, then the uncertainty map (detections)."""
 
 
 # ---------------------------------------------------------------------------------------- objects
@@ -192,6 +196,7 @@ def _objects(pieces: list, model: Any, slide: Any, opts: PredictOptions) -> tupl
     px_um2 = model.io.mpp**2
     min_px = opts.min_area_um2 / px_um2 if opts.min_area_um2 > 0 else 0.0
     tol = opts.simplify * model.io.mpp / slide.mpp  # work px → level-0 px
+    bounds = shapely.box(0, 0, slide.width, slide.height)  # the last work pixel may reach past the image edge
     anns: list[Annotation] = []
     per_class = {i: [0, 0, 0.0] for i in range(len(cmap))}  # objects, pixels, prob sum (kept objects)
     pieces.sort(key=lambda p: (p.cls, -p.pixels))
@@ -200,7 +205,9 @@ def _objects(pieces: list, model: Any, slide: Any, opts: PredictOptions) -> tupl
         if p.pixels < min_px:
             continue
         geom = shapely.simplify(p.geom, tol, preserve_topology=True) if tol > 0 else p.geom
-        if geom.is_empty:
+        if not bounds.contains(geom):
+            geom = polygonal_part(shapely.intersection(geom, bounds))
+        if geom is None or geom.is_empty:
             continue
         c = cmap.classes[p.cls]
         area = p.pixels * px_um2
@@ -267,7 +274,7 @@ def predict_image(
         region = Window(0, 0, *grid_size(slide.width, slide.height, d), d)
     rx, ry = region.x, region.y
     tile, k = model.io.tile, len(model.class_map)
-    messages: list[str] = []
+    messages: list[str] = list(getattr(slide, "notes", []))
     keep_fn, tissue = _tile_filter(slide, region, tile, opts, keep, messages)
     pin = predictor.device.startswith("cuda")
 
@@ -281,6 +288,7 @@ def predict_image(
     canvas = LabelCanvas(region.width, region.height, opts.overlay_max) if opts.canvas else None
     builder = ObjectBuilder(k, region.width, rx, ry, d, max(tile, BAND_PIXELS // max(1, region.width)))
     counts = np.zeros(k, dtype=np.int64)
+    review = ReviewGrid(region, max(4, round(opts.review_size_um / model.io.mpp))) if opts.review > 0 else None
     stages: dict[str, float] = {}
     n_tiles = [0]
 
@@ -297,6 +305,8 @@ def predict_image(
             strip_sink(region, strip)
         if canvas is not None:
             canvas.add_strip(strip.y, strip.labels)
+        if review is not None:
+            review.add(strip)
         if vectorize:
             builder.add(strip)
 
@@ -314,4 +324,6 @@ def predict_image(
     return ImagePrediction(slide.name, anns, areas, canvas, n_tiles[0], time.perf_counter() - t0, region,
                            messages, tissue_mm2=float(counts.sum() * px_mm2),
                            class_mm2={c.name: float(counts[i] * px_mm2) for i, c in enumerate(model.class_map.classes)},
-                           stage_seconds=stages)
+                           stage_seconds=stages,
+                           review=review.objects(opts.review, model.model_id, (slide.width, slide.height))
+                           if review is not None else [])

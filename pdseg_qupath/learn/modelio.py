@@ -110,7 +110,10 @@ def load_model(path: str | Path) -> SegModel:
         raise PdsegError(f"{meta_path}: cannot be read ({exc}); {retrain}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PdsegError(f"{meta_path}: not a pdseg model description (no \"format\": \"{FORMAT}\")")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise PdsegError(f"{meta_path}: \"format_version\" is {version!r}, not a whole number; {retrain}")
+    if version > FORMAT_VERSION:
         raise PdsegError(
             f"{meta_path}: written by a newer pdseg (format {meta.get('format_version')}); upgrade pdseg-qupath"
         )

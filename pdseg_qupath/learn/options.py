@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.slide import check_mpp
 from pdseg_qupath.learn.augment import AugmentConfig
 
 
@@ -31,12 +32,30 @@ class IOConfig:
     stride: int = 4
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp) and self.mpp > 0):
-            raise PdsegError(f"--mpp {self.mpp}: the work resolution must be a positive µm/px")
+        if isinstance(self.mpp, bool):
+            raise PdsegError(f"--mpp {self.mpp}: the work resolution must be a pixel size in µm/px")
+        check_mpp(self.mpp, "--mpp (the work resolution)")
         if self.stride < 1 or self.tile < self.stride or self.tile % self.stride:
             raise PdsegError(f"tile size {self.tile} px must be a positive multiple of the feature stride {self.stride}")
         if not 0 <= self.overlap < self.tile // 2:
             raise PdsegError(f"overlap {self.overlap} must be in [0, {self.tile // 2}) for {self.tile}-px tiles")
+
+    def resolution_problem(self, name: str, slide_mpp: float, width: int, height: int) -> str | None:
+        """Why a slide's pixel size looks wrong for this model (a typo in --image-mpp, say), or None.
+
+        Suspicious: an image coarser than the work resolution by more than 2× (it would be upscaled, and a
+        512-px PNG at --image-mpp 5 instead of 0.5 becomes hundreds of tiles), or finer by more than 8×.
+        """
+        ratio = slide_mpp / self.mpp
+        if 0.125 <= ratio <= 2.0:
+            return None
+        step = self.tile - 2 * self.overlap if self.tile > 2 * self.overlap else self.tile
+        w, h = width / self.downsample(slide_mpp), height / self.downsample(slide_mpp)
+        tiles = max(1, math.ceil(w / step)) * max(1, math.ceil(h / step))
+        how = "upscaled" if ratio > 1 else "downscaled"
+        return (f"{name}: {slide_mpp:g} µm/px is {ratio:.3g}× the model's {self.mpp:g} µm/px, so the image is {how} "
+                f"{max(ratio, 1 / ratio):.3g}× ({width}×{height} px → about {tiles} tiles). If that pixel size is a "
+                "typo (check --image-mpp), fix it; a slide really at that resolution needs a model trained near it")
 
     def downsample(self, slide_mpp: float) -> float:
         """Level-0 pixels per work pixel on a slide of ``slide_mpp`` µm/px."""
@@ -75,9 +94,16 @@ class TrainOptions:
     """Class-stratified sampling trains the head as if all classes were equally common. With this on,
     the logits are shifted by log(annotated share / sampled share) (logit adjustment for label shift),
     so predictions follow the class proportions of the annotations instead of over-calling rare classes."""
-    hidden: tuple[int, int] = (64, 32)
+    head: str = "pixel"
+    """``pixel`` (1x1 convolutions: a per-pixel classifier, trained on features at sampled pixels) or
+    ``context`` (dilated 3x3 blocks at feature resolution plus the RGB tile; trained on whole cached
+    feature maps, so ``cache_mb`` bounds the number of tile views)."""
+    hidden: tuple[int, int] | None = None
+    """Widths of the head's two hidden layers: (64, 32) for the pixel head, (32, 32) for the context head
+    (its 3x3 blocks run at hidden[0] channels: 32 keeps an epoch a few seconds on a CPU)."""
     dropout: float = 0.1
     rgb_skip: bool = False
+    """Give the pixel head the RGB tile beside the features (the context head always has it)."""
     t: int | Sequence[int] | None = None
     blocks: Sequence[int] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -85,6 +111,16 @@ class TrainOptions:
     keep_features: bool = False
     """Keep the feature cache in OUT/.pdseg-train after success: a rerun with other head options
     (epochs, learning rate, ...) then skips feature extraction."""
+
+    def __post_init__(self) -> None:
+        if self.head not in ("pixel", "context"):
+            raise PdsegError(f"--head {self.head!r}: use pixel or context")
+        _finite(self, cache_mb=(0, None), lr=(0, None), weight_decay=(0, None), dropout=(0, 1), val_fraction=(0, 1))
+        if self.class_weights is not None and not isinstance(self.class_weights, str):
+            w = list(self.class_weights)
+            if not all(_is_number(v) and math.isfinite(v) and v >= 0 for v in w) or not any(v > 0 for v in w):
+                raise PdsegError(f"--class-weights {','.join(map(str, w))}: each weight must be a finite number "
+                                 ">= 0, and not all 0")
 
     def io(self, mpp: float, backbone_tile: int, stride: int) -> IOConfig:
         """The tiles of this run: the backbone's tile size unless set, a quarter tile of overlap unless set."""
@@ -94,7 +130,7 @@ class TrainOptions:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["hidden"] = list(self.hidden)
+        d["hidden"] = list(self.hidden) if self.hidden is not None else None
         if d["blocks"] is not None:
             d["blocks"] = list(d["blocks"])
         if isinstance(d["t"], (list, tuple)):
@@ -128,8 +164,36 @@ class PredictOptions:
     """Tile-reading threads that run ahead of the backbone (0: read, infer and stitch in one thread)."""
     prefetch: int = 3
     """Batches in flight between the stages (bounds host memory)."""
+    review: int = 0
+    """Write the N least certain regions as ranked ``Review*`` annotations, and the uncertainty map as
+    detections (0: neither)."""
+    review_size_um: float = 128.0
+    """Side of a review region in µm (the uncertainty map's cells are a quarter of it)."""
+
+    def __post_init__(self) -> None:
+        if self.image_mpp is not None:
+            check_mpp(self.image_mpp, "--image-mpp")
+        if self.tissue_mpp is not None:
+            check_mpp(self.tissue_mpp, "tissue_mpp")
+        _finite(self, simplify=(0, None), min_area_um2=(0, None))
+        if self.batch_size < 1:
+            raise PdsegError(f"--batch-size {self.batch_size}: must be at least 1")
 
     @property
     def canvas(self) -> bool:
         """Whether a downsampled label map is kept while predicting (for an overlay or a class map)."""
         return self.overlay or self.classmap
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(opts: Any, **ranges: tuple[float | None, float | None]) -> None:
+    """Each named option a finite number in [low, high] (``None``: unbounded); else one clear line."""
+    for name, (low, high) in ranges.items():
+        v = getattr(opts, name)
+        if not _is_number(v) or not math.isfinite(v) or (low is not None and v < low) or (
+                high is not None and v > high):
+            bounds = f">= {low:g}" if high is None else f"from {low:g} to {high:g}"
+            raise PdsegError(f"{name.replace('_', '-')} {v!r}: expected a finite number {bounds}")

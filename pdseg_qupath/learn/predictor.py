@@ -15,9 +15,12 @@ from pdseg_qupath.learn.modelio import SegModel
 from pdseg_qupath.learn.runtime import BatchRunner, resolve_device
 
 
-def load_extractor(spec: str, device: str, t=None, blocks=None, seed: int = 0) -> tuple[Backbone, LDMFeatures]:
-    """(backbone, feature extractor) for a ``--backbone`` spec; t and blocks default to the backbone's."""
-    backbone = load_backbone(spec, device=device)
+def load_extractor(spec: str, device: str, t=None, blocks=None, seed: int = 0, *,
+                   allow_hub: bool = True) -> tuple[Backbone, LDMFeatures]:
+    """(backbone, feature extractor) for a ``--backbone`` spec; t and blocks default to the backbone's.
+
+    ``allow_hub=False`` for specs read from a file (a model's): those never make pdseg contact the hub."""
+    backbone = load_backbone(spec, device=device, allow_hub=allow_hub)
     kwargs = {}
     if t is not None:
         kwargs["t"] = t
@@ -37,8 +40,11 @@ class Predictor:
         if not spec:
             raise PdsegError(f"{model.path}: model.json names no backbone spec")
         f = model.features
-        bb, self.extractor = load_extractor(spec, self.device, t=f.get("t"), blocks=f.get("blocks"),
-                                            seed=int(f.get("seed", 0)))
+        try:
+            bb, self.extractor = load_extractor(spec, self.device, t=f.get("t"), blocks=f.get("blocks"),
+                                                seed=int(f.get("seed", 0)), allow_hub=False)
+        except PdsegError as e:
+            raise PdsegError(f"{model.path}: {e}") from None
         want, have = model.backbone.get("sha256"), getattr(bb, "sha256", None)
         if bool(model.backbone.get("random_weights")) != bool(bb.random_weights) or (want and want != have):
             raise PdsegError(

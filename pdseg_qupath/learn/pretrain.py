@@ -19,7 +19,7 @@ beside the output (``<out>.pretrain-state/``) and ``resume=True`` continues bit-
 from __future__ import annotations
 
 import copy
-import io
+import json
 import math
 import os
 import platform
@@ -38,11 +38,15 @@ from pdseg_qupath.backbone.model import Backbone
 from pdseg_qupath.backbone.spec import load_backbone
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
-from pdseg_qupath.core.fileio import atomic_write_bytes
+from pdseg_qupath.core.fileio import atomic_write_text, atomic_write_with, sha256_file
+from pdseg_qupath.core.slide import check_mpp
 from pdseg_qupath.learn.pretrain_data import TilePool, augment_batch
 from pdseg_qupath.learn.runtime import resolve_device
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.json"
+"""The resume state: plain values in JSON (written last, so it marks a complete state) and every tensor in
+``checkpoint.safetensors`` beside it; no pickle, so a planted state file can only be refused, never run."""
+TENSORS = "checkpoint.safetensors"
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 EMA_DECAY = 0.999
 GRAD_WEIGHT = 0.5  # weight of the gradient term next to L1; edges are what nuclei features need
@@ -95,8 +99,9 @@ def plan_run(sources: list[str], *, config: str | None, from_spec: str | None, m
     for name, v in (("--steps-ae", steps_ae), ("--steps-unet", steps_unet)):
         if v < 0:
             raise PdsegError(f"{name} must be 0 or more, got {v}")
-    if not (math.isfinite(mpp) and mpp > 0):
-        raise PdsegError(f"--mpp must be a positive pixel size in µm/px, got {mpp}")
+    check_mpp(mpp, "--mpp")
+    if image_mpp is not None:
+        check_mpp(image_mpp, "--image-mpp")
     dev = torch.device(resolve_device(device))
     start = load_backbone(from_spec) if from_spec else None
     if start is not None and config is not None and config != start.config.name:
@@ -170,17 +175,14 @@ class PretrainRun:
         self.gen.set_state(ck["gen"])
 
     def checkpoint(self, rng_state: tuple[Any, torch.Tensor] | None = None) -> None:
-        """Write the full state atomically: tensors and plain containers only, so that resuming can load
-        it with ``torch.load(weights_only=True)``."""
+        """Write the full state atomically: tensors to safetensors, then everything else to JSON."""
         rng, gen = rng_state or (self.rng.bit_generator.state, self.gen.get_state())
         ck = {"settings": self.s.as_dict(), "stage": self.stage, "step": self.step,
               "vq": self.vq.state_dict(), "unet": self.unet.state_dict(), "ema": self.ema.state_dict(),
               "opt": self.opt.state_dict() if self.opt else None,
               "lr": self.lr.state_dict() if self.lr else None,
               "rng": rng, "gen": gen, "hist": self.hist, "info": self.info, "pdseg_version": __version__}
-        buf = io.BytesIO()
-        torch.save(ck, buf)
-        atomic_write_bytes(self.state_dir / CHECKPOINT, buf.getvalue())
+        save_state(self.state_dir, ck)
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> None:
@@ -403,14 +405,69 @@ def check_crops(s: _Settings, cfg: Any, tile: int) -> None:
         raise PdsegError("--batch-size and the pool size must be at least 1")
 
 
+def save_state(state_dir: Path, ck: dict[str, Any]) -> None:
+    """``ck`` (tensors, dicts, lists, numbers, text) as ``TENSORS`` plus ``CHECKPOINT``, each atomically.
+
+    Every tensor leaf is stored in safetensors under its path (``vq/encoder.conv_in.weight``,
+    ``opt/state/3/exp_avg``); the JSON holds the rest, with ``{"__tensor__": path}`` where a tensor was and
+    ``{"__int_keys__": {...}}`` for dicts with integer keys (the optimizer's), plus the tensors' sha256.
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def plain(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors[path] = x.detach().cpu().contiguous().clone()
+            return {"__tensor__": path}
+        if isinstance(x, dict):
+            items = {str(k): plain(v, f"{path}/{k}") for k, v in x.items()}
+            return {"__int_keys__": items} if x and all(isinstance(k, int) for k in x) else items
+        if isinstance(x, (list, tuple)):
+            return [plain(v, f"{path}/{i}") for i, v in enumerate(x)]
+        return x
+
+    body = plain(ck, "")
+    atomic_write_with(state_dir / TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_text(state_dir / CHECKPOINT, json.dumps({"state": body, "tensors_sha256": sha256_file(
+        state_dir / TENSORS)}))
+
+
 def load_checkpoint(path: Path, settings: _Settings) -> dict[str, Any]:
-    """The state of an interrupted run, if it was made with the same settings."""
+    """The state of an interrupted run (``path``: its ``CHECKPOINT``), if it was made with the same settings.
+    Only JSON and safetensors are read: nothing in them can run code."""
+    from safetensors.torch import load_file
+
+    tensors_path = path.with_name(TENSORS)
+    again = f"delete {path.parent} to start again"
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PdsegError(f"{path}: unreadable checkpoint ({e}); delete it to start again") from None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("state"), dict):
+            raise ValueError("not a pdseg pretraining state")
+        if sha256_file(tensors_path) != meta.get("tensors_sha256"):
+            raise ValueError(f"{TENSORS} does not belong to it (sha256 differs)")
+        tensors = load_file(str(tensors_path))
+    except Exception as e:  # noqa: BLE001 - any unreadable state is the same user error
+        raise PdsegError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); {again}") from None
+
+    def restore(x: Any) -> Any:
+        if isinstance(x, dict):
+            if set(x) == {"__tensor__"}:
+                return tensors[x["__tensor__"]]
+            if set(x) == {"__int_keys__"}:
+                return {int(k): restore(v) for k, v in x["__int_keys__"].items()}
+            return {k: restore(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [restore(v) for v in x]
+        return x
+
+    try:
+        ck = restore(meta["state"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise PdsegError(f"{path}: incomplete checkpoint ({e!r}); {again}") from None
     old = ck.get("settings", {})
-    changed = {k: (old.get(k), v) for k, v in settings.as_dict().items() if old.get(k) != v}
+    now = json.loads(json.dumps(settings.as_dict()))
+    changed = {k: (old.get(k), v) for k, v in now.items() if old.get(k) != v}
     if changed:
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise PdsegError(f"{path}: --resume with different settings ({diff}); use the original "
@@ -420,6 +477,7 @@ def load_checkpoint(path: Path, settings: _Settings) -> dict[str, Any]:
 
 def remove_state(state_dir: Path) -> None:
     (state_dir / CHECKPOINT).unlink(missing_ok=True)
+    (state_dir / TENSORS).unlink(missing_ok=True)
     try:
         state_dir.rmdir()
     except OSError:

@@ -21,14 +21,15 @@ import torch
 
 from pdseg_qupath import __version__
 from pdseg_qupath.core.annotations import ClassMap
-from pdseg_qupath.core.fileio import atomic_write_bytes
+from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.fileio import atomic_write_bytes, refuse_symlink
 from pdseg_qupath.learn.data import TrainingImage
 from pdseg_qupath.learn.options import TrainOptions
 
 RESUME_DIR = ".pdseg-train"
 
 FEATURE_OPTIONS = ("tile_size", "tiles_per_class", "views", "pixels_per_tile", "cache_mb", "val_fraction",
-                   "max_val_tiles", "t", "blocks", "augment")
+                   "max_val_tiles", "t", "blocks", "augment", "head")
 """Options that change the cached features; the others (head, optimiser, epochs) only the checkpoint."""
 RESTART_OPTIONS = ("lr", "weight_decay", "batch_pixels", "class_weights", "hidden", "dropout", "rgb_skip",
                    "prior_correction")
@@ -65,11 +66,17 @@ class Resume:
         feat, head = fingerprints[0][:16], fingerprints[1][:16]
         self.features_dir = self.dir / f"features-{feat}"
         self.checkpoint = self.dir / f"checkpoint-{head}.pt"
-        self.resumed = enabled and (self.features_dir.is_dir() or self.checkpoint.is_file())
+        refuse_symlink(self.dir, "train's work folder")
+        refuse_symlink(self.features_dir, "train's feature cache")
+        if self.dir.exists() and not self.dir.is_dir():
+            raise PdsegError(f"{self.dir}: is not a folder; pdseg keeps an interrupted run's state there. "
+                             "Move it away, or choose another --out")
+        self.resumed = enabled and (_own(self.features_dir) or _own(self.checkpoint))
         if self.dir.exists():
-            stale = [p for p in self.dir.iterdir() if p not in (self.features_dir, self.checkpoint)]
+            # Only what pdseg writes here is ever deleted: features-<fp>/ folders and checkpoint-<fp>.pt files.
+            stale = [p for p in self.dir.iterdir() if _own(p) and p not in (self.features_dir, self.checkpoint)]
             if not enabled:
-                stale = list(self.dir.iterdir())
+                stale = [p for p in self.dir.iterdir() if _own(p)]
             for p in stale:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             if stale and enabled:
@@ -98,5 +105,20 @@ class Resume:
     def finish(self, keep_features: bool) -> None:
         """After a completed run: drop the checkpoint; keep the features only if asked (for tuning)."""
         self.checkpoint.unlink(missing_ok=True)
-        if not keep_features:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep_features and self.dir.is_dir() and not self.dir.is_symlink():
+            for p in self.dir.iterdir():
+                if _own(p):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            try:
+                self.dir.rmdir()  # only once empty: anything else in it is not pdseg's
+            except OSError:
+                pass
+
+
+def _own(p: Path) -> bool:
+    """Whether ``p`` is something :class:`Resume` writes (a real folder or file, never a link)."""
+    if p.is_symlink():
+        return False
+    if p.name.startswith("features-"):
+        return p.is_dir()
+    return p.name.startswith("checkpoint-") and p.name.endswith(".pt") and p.is_file()

@@ -29,11 +29,24 @@ class Tile:
     y: int
 
 
+def image_classes(image: TrainingImage) -> set[str]:
+    """The classes drawn (with an area) on one image."""
+    return {a.classification for a in image.annotations
+            if a.classification and not a.is_ignore and a.geometry.area > 0}
+
+
 def split_images(
     images: list[TrainingImage], val_images: Sequence[str] | None, fraction: float, rng: np.random.Generator
 ) -> tuple[list[int], list[int]]:
     """Train and validation image indices: the user's choice, else ~``fraction`` of images (≥ 1) when
-    at least 2 are annotated, else no image split."""
+    at least 2 are annotated, else no image split.
+
+    The automatic split is stratified by class: an image goes to validation only if every class on it
+    stays on some training image, and the rarest classes (on the fewest images) are given a validation
+    image first, so that validation sees each class that two or more images carry; the other validation
+    images are those whose classes training has most of. With few images a plain random split can hold
+    out most of a rare class and early-stop on a handful of its pixels. When no image can be held out
+    without taking a class out of training, there is no image split (validation falls back to tiles)."""
     names = [im.record.name for im in images]
     if val_images:
         unknown = [v for v in val_images if v not in names]
@@ -47,8 +60,32 @@ def split_images(
     if len(images) < 2:
         return list(range(len(images))), []
     n_val = max(1, int(round(fraction * len(images))))
-    order = rng.permutation(len(images))
-    val = sorted(int(i) for i in order[:n_val])
+    order = [int(i) for i in rng.permutation(len(images))]
+    classes = [image_classes(im) for im in images]
+    held: list[int] = []
+
+    def can_hold(i: int) -> bool:  # every class of image i stays on a training image
+        return i not in held and all(any(c in classes[j] for j in order if j != i and j not in held)
+                                     for c in classes[i])
+
+    carriers = {c: [i for i in order if c in classes[i]] for c in set().union(*classes)}
+    for c in sorted(carriers, key=lambda c: (len(carriers[c]), c)):  # rarest classes first
+        if len(held) >= n_val or any(c in classes[i] for i in held):
+            continue
+        pick = next((i for i in carriers[c] if can_hold(i)), None)
+        if pick is not None:
+            held.append(pick)
+    while len(held) < n_val:  # fill up, taking first the images whose classes training has most of
+        def spare(i: int) -> int:
+            return min((sum(1 for j in carriers[c] if j not in held) for c in classes[i]), default=0)
+
+        candidates = [i for i in order if can_hold(i)]
+        if not candidates:
+            break
+        held.append(max(candidates, key=spare))  # max keeps the first (random) of equals
+    if not held:  # no image can be held out without taking a class out of training
+        return list(range(len(images))), []
+    val = sorted(held)
     return [i for i in range(len(images)) if i not in set(val)], val
 
 

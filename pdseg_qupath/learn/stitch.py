@@ -48,12 +48,14 @@ def tile_starts(length: int, tile: int, step: int, offset: int = 0) -> list[int]
 
 @dataclass
 class Strip:
-    """Final rows ``[y, y + labels.shape[0])`` of the region: labels (uint8, 255 = no prediction) and the
-    softmax probability of each pixel's label (float32, 0 where there is none)."""
+    """Final rows ``[y, y + labels.shape[0])`` of the region: labels (uint8, 255 = no prediction), the
+    softmax probability of each pixel's label (float32, 0 where there is none) and the margin between
+    the two most probable classes (float32, 1 = certain, 0 = a tie; 1 where there is no prediction)."""
 
     y: int
     labels: np.ndarray
     prob: np.ndarray
+    margin: np.ndarray | None = None
 
     @property
     def height(self) -> int:
@@ -136,8 +138,11 @@ def _finalize(acc: np.ndarray, wsum: np.ndarray, y: int) -> Strip:
     logits = acc / np.where(covered, wsum, 1.0)
     m = logits.max(axis=0)
     e = np.exp(logits - m)
-    prob = 1.0 / e.sum(axis=0)  # softmax probability of the arg-max class
+    total = e.sum(axis=0)
+    prob = 1.0 / total  # softmax probability of the arg-max class
+    second = np.partition(e, -2, axis=0)[-2] if e.shape[0] > 1 else np.zeros_like(total)
+    margin = np.where(covered, prob - second / total, 1.0).astype(np.float32)
     labels = logits.argmax(axis=0).astype(np.uint8)
     labels[~covered] = IGNORE
     prob = np.where(covered, prob, 0.0).astype(np.float32)
-    return Strip(y, labels, prob)
+    return Strip(y, labels, prob, margin)

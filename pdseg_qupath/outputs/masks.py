@@ -60,6 +60,10 @@ def tile_region(window: Window, slide_size: tuple[int, int]) -> tuple[int, int, 
     return x0, y0, x1 - x0, y1 - y0
 
 
+TILE_SUFFIX_MAX = " [d=1234.5678,x=1234567,y=1234567,w=12345,h=12345].png"
+"""As long as the part :func:`tile_name` adds to an image's base name gets (for the name-length check)."""
+
+
 def tile_name(base: str, window: Window, slide_size: tuple[int, int]) -> str:
     """QuPath TileExporter's file name for a tile: ``<base> [d=..,x=..,y=..,w=..,h=..].png``."""
     x, y, w, h = tile_region(window, slide_size)

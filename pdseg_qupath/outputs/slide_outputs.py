@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pdseg_qupath.core.annotations import ClassMap
+from pdseg_qupath.core.annotations import ClassMap, stamped
 from pdseg_qupath.core.fileio import atomic_write_bytes
 from pdseg_qupath.core.names import output_name
 from pdseg_qupath.learn.inference import ImagePrediction
 from pdseg_qupath.learn.options import PredictOptions
 from pdseg_qupath.outputs.overlay import render_overlay
-from pdseg_qupath.sources.qupath.geojson import write_geojson
+from pdseg_qupath.sources.qupath.geojson import read_pdseg_member, write_geojson
 
 
 @dataclass
@@ -43,8 +43,12 @@ def geojson_path(out_dir: str | Path, image_name: str) -> Path:
 
 
 def write_slide_outputs(out_dir: str | Path, image_name: str, pred: ImagePrediction, slide: Any,
-                        class_map: ClassMap, opts: PredictOptions, *, title: str) -> SlideOutputs:
-    """Write the files of one predicted slide (``slide`` must still be open: overlays read it)."""
+                        class_map: ClassMap, opts: PredictOptions, *, title: str,
+                        model_id: str | None = None) -> SlideOutputs:
+    """Write the files of one predicted slide (``slide`` must still be open: overlays read it).
+
+    ``model_id`` is recorded inside the GeoJSON (top-level ``"pdseg"`` member), so a resumed batch can tell
+    whose predictions a file holds (:func:`geojson_model_id`)."""
     out = Path(out_dir)
     done = SlideOutputs(geojson_path(out, image_name))
     if pred.canvas is not None and opts.classmap:
@@ -52,8 +56,16 @@ def write_slide_outputs(out_dir: str | Path, image_name: str, pred: ImagePredict
     if pred.canvas is not None and opts.overlay:
         done.overlay = render_overlay(pred.canvas.background(slide, pred.region), pred.canvas.labels, class_map,
                                       out / output_name(image_name, ".overlay.png"), title=title)
-    write_geojson(done.geojson, pred.annotations)
+    # stamped: marked and fingerprinted, so that corrections made in QuPath after import are told apart
+    write_geojson(done.geojson, [stamped(a) for a in (*pred.annotations, *pred.review)],
+                  {"model_id": model_id} if model_id else None)
     return done
+
+
+def geojson_model_id(path: str | Path) -> str | None:
+    """The model id recorded in a predictions GeoJSON pdseg wrote, or None."""
+    mid = read_pdseg_member(Path(path)).get("model_id")
+    return mid if isinstance(mid, str) else None
 
 
 def write_classmap_png(path: Path, labels: np.ndarray, class_map: ClassMap) -> Path:

@@ -1,11 +1,16 @@
 """Tables written as files: ``areas.csv`` (predicted area per image and class) and a cohort's
 ``summary.csv`` (one row per slide: status, area per class and of tissue in mm², tiles, seconds, model id,
-error), both written atomically."""
+error), both written atomically.
+
+Cells are data, never formulas: a text cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage
+return (a class or slide name typed by a user) gets a leading ``'`` so that a spreadsheet shows it as text;
+a cell that already starts with ``'`` gets one more, so reading the table back is exact."""
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,13 +24,31 @@ BASE_FIELDS = ["slide", "status", "tissue_mm2"]
 TAIL_FIELDS = ["objects", "tiles", "seconds", "model_id", "device", "error", "path"]
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+_NUMBER = re.compile(r"-?\d+(\.\d*)?([eE][-+]?\d+)?")
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` as a spreadsheet shows it as text: a leading ``'`` before a formula-like start."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def _uncell(value: Any) -> Any:
+    """The inverse of :func:`csv_cell` (for reading a table pdseg wrote)."""
+    if isinstance(value, str) and value.startswith("'") and value[1:].startswith(_FORMULA_START):
+        return value[1:]
+    return value
+
+
 def write_areas_csv(rows: Sequence[AreaRow], path: str | Path) -> Path:
     """image, class, area_mm2, objects, mean_probability: one line per image and class."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["image", "class", "area_mm2", "objects", "mean_probability"])
     for r in rows:
-        w.writerow([r.image, r.class_name, f"{r.area_mm2:.6f}", r.objects,
+        w.writerow([csv_cell(r.image), csv_cell(r.class_name), f"{r.area_mm2:.6f}", r.objects,
                     "" if r.mean_probability is None else f"{r.mean_probability:.4f}"])
     p = Path(path)
     atomic_write_bytes(p, buf.getvalue().encode("utf-8"))
@@ -42,13 +65,15 @@ class Summary:
         if self.path.exists():
             try:
                 with open(self.path, newline="", encoding="utf-8") as f:
-                    reader = csv.DictReader(f)
-                    for name in reader.fieldnames or []:
+                    reader = csv.reader(f)
+                    header = [_uncell(h) for h in next(reader, [])]
+                    for name in header:
                         if name not in self.fields:
                             self.fields.insert(len(self.fields) - len(TAIL_FIELDS), name)
-                    for r in reader:
+                    for cells in reader:
+                        r = {k: _uncell(v) for k, v in zip(header, cells)}
                         if r.get("slide"):
-                            self.rows[r["slide"]] = dict(r)
+                            self.rows[r["slide"]] = r
             except (OSError, csv.Error, UnicodeDecodeError) as e:
                 raise PdsegError(f"{self.path}: cannot read the summary of the earlier run ({e}); "
                                  "move it away to start afresh") from None
@@ -67,8 +92,8 @@ class Summary:
 
     def write(self) -> None:
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=self.fields, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow([csv_cell(k) for k in self.fields])
         for r in self.rows.values():
-            w.writerow({k: r.get(k, "") for k in self.fields})
+            w.writerow([csv_cell(r.get(k, "")) for k in self.fields])
         atomic_write_bytes(self.path, buf.getvalue().encode("utf-8"))

@@ -76,3 +76,15 @@ def select_images(records: Sequence[ImageRecord], names: Sequence[str] | None) -
         raise PdsegError(f"image(s) {missing} not in the source; it has {sorted(known)}")
     wanted = set(names)
     return [r for r in records if r.name in wanted]
+
+
+def require_pixel_sizes(records: Sequence[ImageRecord], image_mpp: float | None) -> None:
+    """The one message, in every command, for images that record no pixel size when ``--image-mpp`` is missing."""
+    if image_mpp is not None:
+        return
+    missing = [r.name for r in records if not r.error and r.mpp is None]
+    if missing:
+        more = ", …" if len(missing) > 3 else ""
+        raise PdsegError(f"{len(missing)} image(s) record no pixel size in µm ({', '.join(missing[:3])}{more}): pass "
+                         "their resolution with --image-mpp (for example --image-mpp 0.5 for 20x); pdseg never "
+                         "guesses one")

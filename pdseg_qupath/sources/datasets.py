@@ -74,6 +74,12 @@ class MaskDataset:
         self._lut = lut
 
     @property
+    def mpp(self) -> float:
+        """The data set's own pixel size in µm/px (the most common one among its images)."""
+        values = [m for _i, _m, m in self._pairs.values()]
+        return max(set(values), key=values.count)
+
+    @property
     def notes(self) -> list[str]:
         """What a report must state about this data set (the class merge)."""
         return [self.note]

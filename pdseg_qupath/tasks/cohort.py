@@ -32,13 +32,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events, Step
-from pdseg_qupath.core.names import output_name
+from pdseg_qupath.core.fileio import open_no_follow
+from pdseg_qupath.core.names import check_name_length, check_unique, output_name
 from pdseg_qupath.learn.modelio import load_model
 from pdseg_qupath.learn.options import PredictOptions
-from pdseg_qupath.learn.runtime import parse_devices
-from pdseg_qupath.outputs.slide_outputs import geojson_path
+from pdseg_qupath.learn.runtime import die_with_parent, parse_devices
+from pdseg_qupath.outputs.slide_outputs import geojson_model_id, geojson_path
 from pdseg_qupath.outputs.tables import Summary
-from pdseg_qupath.sources.base import ImageRecord
+from pdseg_qupath.sources.base import ImageRecord, require_pixel_sizes
 from pdseg_qupath.sources.inputs import expand_inputs
 from pdseg_qupath.tasks.predict import open_predictor, predict_job
 
@@ -80,6 +81,10 @@ class CohortProgress:
         self.tile_step.advance(n)
         self._describe()
 
+    def slide_total(self, n: int) -> None:
+        """The tiles of the slide in flight (one device): its bar gets a total and an ETA."""
+        self.tile_step.set_total(n, done=0)
+
     def slide_done(self, who: str) -> None:
         self.current.pop(who, None)
         self.slides.advance(1)
@@ -99,14 +104,7 @@ def collect_slides(inputs: Sequence[str | Path]) -> list[ImageRecord]:
     """The slides of ``inputs`` (:func:`~pdseg_qupath.sources.inputs.expand_inputs`); two slides whose
     outputs would share a file name are an error."""
     jobs = expand_inputs(inputs)
-    names: dict[str, list[str]] = {}
-    for j in jobs:
-        names.setdefault(output_name(j.name, ""), []).append(str(j.path or j.uri))
-    clash = {n: ps for n, ps in names.items() if len(ps) > 1}
-    if clash:
-        n, ps = next(iter(clash.items()))
-        raise PdsegError(f"two slides share the output name {n!r} ({ps[0]} and {ps[1]}); "
-                         "predict them into different --out folders")
+    check_unique([(str(j.path or j.uri), output_name(j.name, "")) for j in jobs])
     return jobs
 
 
@@ -118,7 +116,7 @@ def _run_lock(out_dir: Path) -> Iterator[None]:
     except ImportError:  # Windows: no lock
         yield
         return
-    f = open(out_dir / ".pdseg-run.lock", "w")
+    f = os.fdopen(open_no_follow(out_dir / ".pdseg-run.lock"), "w")
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -155,6 +153,11 @@ def predict_cohort(
         raise PdsegError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     # 1. The slides and the model.
     jobs = collect_slides(inputs)
+    if not jobs:
+        raise PdsegError(f"no slides found in {', '.join(map(str, inputs))}")
+    _check_pixel_sizes(jobs, opts.image_mpp)
+    for j in jobs:  # before any work: a name too long to write fails now, not after predicting the slide
+        check_name_length(j.name, output_name(j.name, _longest_suffix(opts)), str(out))
     m = load_model(model)
     model_path = str(Path(m.path or model).absolute())
     t0 = time.perf_counter()
@@ -185,7 +188,8 @@ def _resume(jobs: list[ImageRecord], summary: Summary, model_id: str, out: Path,
     """The slides still to do; those done by this model earlier are marked ``skipped`` in ``rows``."""
     todo = []
     for job in jobs:
-        if not force and summary.is_done(job.name, model_id, geojson_path(out, job.name)):
+        gj = geojson_path(out, job.name)
+        if not force and summary.is_done(job.name, model_id, gj) and geojson_model_id(gj) == model_id:
             row = dict(summary.rows[job.name], status="skipped")
             summary.rows[job.name] = row
             rows.append(row)
@@ -195,6 +199,28 @@ def _resume(jobs: list[ImageRecord], summary: Summary, model_id: str, out: Path,
     if rows:
         events.message(f"{len(rows)} slide(s) already done for model {model_id[:8]}: skipped (--force redoes them)")
     return todo
+
+
+def _check_pixel_sizes(jobs: list[ImageRecord], image_mpp: float | None) -> None:
+    """Without --image-mpp, every slide must record its pixel size: one message before any work, not one
+    failure per slide."""
+    if image_mpp is not None:
+        return
+    from pdseg_qupath.core.slide import probe
+
+    readable = []
+    for j in jobs:
+        if j.mpp is None and j.path is not None and not j.error:
+            try:
+                j.mpp = probe(j.path)[2]
+            except Exception:  # noqa: BLE001 - an unreadable slide is reported when it is predicted
+                continue
+        readable.append(j)
+    require_pixel_sizes(readable, None)
+
+
+def _longest_suffix(opts: PredictOptions) -> str:
+    return ".overlay.png" if opts.overlay or opts.classmap else ".geojson"
 
 
 def _run(todo: list[ImageRecord], m: Any, model_path: str, out: Path, opts: PredictOptions, devices: Any,
@@ -210,7 +236,7 @@ def _run(todo: list[ImageRecord], m: Any, model_path: str, out: Path, opts: Pred
             predictor = open_predictor(m, devs[0], opts.batch_size, events)
             for job in todo:
                 prog.start("main", job.name)
-                record(predict_job(job, predictor, out, opts, on_tiles=prog.add_tiles))
+                record(predict_job(job, predictor, out, opts, on_tiles=prog.add_tiles, on_total=prog.slide_total))
                 prog.slide_done("main")
         return "local", devs
     if todo:
@@ -222,8 +248,11 @@ def _run(todo: list[ImageRecord], m: Any, model_path: str, out: Path, opts: Pred
 
 
 def _device_worker(wid: int, device: str, model_path: str, out_dir: str, opts: dict, threads: int,
-                   jobs, results) -> None:
-    """Worker process: load the model on ``device``, then take slides from the shared queue until None."""
+                   jobs, results, parent_pid: int | None = None) -> None:
+    """Worker process: load the model on ``device``, then take slides from the shared queue until None.
+    It dies with the coordinator (``parent_pid``), so nothing is written once the run lock is gone."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     try:
         import torch
 
@@ -261,7 +290,7 @@ def _run_processes(todo: list[ImageRecord], model_path: str, devices: list[str],
     for wid, dev in enumerate(devices):
         jobs.put(None)
         p = ctx.Process(target=_device_worker, args=(wid, dev, model_path, str(out), asdict(opts), threads,
-                                                     jobs, results), daemon=True)
+                                                     jobs, results, os.getpid()), daemon=True)
         p.start()
         procs.append(p)
     try:

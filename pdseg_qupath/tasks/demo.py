@@ -141,6 +141,7 @@ def run_demo(
     events.section("3/3 evaluate on the validation polygons")
     t = time.perf_counter()
     metrics = evaluate(open_source(val), out / "model", out / "evaluation", device=dev, events=events,
+                       include_training=True,  # same slide, but polygons drawn apart from the training ones
                        notes=["validation polygons drawn separately from the training ones"])
     timings["evaluate_s"] = time.perf_counter() - t
 

@@ -15,6 +15,15 @@ The steps of :func:`evaluate`:
      disagreements show at a glance.
 
 Annotation classes the model does not know are not scored; they are counted and named in the report.
+
+Two rules keep the scores honest:
+
+- **Held-out images.** Images the model was trained on (``training.train_images`` in its model.json) are
+  left out, with a warning, unless ``include_training`` (then the report says the scores are optimistic).
+- **The tissue ``predict`` sees.** ``predict`` writes objects only where it detects tissue, so the main
+  scores count annotated pixels inside the same tissue mask; annotated pixels on glass are scored
+  separately (``all_annotated``) and their share is reported, since they never become objects.
+  pdseg's own untouched predictions are never ground truth (see :func:`~pdseg_qupath.learn.data.label_objects`).
 """
 
 from __future__ import annotations
@@ -35,13 +44,15 @@ from pdseg_qupath.core.metrics import Confusion, scores
 from pdseg_qupath.core.names import output_name
 from pdseg_qupath.core.raster import AnnotationIndex
 from pdseg_qupath.core.slide import open_slide
+from pdseg_qupath.core.tissue import TissueMap
+from pdseg_qupath.learn.data import label_objects
 from pdseg_qupath.learn.inference import LabelCanvas, predict_image
 from pdseg_qupath.learn.modelio import SegModel
 from pdseg_qupath.learn.options import PredictOptions
 from pdseg_qupath.learn.predictor import Predictor
 from pdseg_qupath.outputs.overlay import render_overlay
 from pdseg_qupath.outputs.plots import write_confusion_png
-from pdseg_qupath.sources.base import AnnotationSource, ImageRecord, select_images
+from pdseg_qupath.sources.base import AnnotationSource, ImageRecord, require_pixel_sizes, select_images
 from pdseg_qupath.tasks.predict import open_predictor
 
 
@@ -50,6 +61,10 @@ class _Tally:
     """What the images added up to."""
 
     total: Confusion
+    everywhere: Confusion
+    """Every annotated pixel, tissue or glass (what the main scores leave out on glass)."""
+    tissue_only: bool = True
+    tissue_mpp: float | None = None
     per_image: dict[str, dict] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     unknown: dict[str, int] = field(default_factory=dict)
@@ -67,19 +82,43 @@ def evaluate(
     image_mpp: float | None = None,
     overlays: bool = True,
     notes: Sequence[str] = (),
+    include_training: bool = False,
+    tissue_only: bool = True,
     events: Events = SILENT,
 ) -> dict:
-    """Score ``model`` on the annotated pixels of ``source``; write the report; return metrics.json."""
-    # 1. The model.
+    """Score ``model`` on the annotated pixels of ``source``; write the report; return metrics.json.
+
+    Images the model was trained on are skipped unless ``include_training``; with ``tissue_only`` (as
+    ``predict``) the main scores count only annotated pixels inside the detected tissue.
+    """
+    # 1. The model (once the images' pixel sizes are known).
+    records = select_images(source.images(), images or None)
+    require_pixel_sizes(records, image_mpp)
     predictor = open_predictor(model, device, batch_size, events)
     m = predictor.model
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    # 2. Each image.
-    tally = _Tally(Confusion(len(m.class_map)))
+    notes = list(notes)
+    # 2. Each image (held out from training unless asked).
+    tally = _Tally(Confusion(len(m.class_map)), Confusion(len(m.class_map)), tissue_only,
+                   PredictOptions().tissue_mpp)
+    trained = set((m.training or {}).get("train_images") or [])
+    used = sorted(r.name for r in records if r.name in trained)
+    if used and include_training:
+        notes.append(f"{len(used)} image(s) were used to train this model ({', '.join(used[:5])}"
+                     f"{', …' if len(used) > 5 else ''}): their scores are optimistic")
+        events.message(notes[-1], "warn")
+    elif used:
+        records = [r for r in records if r.name not in trained]
+        events.message(f"left out {len(used)} image(s) the model was trained on ({', '.join(used[:5])}"
+                       f"{', …' if len(used) > 5 else ''}); evaluate on held-out images, or pass "
+                       "--include-training to score them anyway (optimistic)", "warn")
+        if not records:
+            raise PdsegError("nothing to evaluate: every image was used to train the model; annotate held-out "
+                             "images, or pass --include-training (optimistic scores)")
     step = events.step("evaluate")
-    for rec in select_images(source.images(), images or None):
+    for rec in records:
         why = _score_image(source, rec, predictor, image_mpp, out if overlays else None, tally, step)
         if why:
             tally.skipped[rec.name] = why
@@ -89,7 +128,19 @@ def evaluate(
         raise PdsegError(f"nothing to evaluate: no image has annotations of the model's classes ({detail})")
     # 3. The report.
     metrics = scores(tally.total, m.class_map.names)
+    everywhere = int(tally.everywhere.matrix.sum())
+    glass = everywhere - int(tally.total.matrix.sum())
+    if tissue_only:
+        metrics["scored_within"] = "detected tissue, as predict"
+        metrics["outside_tissue_share"] = round(glass / everywhere, 4) if everywhere else 0.0
+        metrics["all_annotated"] = {k: v for k, v in scores(tally.everywhere, m.class_map.names).items()
+                                    if k != "confusion"}
+        if everywhere and glass / everywhere > 0.05:
+            notes.append(f"{glass / everywhere:.0%} of the annotated pixels lie outside the tissue predict detects "
+                         f"(glass): scored without them, as predict writes no objects there; with them, macro "
+                         f"Dice {metrics['all_annotated']['macro_dice']:.3f} (see all_annotated)")
     metrics.update({
+        "excluded_training_images": [] if include_training else used,
         "per_image": tally.per_image,
         "skipped_images": tally.skipped,
         "unscored_annotation_classes": tally.unknown,
@@ -120,7 +171,8 @@ def _score_image(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
     if rec.error or rec.path is None:
         return rec.error or "not a local file"
     anns, _ = source.read_annotations(rec)
-    index = AnnotationIndex([a for a in anns if a.object_type == "annotation" and a.classification], cmap)
+    labels, _roles = label_objects(anns)  # pdseg's own untouched predictions are never ground truth
+    index = AnnotationIndex(labels, cmap)
     for name, n in index.skipped_unknown.items():
         tally.unknown[name] = tally.unknown.get(name, 0) + n
     scored = [g for g, v in zip(index.geometries, index.labels) if v < len(cmap)]
@@ -135,12 +187,17 @@ def _score_image(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
         region = _annotated_region(scored, d, grid_size(slide.width, slide.height, d), m.io.snap)
         if region is None:
             return "annotations lie outside the image"
-        conf = Confusion(len(cmap))
+        conf, everywhere = Confusion(len(cmap)), Confusion(len(cmap))
+        tissue = TissueMap.detect(slide, d, tally.tissue_mpp, dilate=1) if tally.tissue_only else None
         canvas = LabelCanvas(region.width, region.height) if overlays else None
         truth_canvas = LabelCanvas(region.width, region.height) if overlays else None
 
         def sink(reg: Window, strip) -> None:
             truth = index.rasterize(Window(reg.x, reg.y + strip.y, reg.width, strip.height, d))
+            everywhere.update(truth, strip.labels)
+            if tissue is not None:  # predict writes nothing off the tissue: score as it would
+                truth = np.where(tissue.pixels(reg.y + strip.y, strip.height, reg.x, reg.width), truth, 255)
+                truth = truth.astype(np.uint8)
             conf.update(truth, strip.labels)
             if canvas is not None:
                 canvas.add_strip(strip.y, np.where(truth < len(cmap), strip.labels, 255).astype(np.uint8))
@@ -155,6 +212,7 @@ def _score_image(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
             vectorize=False, on_tiles=step.advance, on_total=lambda n: step.set_total(n, done=0))
         tally.tiles += pred.tiles
         tally.total.merge(conf)
+        tally.everywhere.merge(everywhere)
         tally.per_image[rec.name] = {k: v for k, v in scores(conf, cmap.names).items() if k != "confusion"}
         if canvas is not None:
             render_overlay(canvas.background(slide, region), canvas.labels, cmap,

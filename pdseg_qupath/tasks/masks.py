@@ -1,6 +1,6 @@
 """``masks``: every image of a source → label masks, one classes.json, and a summary.
 
-The steps: (1) read every image's annotations; (2) decide the class map once for the whole source
+The steps: (1) read every image's labels (never an untouched pdseg prediction); (2) decide the class map once for the whole source
 (``--classes`` order, else all classes used, sorted), so index k means the same class in every file;
 (3) write each image's masks (:mod:`pdseg_qupath.outputs.masks`); (4) write ``classes.json``.
 Per-image failures are recorded and the others go on.
@@ -12,13 +12,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from pdseg_qupath.core.annotations import Annotation, ClassMap, ReadReport
+from pdseg_qupath.core.annotations import (
+    Annotation,
+    ClassMap,
+    LabelCount,
+    ReadReport,
+    outside_image,
+    outside_message,
+)
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
-from pdseg_qupath.core.slide import open_slide
-from pdseg_qupath.learn.data import source_class_map
-from pdseg_qupath.outputs.masks import MaskExportStats, export_image_masks, write_classes_json
-from pdseg_qupath.sources.base import AnnotationSource, ImageRecord
+from pdseg_qupath.core.fileio import writable_dir
+from pdseg_qupath.core.names import check_name_length, check_unique, qupath_export_basename
+from pdseg_qupath.core.slide import check_mpp, open_slide
+from pdseg_qupath.learn.data import label_objects, source_class_map
+from pdseg_qupath.outputs.masks import TILE_SUFFIX_MAX, MaskExportStats, export_image_masks, write_classes_json
+from pdseg_qupath.sources.base import AnnotationSource, ImageRecord, require_pixel_sizes
 
 
 @dataclass
@@ -27,6 +36,8 @@ class MaskRow:
     stats: MaskExportStats | None = None
     report: ReadReport | None = None
     error: str | None = None
+    labels: LabelCount | None = None
+    """Objects taken as labels by role; untouched pdseg predictions are never labels."""
 
 
 @dataclass
@@ -48,8 +59,10 @@ def masks(
     events: Events = SILENT,
 ) -> MasksResult:
     """Rasterize the annotations of every image of ``source`` at ``mpp`` µm/px into ``out_dir``."""
-    if not mpp > 0:
-        raise PdsegError(f"--mpp must be positive, got {mpp}")
+    check_mpp(mpp, "--mpp")
+    if image_mpp is not None:
+        check_mpp(image_mpp, "--image-mpp")
+    writable_dir(out_dir)
     # 1. Every image's annotations.
     rows: dict[str, MaskRow] = {}
     loaded: list[tuple[ImageRecord, list[Annotation]]] = []
@@ -63,6 +76,7 @@ def masks(
         except PdsegError as exc:
             row.error = str(exc)
             continue
+        anns, row.labels = label_objects(anns)
         loaded.append((rec, anns))
     # 2. One class map for the whole source.
     try:
@@ -72,7 +86,11 @@ def masks(
     except PdsegError as exc:
         failed = [f"{r.image}: {r.error}" for r in rows.values() if r.error]
         raise PdsegError("\n".join([str(exc), *failed])) from None
-    # 3. Each image's masks.
+    require_pixel_sizes([rec for rec, anns in loaded if anns], image_mpp)
+    # 3. Each image's masks, once no two images would write the same file and every name fits.
+    check_unique([(rec.name, qupath_export_basename(rec.name)) for rec, _ in loaded], str(out_dir))
+    for rec, _ in loaded:
+        check_name_length(rec.name, qupath_export_basename(rec.name) + TILE_SUFFIX_MAX, str(out_dir))
     step = events.step("masks", total=len(loaded))
     for rec, anns in loaded:
         row = rows[rec.name]
@@ -99,6 +117,9 @@ def _export_one(rec: ImageRecord, anns: list[Annotation], cmap: ClassMap, out_di
     step = events.step(f"  {rec.name}")
     try:
         size = (slide.width, slide.height) if slide else (rec.width, rec.height)
+        away = outside_image(anns, *size)
+        if away:
+            events.message(outside_message(rec.name, len(away), *size), "warn")
         return export_image_masks(size, slide.mpp if slide else (rec.mpp or image_mpp), anns, cmap, out_dir,
                                   rec.name, mpp=mpp, tile_size=tile_size,
                                   on_tile=lambda d, n: step.set_total(n, done=d),

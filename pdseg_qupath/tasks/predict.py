@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
-from pdseg_qupath.core.names import PDSEG_DIR
+from pdseg_qupath.core.names import PDSEG_DIR, check_name_length, check_unique, output_name
 from pdseg_qupath.core.slide import open_slide
 from pdseg_qupath.learn.inference import AreaRow, predict_image
 from pdseg_qupath.learn.modelio import SegModel, load_model
@@ -30,7 +30,7 @@ from pdseg_qupath.learn.options import PredictOptions
 from pdseg_qupath.learn.predictor import Predictor
 from pdseg_qupath.outputs.slide_outputs import write_slide_outputs
 from pdseg_qupath.outputs.tables import write_areas_csv
-from pdseg_qupath.sources.base import AnnotationSource, ImageRecord, WriteReport, select_images
+from pdseg_qupath.sources.base import AnnotationSource, ImageRecord, WriteReport, require_pixel_sizes, select_images
 
 
 @dataclass
@@ -91,7 +91,11 @@ def predict(
     An image that cannot be read is reported and skipped; the others go on.
     """
     opts = options or PredictOptions(overlay=out_dir is not None)
-    # 1. The model, on the device.
+    # 1. The images (checked before the model is loaded), and the model on the device.
+    records = select_images(source.images(), images or None)
+    if not records:
+        raise PdsegError(f"{_where(source)}: no images to predict (an empty folder or project?)")
+    require_pixel_sizes(records, opts.image_mpp)
     predictor = open_predictor(model, device, opts.batch_size, events)
     m = predictor.model
     events.message(f"model {m.name} ({m.model_id[:8]}): {', '.join(m.class_map.names)} at {m.io.mpp:g} µm/px · "
@@ -99,8 +103,8 @@ def predict(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    # 2. The images.
-    records = select_images(source.images(), images or None)
+    # 2. Their output names.
+    _check_output_names(source, records, out, opts, write_back)
     # 3. Each image: predict, write its files, write back.
     results: list[ImageResult] = []
     t_all = time.perf_counter()
@@ -134,6 +138,10 @@ def _predict_one(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
         events.message(f"{rec.name}: skipped ({exc})", "error")
         return res
     m = predictor.model
+    problem = m.io.resolution_problem(rec.name, slide.mpp, slide.width, slide.height)
+    if problem:
+        res.messages.append(problem)
+        events.message(problem, "warn")
     with slide:
         step.describe(rec.name)
         step.set_total(None, done=0)
@@ -149,11 +157,34 @@ def _predict_one(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
             res.geojson, res.overlay = files.geojson, files.overlay
     if write_back:
         try:
-            res.write = source.write_predictions(rec, pred.annotations)
+            res.write = source.write_predictions(rec, [*pred.annotations, *pred.review])
+            for msg in res.write.messages:  # corrections kept, a wiped earlier write, where the file went
+                events.message(msg, "warn" if "are gone" in msg else "note")
         except PdsegError as exc:
-            res.messages.append(f"write-back failed: {exc}")
+            res.error = f"write-back failed: {exc}"  # the run goes on; the command exits non-zero
+            res.messages.append(res.error)
             events.message(f"{rec.name}: predictions not written back ({exc})", "error")
     return res
+
+
+def _check_output_names(source: AnnotationSource, records: Sequence[ImageRecord], out: Path | None,
+                        opts: PredictOptions, write_back: bool) -> None:
+    """Before any work: no two images write one file, and every output name fits the file system."""
+    suffixes = []
+    if out is not None:
+        suffixes.append(".overlay.png" if opts.overlay or opts.classmap else ".geojson")
+    if write_back and hasattr(source, "predictions_path"):  # a folder: pdseg/predictions/<name>.geojson(.bak)
+        suffixes.append(".geojson.bak")
+    if not suffixes:
+        return
+    live = [r for r in records if not r.error]
+    check_unique([(r.name, output_name(r.name, "")) for r in live])
+    for r in live:
+        check_name_length(r.name, output_name(r.name, max(suffixes, key=len)))
+
+
+def _where(source: AnnotationSource) -> str:
+    return str(getattr(source, "path", None) or getattr(source, "root", None) or "the source")
 
 
 def _areas_path(source: AnnotationSource, out: Path | None, areas_csv: str | Path | None) -> Path | None:
@@ -173,7 +204,8 @@ def _areas_path(source: AnnotationSource, out: Path | None, areas_csv: str | Pat
 
 
 def predict_job(job: ImageRecord, predictor: Predictor, out_dir: str | Path, options: PredictOptions,
-                on_tiles: Callable[[int], None] | None = None) -> dict[str, Any]:
+                on_tiles: Callable[[int], None] | None = None,
+                on_total: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Predict one slide of a cohort into ``out_dir`` and return its summary row. Never raises for a bad
     slide: the error goes into the row, so the cohort goes on."""
     m = predictor.model
@@ -185,8 +217,13 @@ def predict_job(job: ImageRecord, predictor: Predictor, out_dir: str | Path, opt
         return row
     try:
         with open_slide(job.path, mpp=job.mpp, fallback_mpp=options.image_mpp) as slide:
-            pred = predict_image(slide, predictor, options=options, on_tiles=on_tiles)
-            write_slide_outputs(out_dir, job.name, pred, slide, m.class_map, options, title=f"{job.name} - pdseg {m.name}")
+            problem = m.io.resolution_problem(job.name, slide.mpp, slide.width, slide.height)
+            if problem:  # batch mode: skip it, with the reason, rather than spend hours on a typo
+                row["error"] = f"skipped: {problem}"
+                return row
+            pred = predict_image(slide, predictor, options=options, on_tiles=on_tiles, on_total=on_total)
+            write_slide_outputs(out_dir, job.name, pred, slide, m.class_map, options,
+                                title=f"{job.name} - pdseg {m.name}", model_id=m.model_id)
     except PdsegError as exc:
         row["error"] = str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop a cohort

@@ -8,7 +8,8 @@ The steps, and why:
    class (:mod:`pdseg_qupath.learn.sampling`); validation on held-out images when at least two are
    annotated, else on held-out tiles.
 4. **Features.** Each tile is seen as ``views`` versions (the tile, then flips/rotations with H&E stain
-   jitter); each view's features are kept only at sampled labelled pixels (:mod:`pdseg_qupath.learn.cache`).
+   jitter); each view's features are kept only at sampled labelled pixels for the ``pixel`` head, or as
+   whole feature maps for the ``context`` head (:mod:`pdseg_qupath.learn.cache`).
 5. **Head.** Cross-entropy, AdamW, early stopping on validation mIoU, keeping the best epoch
    (:mod:`pdseg_qupath.learn.fit`); each epoch is shown and redraws ``training_curve.png``.
 6. **Model.** ``head.safetensors`` and ``model.json`` (:mod:`pdseg_qupath.learn.modelio`).
@@ -28,19 +29,37 @@ from typing import Any, Sequence
 import numpy as np
 
 from pdseg_qupath.backbone.model import describe
+from pdseg_qupath.backbone.spec import is_hub_id
 from pdseg_qupath.core.annotations import ClassMap
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events
-from pdseg_qupath.learn.cache import PixelCache, bytes_per_pixel, extract_views, pixels_per_view
-from pdseg_qupath.learn.data import TrainingImage, close_images, load_training_images
-from pdseg_qupath.learn.fit import FitState, class_weights, fit_head, logit_adjustment, new_head
+from pdseg_qupath.core.fileio import writable_dir
+from pdseg_qupath.core.slide import check_mpp
+from pdseg_qupath.learn.cache import (
+    MapCache,
+    PixelCache,
+    bytes_per_map,
+    bytes_per_pixel,
+    extract_views,
+    pixels_per_view,
+)
+from pdseg_qupath.learn.data import TrainingImage, close_images, load_training_images, total_labels
+from pdseg_qupath.learn.fit import FitState, class_weights, fit_head, logit_adjustment, map_sample_counts, new_head
 from pdseg_qupath.learn.head import HeadConfig
 from pdseg_qupath.learn.modelio import SegModel, save_model
 from pdseg_qupath.learn.options import IOConfig, TrainOptions
 from pdseg_qupath.learn.predictor import load_extractor
 from pdseg_qupath.learn.resume import Resume, fingerprints
 from pdseg_qupath.learn.runtime import BatchRunner, resolve_device
-from pdseg_qupath.learn.sampling import Tile, annotated_prior, grid_tiles, sample_tiles, split_images, split_tiles
+from pdseg_qupath.learn.sampling import (
+    Tile,
+    annotated_prior,
+    grid_tiles,
+    image_classes,
+    sample_tiles,
+    split_images,
+    split_tiles,
+)
 from pdseg_qupath.outputs import plots
 from pdseg_qupath.sources.base import AnnotationSource
 
@@ -147,6 +166,8 @@ def train(
         bb_record = _backbone_record(backbone, bb)
         # 3. Train and validation tiles.
         plan = plan_tiles(imgs, cmap, io, opts, val_images, rng, messages)
+        if opts.head == "context":
+            _fit_map_budget(plan, io, extractor.channels, opts, rng, messages)
         n_views = len(plan.tiles) * opts.views + len(plan.val_tiles)
         per_view = pixels_per_view(opts.cache_mb, extractor.channels, n_views, opts.pixels_per_tile)
         out.mkdir(parents=True, exist_ok=True)
@@ -154,16 +175,22 @@ def train(
                         opts.resume, messages)
         for m in messages:
             events.message(m, "warn")
-        events.message(f"backbone: {bb_record['label']} · {len(cmap)} classes ({', '.join(cmap.names)}) · "
+        events.message(f"labels: {total_labels(imgs).describe()}")
+        events.message(f"backbone: {bb_record['label']} · {opts.head} head · {len(cmap)} classes "
+                       f"({', '.join(cmap.names)}) · "
                        f"{mpp:g} µm/px · {len(plan.tiles)} training tiles × {opts.views} views · "
-                       f"{len(plan.val_tiles)} validation tiles (split by {plan.val_mode}) · ≤ {per_view} px per "
-                       f"view · device {dev}")
+                       f"{len(plan.val_tiles)} validation tiles (split by {plan.val_mode}) · "
+                       f"{'whole feature maps' if opts.head == 'context' else f'≤ {per_view} px per view'} · "
+                       f"device {dev}")
         timings["prepare_s"] = time.perf_counter() - t0
         # 4. Features at sampled labelled pixels.
         t1 = time.perf_counter()
         train_cache, val_cache = _extract(plan, imgs, cmap, extractor, io, opts, per_view, seed, resume, events)
         timings["features_s"] = time.perf_counter() - t1
-        counts = train_cache.class_counts(len(cmap))
+        if isinstance(train_cache, MapCache):
+            counts = map_sample_counts(train_cache.tensors(), opts.pixels_per_tile, len(cmap), seed)
+        else:
+            counts = train_cache.class_counts(len(cmap))
         _warn_empty_classes(cmap, counts, messages, events)
         prior = annotated_prior(imgs, plan.train_idx, len(cmap), mpp)
         adjust = logit_adjustment(prior, counts.astype(np.float64)) if opts.prior_correction else None
@@ -187,9 +214,39 @@ def train(
 
 
 def _backbone_record(spec: str, bb: Any) -> dict[str, Any]:
-    """What model.json records of the backbone: how to find it again and how to recognise it."""
-    return {"spec": str(Path(spec).resolve()) if Path(spec).is_dir() else spec, "config": bb.config.name,
-            "sha256": bb.sha256, "random_weights": bool(bb.random_weights), "label": describe(bb)}
+    """What model.json records of the backbone: how to find it again and how to recognise it.
+
+    A path or a shipped name, never a Hugging Face id: a hub backbone is recorded by the local folder it
+    was fetched to (and its id, for the record), so predicting never contacts the hub."""
+    rec: dict[str, Any] = {}
+    if Path(spec).is_dir():
+        spec = str(Path(spec).resolve())
+    elif is_hub_id(spec) and getattr(bb, "folder", None):
+        rec["hub_id"], spec = spec, bb.folder
+    return {"spec": spec, "config": bb.config.name, "sha256": bb.sha256,
+            "random_weights": bool(bb.random_weights), "label": describe(bb), **rec}
+
+
+def _fit_map_budget(plan: TilePlan, io: IOConfig, channels: int, opts: TrainOptions, rng: np.random.Generator,
+                    messages: list[str]) -> None:
+    """Keep as many training tiles as fit in ``cache_mb`` as whole maps (the context head's cache);
+    check that prediction tiles overlap enough for the head's receptive field."""
+    per_view = bytes_per_map(int(channels), io.tile, io.stride)
+    fit = int(opts.cache_mb * 2**20) // per_view - len(plan.val_tiles)
+    if fit < len(plan.tiles) * opts.views:
+        keep = max(1, fit // opts.views)
+        if fit < opts.views:
+            raise PdsegError(f"--cache-mb {opts.cache_mb:g}: too small for the context head's feature maps "
+                             f"({per_view / 2**20:.2f} MB per tile view); raise it to at least "
+                             f"{(opts.views + len(plan.val_tiles)) * per_view / 2**20:.2f}")
+        idx = np.sort(rng.choice(len(plan.tiles), size=keep, replace=False))
+        messages.append(f"--cache-mb {opts.cache_mb:g} holds the feature maps of {keep} of {len(plan.tiles)} "
+                        f"training tiles ({per_view / 2**20:.2f} MB per view); raise it to use all")
+        plan.tiles = [plan.tiles[int(i)] for i in idx]
+    rf = HeadConfig.build("context", int(channels), 2, stride=io.stride).receptive_field
+    if io.overlap < rf // 2:
+        messages.append(f"prediction tiles overlap by {io.overlap} px, less than half the context head's "
+                        f"receptive field ({rf} px): tile borders may show; use an overlap of at least {rf // 2}")
 
 
 def _warn_empty_classes(cmap: ClassMap, counts: np.ndarray, messages: list[str], events: Events) -> None:
@@ -205,9 +262,8 @@ def _check_arguments(out_dir: str | Path, epochs: int, mpp: float) -> Path:
         raise PdsegError(f"{out}: exists and is not a folder; choose another --out")
     if epochs < 1:
         raise PdsegError(f"--epochs {epochs}: train for at least one epoch")
-    if not mpp > 0:
-        raise PdsegError(f"--mpp {mpp}: the work resolution must be a positive µm/px")
-    return out
+    check_mpp(mpp, "--mpp (the work resolution)")
+    return writable_dir(out)
 
 
 def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: TrainOptions,
@@ -221,25 +277,31 @@ def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: Tr
         tiles, val_tiles = split_tiles(tiles, opts.val_fraction, rng)
         plan = TilePlan(train_idx, val_idx, tiles, val_tiles, "tile" if val_tiles else "none")
         if val_tiles:
-            messages.append("only one annotated image: validation uses held-out tiles of it (optimistic; "
-                            "annotate a second image for a validation split by image)")
+            why = ("only one annotated image" if len(imgs) < 2 else
+                   "no image can be held out without taking a class out of training")
+            messages.append(f"{why}: validation uses held-out tiles of the training images (optimistic; "
+                            "annotate one more image with every class for a validation split by image)")
     for name in cmap.names:
-        if not any(a.classification == name for i in train_idx for a in imgs[i].annotations):
+        if not any(name in image_classes(imgs[i]) for i in train_idx):
             messages.append(f"class {name!r} has no annotation in the training images; it cannot be learnt")
+        elif val_idx and not any(name in image_classes(imgs[i]) for i in val_idx):
+            messages.append(f"class {name!r} has no annotation in the validation images: early stopping cannot "
+                            f"see it (annotate it on one more image, or choose --val-images)")
     return plan
 
 
 def _extract(plan: TilePlan, imgs: list[TrainingImage], cmap: ClassMap, extractor: Any, io: IOConfig,
-             opts: TrainOptions, per_view: int, seed: int, resume: Resume, events: Events) -> tuple[PixelCache, PixelCache]:
+             opts: TrainOptions, per_view: int, seed: int, resume: Resume, events: Events) -> tuple[Any, Any]:
     runner = BatchRunner(opts.batch_size, on_backoff=lambda b: events.message(
         f"out of GPU memory: retrying with batch size {b}", "warn"))
     step = events.step("features", total=len(plan.tiles) * opts.views + len(plan.val_tiles))
     common = dict(n_pixels=per_view, aug=opts.augment, seed=seed, runner=runner, shard=resume.shard,
                   on_views=step.advance)
+    dense = opts.head == "context"
     train_cache = extract_views("train", plan.tiles, imgs, len(cmap), extractor, io, views=opts.views,
-                                stratified=True, **common)
+                                stratified=True, dense=dense, **common)
     val_cache = extract_views("val", plan.val_tiles, imgs, len(cmap), extractor, io, views=1, stratified=False,
-                              **common)
+                              dense=dense, **common)
     step.close()
     if len(train_cache) == 0:
         raise PdsegError("the sampled training tiles contain no labelled pixels; check the annotations' "
@@ -247,11 +309,13 @@ def _extract(plan: TilePlan, imgs: list[TrainingImage], cmap: ClassMap, extracto
     return train_cache, val_cache
 
 
-def _fit(train_cache: PixelCache, val_cache: PixelCache, cmap: ClassMap, io: IOConfig, channels: int,
-         counts: np.ndarray, adjust: Any, opts: TrainOptions, epochs: int, seed: int, device: str, resume: Resume,
-         out: Path, messages: list[str], events: Events):
+def _fit(train_cache: PixelCache | MapCache, val_cache: PixelCache | MapCache, cmap: ClassMap, io: IOConfig,
+         channels: int, counts: np.ndarray, adjust: Any, opts: TrainOptions, epochs: int, seed: int, device: str,
+         resume: Resume, out: Path, messages: list[str], events: Events):
     tr = train_cache.tensors()
-    config = HeadConfig(int(channels), len(cmap), tuple(opts.hidden), opts.dropout, io.stride, opts.rgb_skip)
+    config = HeadConfig.build(opts.head, int(channels), len(cmap), dropout=opts.dropout,
+                              hidden=tuple(opts.hidden) if opts.hidden else None,
+                              stride=io.stride, rgb_skip=opts.rgb_skip)
     head = new_head(config, tr["features"], seed)
     step = events.step("epochs", total=epochs)
     colors = [c.color for c in cmap.classes]
@@ -274,9 +338,25 @@ def _fit(train_cache: PixelCache, val_cache: PixelCache, cmap: ClassMap, io: IOC
     return fit
 
 
-def _cache_record(train_cache: PixelCache, val_cache: PixelCache, cmap: ClassMap, counts: np.ndarray,
-                  channels: int, n_views: int, per_view: int, io: IOConfig, opts: TrainOptions) -> dict[str, Any]:
+def _cache_record(train_cache: PixelCache | MapCache, val_cache: PixelCache | MapCache, cmap: ClassMap,
+                  counts: np.ndarray, channels: int, n_views: int, per_view: int, io: IOConfig,
+                  opts: TrainOptions) -> dict[str, Any]:
+    if isinstance(train_cache, MapCache):
+        return {
+            "form": "maps",
+            "views_train": train_cache.views,
+            "views_val": val_cache.views,
+            "pixels_train": len(train_cache),
+            "pixels_val": len(val_cache),
+            "bytes": train_cache.nbytes + val_cache.nbytes,
+            "bytes_per_view": bytes_per_map(int(channels), io.tile, io.stride),
+            "pixels_per_view": opts.pixels_per_tile,
+            "channels": int(channels),
+            "budget_mb": opts.cache_mb,
+            "class_pixels_train": {n: int(c) for n, c in zip(cmap.names, counts)},
+        }
     return {
+        "form": "pixels",
         "pixels_train": len(train_cache),
         "pixels_val": len(val_cache),
         "bytes": train_cache.nbytes + val_cache.nbytes,
@@ -301,6 +381,7 @@ def _training_record(fit, plan: TilePlan, imgs: list[TrainingImage], cmap: Class
         "history": fit.history,
         "validation": plan.val_mode,
         "train_images": [imgs[i].record.name for i in plan.train_idx],
+        "labels": vars(total_labels([imgs[i] for i in plan.train_idx])),
         "val_images": [imgs[i].record.name for i in plan.val_idx],
         "tiles": len(plan.tiles),
         "val_tiles": len(plan.val_tiles),

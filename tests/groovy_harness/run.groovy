@@ -49,6 +49,13 @@ def makeProject = { File dir, boolean oldApi ->
     a.data.hierarchy.objs.addAll([new FakeObject(name: 'mine', pathClass: FakeClass.of('Tumor')),
                                   new FakeObject(name: 'pdseg old', pathClass: FakeClass.of('Tumor')),
                                   new FakeObject(name: null, pathClass: null)])
+    // predictions written by pdseg: one as written, one the pathologist reclassified (both fingerprinted)
+    def crc = new java.util.zip.CRC32()
+    crc.update('Tumor'.getBytes('UTF-8'))
+    def fp = ['pdseg: fingerprint': (double) (crc.getValue() & 0xFFFFFF), 'pdseg: written area px^2': 100.0d,
+              'pdseg: written centroid x px': 5.0d, 'pdseg: written centroid y px': 5.0d]
+    a.data.hierarchy.objs.addAll([new FakeObject(name: 'pdseg as written', pathClass: FakeClass.of('Tumor'), measurements: fp),
+                                  new FakeObject(name: 'pdseg corrected', pathClass: FakeClass.of('Stroma'), measurements: fp)])
     def b = new Entry(imageName: 'b.png', data: new Data(hierarchy: hier()))
     b.data.hierarchy.objs.add(new FakeObject(name: 'pdseg keep: no file for b', pathClass: null))
     new Project(file: new File(dir, 'project.qpproj'), imageList: [a, b], pathClasses: [FakeClass.of('Tumor')])

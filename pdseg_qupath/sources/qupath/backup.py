@@ -78,3 +78,31 @@ class ProjectBackup:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
         # absent (an image never saved, a project without classes.json): nothing to protect
+
+
+def latest_backup(project_dir: Path, entry_dir: Path) -> Path | None:
+    """The newest non-empty ``data.qpdata`` of ``entry_dir`` among pdseg's backups, if any."""
+    root = Path(project_dir) / PDSEG_DIR / "backups"
+    found = [p for p in root.glob(f"*/data/{Path(entry_dir).name}/data.qpdata") if p.is_file() and p.stat().st_size]
+    return max(found, key=lambda p: p.parent.parent.parent.name) if found else None
+
+
+def unreadable_data_message(project_dir: Path, entry_dir: Path, image: str, why: str) -> str:
+    """What to say when an image's ``data.qpdata`` cannot be read: the file, pdseg's backup, how to restore."""
+    qpdata = Path(entry_dir) / "data.qpdata"
+    state = "missing" if not qpdata.exists() else f"{qpdata.stat().st_size} bytes"
+    backup = latest_backup(project_dir, entry_dir)
+    if backup is None:
+        how = "pdseg holds no backup of it; QuPath may have kept data.qpdata.bkp beside it"
+    else:
+        how = (f"pdseg's backup is {backup}: close QuPath, then copy it over {qpdata} "
+               "(QuPath may also have kept data.qpdata.bkp beside it)")
+    return f"{qpdata}: the objects of image {image!r} cannot be read ({state}; {why}); {how}"
+
+
+def qpdata_is_damaged(entry_dir: Path | None) -> bool:
+    """Whether an image's saved objects exist but are an empty (0-byte) file, as a killed write leaves them."""
+    if entry_dir is None:
+        return False
+    qpdata = Path(entry_dir) / "data.qpdata"
+    return qpdata.is_file() and qpdata.stat().st_size == 0

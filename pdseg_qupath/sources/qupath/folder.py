@@ -12,14 +12,12 @@ can bring them in without risk to the hand-drawn annotations.
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, is_pdseg_name, prediction_name
+from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, is_pdseg_name, stamped
 from pdseg_qupath.core.errors import PdsegError
-from pdseg_qupath.core.fileio import atomic_write_text
+from pdseg_qupath.core.fileio import atomic_copy, atomic_write_text
 from pdseg_qupath.core.names import PDSEG_DIR, output_name
 from pdseg_qupath.sources.base import IMAGE_SUFFIXES, ImageRecord, WriteReport
 from pdseg_qupath.sources.qupath.geojson import (
@@ -84,6 +82,7 @@ class GeoJSONFolder:
             except Exception as e:  # a broken file must not stop the other images
                 record.error = f"{image}: cannot open the image ({type(e).__name__}: {e})"
             records.append(record)
+        self._refuse_shared_sidecars(records)
         for sidecar in files:
             if sidecar.suffix.lower() == ".geojson" and sidecar.name not in claimed:
                 name = sidecar.name[: -len(sidecar.suffix)]
@@ -99,6 +98,21 @@ class GeoJSONFolder:
                 )
         records.sort(key=lambda r: r.name)
         return records
+
+    def _refuse_shared_sidecars(self, records: list[ImageRecord]) -> None:
+        """A sidecar named after the stem that two images share (``a.geojson`` beside ``a.png`` and ``a.tif``)
+        could hold either one's annotations: both images get an error instead of a guess."""
+        users: dict[Path, list[ImageRecord]] = {}
+        for r in records:
+            if r.name in self._sidecars:
+                users.setdefault(self._sidecars[r.name], []).append(r)
+        for sidecar, rs in users.items():
+            if len(rs) > 1:
+                names = " and ".join(r.name for r in rs)
+                for r in rs:
+                    del self._sidecars[r.name]
+                    r.error = (f"{sidecar}: could hold the annotations of {names}; rename it after its image "
+                               f"(e.g. {rs[0].name}.geojson) so that it belongs to one")
 
     def sidecar(self, image: ImageRecord) -> Path | None:
         """The GeoJSON file holding ``image``'s annotations, if any."""
@@ -166,18 +180,13 @@ class GeoJSONFolder:
                     kept.append(feature)
             backup = target.with_name(target.name + ".bak")
             try:
-                shutil.copy2(target, backup)
-            except OSError as e:
-                raise PdsegError(
-                    f"{backup}: cannot back up the predictions ({e.strerror or e}); nothing was written"
-                ) from None
+                atomic_copy(target, backup)  # a link at <file>.bak is replaced, never written through
+            except PdsegError as e:
+                raise PdsegError(f"{backup}: cannot back up the predictions ({e}); nothing was written") from None
             report.backup = backup
-        # Every object written is marked (as the project adapter does), so a later write can replace it.
-        new = [
-            annotation_to_feature(a if a.is_pdseg else replace(a, name=prediction_name(a)))
-            for a in annotations
-            if not a.geometry.is_empty
-        ]
+        # Every object written is marked and fingerprinted (as the project adapter does), so that a later
+        # write can replace it and a corrected copy (imported into QuPath, edited, exported) is told apart.
+        new = [annotation_to_feature(stamped(a)) for a in annotations if not a.geometry.is_empty]
         atomic_write_text(target, dump_feature_collection(kept + new))
         report.kept = len(kept)
         report.added = len(new)

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 import geojson
 import numpy as np
 import shapely
+from shapely.errors import GEOSException
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity
@@ -26,7 +27,7 @@ from shapely.validation import explain_validity
 from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, default_color
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.fileio import atomic_write_text
-from pdseg_qupath.core.geometry import repair
+from pdseg_qupath.core.geometry import TooTangled, repair
 
 __all__ = [
     "read_geojson",
@@ -60,6 +61,8 @@ _LEGACY_TYPE_IDS = {k for k in _OBJECT_TYPES if k.startswith(("Path", "TMA"))}
 _GEOMETRY_TYPES = {
     "Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon", "GeometryCollection"
 }
+MAX_COORDINATE = 1e9
+"""Coordinates are level-0 pixels: beyond a billion no slide exists, and geometry maths loses precision."""
 # Nesting depth of "coordinates" for each geometry type (a position is depth 1).
 _COORD_DEPTH = {"Point": 1, "MultiPoint": 2, "LineString": 2, "MultiLineString": 3, "Polygon": 3, "MultiPolygon": 4}
 _FIX_HINT = "Fix the file, or export it again from QuPath (File > Export objects as GeoJSON)."
@@ -92,6 +95,8 @@ def load_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise PdsegError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}. {_FIX_HINT}") from None
+    except ValueError as e:  # e.g. an integer longer than Python converts (4300 digits)
+        raise PdsegError(f"{path}: unreadable JSON ({e}). {_FIX_HINT}") from None
     except RecursionError:
         raise PdsegError(f"{path}: JSON nested too deeply to be GeoJSON. {_FIX_HINT}") from None
 
@@ -102,6 +107,9 @@ def raw_features(data: object, source: str) -> list[Any]:
         return data
     if isinstance(data, dict):
         kind = data.get("type")
+        if kind is not None and not isinstance(kind, str):
+            raise PdsegError(f"{source}: the top-level \"type\" is {type(kind).__name__}, not a name such as "
+                             f"\"FeatureCollection\". {_FIX_HINT}")
         if kind == "FeatureCollection" or (kind is None and "features" in data):
             features = data.get("features")
             if not isinstance(features, list):
@@ -278,7 +286,10 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float: not a measurement
+            return None
     if isinstance(value, str):  # QuPath writes NaN and infinities as strings
         special = _SPECIAL_FLOATS.get(value.strip().lower())
         if special is not None:
@@ -353,10 +364,15 @@ def _area(geometry: Any, label: str, report: ReadReport) -> BaseGeometry | None:
         geom = parts[0]
     else:
         geom = MultiPolygon(parts)
-    if geom.is_valid:
-        return geom
-    reason = explain_validity(geom)
-    fixed = repair(geom)
+    try:
+        if geom.is_valid:
+            return geom
+        reason = explain_validity(geom)
+        fixed = repair(geom)
+    except (TooTangled, GEOSException) as e:
+        report.skipped_other += 1
+        report.messages.append(f"{label} skipped: invalid geometry that cannot be repaired: {e}")
+        return None
     if fixed is None:
         report.skipped_empty += 1
         report.messages.append(f"{label} skipped: invalid geometry ({reason}) has no area once repaired")
@@ -375,6 +391,8 @@ def _polygon_parts(geometry: Any) -> tuple[list[Polygon], set[str]]:
     if not isinstance(geometry, dict):
         raise _BadGeometry(f"geometry is not a GeoJSON object but {type(geometry).__name__}")
     kind = geometry.get("type")
+    if not isinstance(kind, str):
+        raise _BadGeometry(f"geometry \"type\" is {type(kind).__name__}, not a GeoJSON geometry name")
     if kind == "GeometryCollection":
         members = geometry.get("geometries")
         if not isinstance(members, list):
@@ -428,7 +446,22 @@ def _positions(ring: Any, kind: str) -> np.ndarray:
     arr = arr[:, :2].astype(float, copy=False)
     if not np.isfinite(arr).all():
         raise _BadGeometry(f"{kind} has a coordinate that is not a finite number")
+    if (np.abs(arr) > MAX_COORDINATE).any():
+        raise _BadGeometry(f"{kind} has a coordinate beyond ±{MAX_COORDINATE:.0e} px (no slide is that large)")
     return arr
+
+
+def _finite(c: int | float) -> bool:
+    try:
+        return math.isfinite(c)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**15:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return f"{value!r:.60}"
 
 
 def _check_coords(value: Any, depth: int, kind: str) -> str | None:
@@ -437,8 +470,10 @@ def _check_coords(value: Any, depth: int, kind: str) -> str | None:
         if not isinstance(value, list) or len(value) < 2:
             return f"{kind} has a position that is not a list of 2 numbers: {value!r:.60}"
         for c in value:
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
-                return f"{kind} has a coordinate that is not a finite number: {c!r:.60}"
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not _finite(c):
+                return f"{kind} has a coordinate that is not a finite number: {_short(c)}"
+            if abs(c) > MAX_COORDINATE:
+                return f"{kind} has a coordinate beyond ±{MAX_COORDINATE:.0e} px: {_short(c)}"
         return None
     if not isinstance(value, list):
         return f"{kind} coordinates are not nested lists as GeoJSON requires: {value!r:.60}"
@@ -535,17 +570,32 @@ def to_feature_collection(annotations: Sequence[Annotation]) -> dict:
     }
 
 
-def dump_feature_collection(features: Sequence[Any]) -> str:
+def dump_feature_collection(features: Sequence[Any], pdseg: dict[str, Any] | None = None) -> str:
     """FeatureCollection text with one Feature per line: valid JSON that still diffs well.
 
     Features built here never hold NaN (measurements write it as "NaN", as QuPath does); NaN is let
     through only for foreign features passed on unchanged, which QuPath's lenient reader accepts.
+    ``pdseg`` (e.g. the model id) goes into a top-level ``"pdseg"`` member on the first line, a foreign
+    member that QuPath ignores and :func:`read_pdseg_member` reads without parsing the features.
     """
     body = ",\n".join(json.dumps(f, ensure_ascii=False) for f in features)
-    return '{"type": "FeatureCollection", "features": [\n' + body + ("\n" if body else "") + "]}\n"
+    head = f', "pdseg": {json.dumps(pdseg, ensure_ascii=False)}' if pdseg else ""
+    return '{"type": "FeatureCollection"' + head + ', "features": [\n' + body + ("\n" if body else "") + "]}\n"
 
 
-def write_geojson(path: Path, annotations: Sequence[Annotation]) -> None:
+def read_pdseg_member(path: Path) -> dict[str, Any]:
+    """The ``"pdseg"`` member of a GeoJSON file pdseg wrote (``{}`` if none, or unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 16).decode("utf-8")
+        head = json.loads(first.rstrip().removesuffix("[") + "[]}")
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    member = head.get("pdseg") if isinstance(head, dict) else None
+    return member if isinstance(member, dict) else {}
+
+
+def write_geojson(path: Path, annotations: Sequence[Annotation], pdseg: dict[str, Any] | None = None) -> None:
     """Write ``annotations`` as QuPath GeoJSON, atomically (a crash leaves the old file intact).
 
     Each geometry is first checked with the ``geojson`` package (spec-valid structure; no NaN or infinite
@@ -560,6 +610,6 @@ def write_geojson(path: Path, annotations: Sequence[Annotation]) -> None:
             problems = str(exc)
         if problems:
             raise PdsegError(f"{path}: refusing to write invalid GeoJSON for object {f.get('id')}: {problems}")
-    atomic_write_text(Path(path), dump_feature_collection(features))
+    atomic_write_text(Path(path), dump_feature_collection(features, pdseg))
 
 

@@ -7,14 +7,31 @@ QuPath 0.6 core; the traps it handles are marked ``paquo trap``.
 
 from __future__ import annotations
 
+import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport, default_color, is_pdseg_name, prediction_name
+import shapely
+
+from pdseg_qupath.core.annotations import (
+    FINGERPRINT,
+    RGB,
+    UNTOUCHED,
+    Annotation,
+    ReadReport,
+    default_color,
+    fingerprint,
+    is_pdseg_name,
+    label_role,
+    prediction_name,
+)
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.fileio import write_json
 from pdseg_qupath.core.geometry import clean_geometry
+from pdseg_qupath.core.names import PDSEG_DIR
 from pdseg_qupath.sources.base import ImageRecord, WriteReport
-from pdseg_qupath.sources.qupath.backup import ProjectBackup
+from pdseg_qupath.sources.qupath.backup import ProjectBackup, qpdata_is_damaged, unreadable_data_message
 from pdseg_qupath.sources.qupath.qpproj import (
     missing_classes,
     mpp_from_builder,
@@ -46,7 +63,7 @@ class _Paquo:
             from paquo.classes import QuPathPathClass
             from paquo.hierarchy import QuPathPathObjectHierarchy
             from paquo.images import QuPathImageType
-            from paquo.pathobjects import QuPathPathAnnotationObject
+            from paquo.pathobjects import QuPathPathAnnotationObject, QuPathPathDetectionObject
             from paquo.projects import QuPathProject
         except Exception as e:  # paquo raises ValueError/OSError/RuntimeError when QuPath is not found
             raise PdsegError(f"QuPath not available ({type(e).__name__}: {e}). {NO_QUPATH_HELP}") from e
@@ -54,7 +71,39 @@ class _Paquo:
         self.QuPathPathClass = QuPathPathClass
         self.QuPathPathObjectHierarchy = QuPathPathObjectHierarchy
         self.QuPathPathAnnotationObject = QuPathPathAnnotationObject
+        self.QuPathPathDetectionObject = QuPathPathDetectionObject
         self.QuPathImageType = QuPathImageType
+        try:  # QuPath's own geometry classes: read ROIs as JTS geometries, build them with QuPath's factory
+            from paquo.java import GeometryTools, JClass, PathObjects, WKBReader, WKBWriter
+
+            ImagePlane = JClass("qupath.lib.regions.ImagePlane")  # noqa: N806 - a Java class
+        except Exception:  # noqa: BLE001 - an older paquo: fall back to its .roi conversion
+            GeometryTools = ImagePlane = PathObjects = WKBReader = WKBWriter = None  # noqa: N806
+        self.GeometryTools, self.ImagePlane, self.PathObjects = GeometryTools, ImagePlane, PathObjects
+        self.WKBReader, self.WKBWriter = WKBReader, WKBWriter
+
+    def geometry(self, obj: Any) -> Any:
+        """An object's ROI as shapely, through ``getROI().getGeometry()`` (QuPath's own JTS geometry).
+
+        paquo's ``.roi`` goes through ``GeometryTools.roiToGeometry``; on a JVM other than QuPath's bundled
+        Java 21 that path turned a valid 95-hole polygon into an invalid MultiPolygon of half its area.
+        """
+        if self.WKBWriter is None:
+            return obj.roi
+        jts = obj.java_object.getROI().getGeometry()
+        return shapely.from_wkb(bytes(self.WKBWriter(2).write(jts)))
+
+    def new_object(self, geom: Any, path_class: Any, detection: bool = False) -> Any:
+        """A new annotation (or detection) whose ROI is built with QuPath's default geometry factory (its
+        0.01-px precision model, so QuPath logs no precision warnings) on the default image plane."""
+        kind = self.QuPathPathDetectionObject if detection else self.QuPathPathAnnotationObject
+        if self.PathObjects is None:
+            return kind.from_shapely(geom, path_class)
+        jts = self.WKBReader(self.GeometryTools.getDefaultFactory()).read(shapely.to_wkb(geom))
+        roi = self.GeometryTools.geometryToROI(jts, self.ImagePlane.getDefaultPlane())
+        java_class = path_class.java_object if path_class is not None else None
+        create = self.PathObjects.createDetectionObject if detection else self.PathObjects.createAnnotationObject
+        return kind(create(roi, java_class))
 
 
 def _server_mpp(entry: Any) -> float | None:
@@ -106,6 +155,20 @@ def _class_rgb(pc: Any) -> RGB | None:
 
 
 _SKIP_COUNTERS = {"point": "skipped_points", "line": "skipped_lines", "empty": "skipped_empty"}
+
+
+def _class_id(obj: Any) -> str | None:
+    pc = obj.path_class
+    return pc.id if pc is not None else None
+
+
+def _data_stamp(entry: Any) -> tuple[int, int] | None:
+    """(mtime in ns, size) of the image's data file, to notice a save by someone else."""
+    try:
+        st = (Path(entry.entry_path) / "data.qpdata").stat()
+        return st.st_mtime_ns, st.st_size
+    except OSError:
+        return None
 
 
 def _measurements(obj: Any) -> dict[str, float]:
@@ -209,9 +272,13 @@ class QuPathProjectSource:
     def read_annotations(self, image: ImageRecord) -> tuple[list[Annotation], ReadReport]:
         entry = self._entry(image)
         report = ReadReport(source=f"{self.path} [{image.name}]")
+        self._check_data(entry, image)
         try:
             objects = list(self._hierarchy_for_reading(entry).annotations)
         except Exception as e:
+            if getattr(entry, "entry_path", None) is not None and (Path(entry.entry_path) / "data.qpdata").exists():
+                raise PdsegError(unreadable_data_message(self.project_dir, entry.entry_path, image.name,
+                                                         f"{type(e).__name__}: {e}")) from None
             raise PdsegError(
                 f"{self.path}: could not read the objects of image {image.name!r} ({type(e).__name__}: {e}). "
                 "Check that the image opens in QuPath."
@@ -219,7 +286,7 @@ class QuPathProjectSource:
         out: list[Annotation] = []
         for obj in objects:
             try:
-                raw = obj.roi
+                raw = self._pq.geometry(obj)
             except Exception as e:
                 report.skipped_other += 1
                 report.messages.append(f"{image.name}: an object's ROI could not be converted ({e}); skipped")
@@ -237,7 +304,16 @@ class QuPathProjectSource:
                 report.messages.append(f"{label}: invalid geometry repaired")
             out.append(self._annotation(obj, geom))
         report.read = len(out)
+        wiped = self._wiped(entry, any(a.is_pdseg or FINGERPRINT in a.measurements for a in out))
+        if wiped:
+            report.messages.insert(0, wiped)
         return out, report
+
+    def _check_data(self, entry: Any, image: ImageRecord) -> None:
+        """A 0-byte data.qpdata (a write killed half-way) is an error that says how to restore it."""
+        entry_dir = getattr(entry, "entry_path", None)
+        if qpdata_is_damaged(entry_dir):
+            raise PdsegError(unreadable_data_message(self.project_dir, entry_dir, image.name, "an empty file"))
 
     def _hierarchy_for_reading(self, entry: Any) -> Any:
         """The entry's objects; straight from data.qpdata when the image file is missing.
@@ -278,6 +354,14 @@ class QuPathProjectSource:
     # ------------------------------------------------------------------------------------------ writing
 
     def write_predictions(self, image: ImageRecord, annotations: Sequence[Annotation]) -> WriteReport:
+        """Replace the image's untouched pdseg objects with ``annotations``, on a copy read just now.
+
+        The image's data file is read again right before writing, so that anything saved since pdseg
+        started (a pathologist's edit in QuPath, another pdseg run) is kept: only untouched pdseg
+        predictions are replaced; user objects, and predictions the user corrected, stay. If the file
+        changes again while the merge is being made, the merge is redone on the newer copy; after three
+        such changes the image is refused, with nothing written.
+        """
         if not self.writable:
             raise PdsegError(f"{self.path}: opened read-only; open it writable to write predictions back")
         entry = self._entry(image)
@@ -286,37 +370,133 @@ class QuPathProjectSource:
                 f"{image.name}: QuPath cannot open the image file ({image.uri}) and saves objects only for "
                 "images it can open. Fix the image path first ('Update URIs' in QuPath)."
             )
+        self._check_data(entry, image)  # never write over (or back up) damaged objects
         report = WriteReport(image=image.name)
         report.backup = self._backup.ensure(entry.entry_path)  # before any change; raises if it fails
         classes = self._ensure_classes(annotations)
-        hierarchy = entry.hierarchy
+        for _attempt in range(3):
+            before = _data_stamp(entry)
+            image_data = self._fresh_image_data(entry, image)
+            merged = self._merge(image, image_data, annotations, classes)
+            if _data_stamp(entry) != before:
+                continue  # saved by someone else while merging: merge again on their copy
+            self._save(entry, image_data, changed=bool(merged.added or merged.removed))
+            merged.backup = report.backup
+            self._record_write(entry, image, [a for a in annotations if a.object_type != "detection"])
+            return merged
+        raise PdsegError(
+            f"{image.name}: its data file ({entry.entry_path / 'data.qpdata'}) kept changing while pdseg was "
+            "writing (QuPath saving it?); nothing was written for this image. Close the image in QuPath and run "
+            "predict again."
+        )
+
+    def _fresh_image_data(self, entry: Any, image: ImageRecord) -> Any:
+        """The image's data as saved on disk now (not the copy read when pdseg started)."""
+        try:
+            return entry.java_object.readImageData()
+        except Exception as e:
+            raise PdsegError(
+                f"{image.name}: could not read its objects again before writing ({type(e).__name__}: {e}); "
+                "nothing was written for this image. Check that it opens in QuPath, then run predict again."
+            ) from e
+
+    def _merge(self, image: ImageRecord, image_data: Any, annotations: Sequence[Annotation],
+               classes: dict[str, Any]) -> WriteReport:
+        report = WriteReport(image=image.name)
+        hierarchy = self._pq.QuPathPathObjectHierarchy(image_data.getHierarchy(), readonly=False,
+                                                       image_name=image.name)
         with hierarchy.no_autoflush():  # one hierarchy event for the whole batch, not one per object
-            old = [obj for obj in hierarchy.annotations if is_pdseg_name(obj.name)]
-            report.kept = len(hierarchy.annotations) - len(old)
+            objects = list(hierarchy.annotations)
+            wiped = self._wiped(self._entry(image), any(is_pdseg_name(o.name) or FINGERPRINT in _measurements(o)
+                                                        for o in objects))
+            if wiped:
+                report.messages.append(wiped)
+            old = [obj for obj in objects if is_pdseg_name(obj.name) and self._untouched(obj)]
+            report.kept = len(objects) - len(old)
+            corrected = sum(1 for obj in objects if is_pdseg_name(obj.name)) - len(old)
+            if corrected:
+                report.messages.append(f"{image.name}: {corrected} prediction(s) you corrected were kept as labels")
             for obj in old:
                 hierarchy.annotations.discard(obj)  # keeps any children (keepChildren=True in paquo)
-            report.removed = len(old)
+            maps = [obj for obj in hierarchy.detections if is_pdseg_name(obj.name)]  # the uncertainty map
+            for obj in maps:
+                hierarchy.detections.discard(obj)
+            report.removed = len(old) + len(maps)
             for a in annotations:
-                geom, what = clean_geometry(a.geometry)
-                if geom is None:
-                    report.messages.append(f"{image.name}: a {a.classification} prediction was skipped ({what})")
-                    continue
-                measurements, bad = {}, []
-                for k, v in a.measurements.items():
-                    try:
-                        measurements[str(k)] = float(v)  # paquo trap: an int measurement raises TypeError
-                    except (TypeError, ValueError):
-                        bad.append(str(k))
-                if bad:
-                    report.messages.append(f"{image.name}: non-numeric measurements dropped: {bad}")
-                obj = self._pq.QuPathPathAnnotationObject.from_shapely(
-                    geom, classes.get(a.classification) if a.classification else None, measurements
-                )
-                obj.name = prediction_name(a)
-                hierarchy.annotations.add(obj)
-                report.added += 1
-        self._save(entry, changed=bool(report.added or report.removed))
+                obj = self._new_object(image, a, classes, report)
+                if obj is not None:
+                    (hierarchy.detections if a.object_type == "detection" else hierarchy.annotations).add(obj)
+                    report.added += 1
         return report
+
+    def _untouched(self, obj: Any) -> bool:
+        """A pdseg object as pdseg wrote it (replaceable), not one the user corrected (a label now)."""
+        try:
+            geom, _ = clean_geometry(self._pq.geometry(obj))
+        except Exception:  # noqa: BLE001 - an unreadable ROI: leave the object alone
+            return False
+        if geom is None:
+            return True
+        return label_role(Annotation(geom, _class_id(obj), name=obj.name, measurements=_measurements(obj))) == UNTOUCHED
+
+    def _new_object(self, image: ImageRecord, a: Annotation, classes: dict[str, Any], report: WriteReport) -> Any:
+        geom, what = clean_geometry(a.geometry)
+        if geom is None:
+            report.messages.append(f"{image.name}: a {a.classification} prediction was skipped ({what})")
+            return None
+        detection = a.object_type == "detection"
+        obj = self._pq.new_object(geom, classes.get(a.classification) if a.classification else None, detection)
+        measurements, bad = {}, []
+        for k, v in a.measurements.items():
+            try:
+                measurements[str(k)] = float(v)  # paquo trap: an int measurement raises TypeError
+            except (TypeError, ValueError):
+                bad.append(str(k))
+        if bad:
+            report.messages.append(f"{image.name}: non-numeric measurements dropped: {bad}")
+        if not detection:
+            try:  # fingerprint the outline as QuPath stores it, so that a later read can tell an edit
+                stored = self._pq.geometry(obj)
+            except Exception:  # noqa: BLE001
+                stored = geom
+            measurements.update(fingerprint(stored, a.classification))
+        obj.measurements.update(measurements)
+        obj.name = prediction_name(a)
+        return obj
+
+    # ------------------------------------------------------------------ what pdseg wrote, and whether it lasted
+
+    def _writes_file(self) -> Path:
+        return self.project_dir / PDSEG_DIR / "writes.json"
+
+    def _writes(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self._writes_file().read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _record_write(self, entry: Any, image: ImageRecord, annotations: Sequence[Annotation]) -> None:
+        """Remember the last write to each image (model, object count, time), to notice a later wipe."""
+        models = sorted({a.metadata.get("pdseg_model", "") for a in annotations} - {""})
+        writes = self._writes()
+        writes[str(entry.entry_id)] = {"image": image.name, "model": models[0] if models else None,
+                                       "objects": len(annotations), "written": datetime.now(timezone.utc).isoformat()}
+        try:
+            write_json(self._writes_file(), writes)
+        except OSError:
+            pass  # only the wipe check depends on it
+
+    def _wiped(self, entry: Any, ours_present: bool) -> str | None:
+        """A warning when the objects pdseg last wrote to this image are all gone (QuPath saved over them)."""
+        last = self._writes().get(str(entry.entry_id))
+        if ours_present or not isinstance(last, dict) or not last.get("objects"):
+            return None
+        model = f" by model {str(last.get('model'))[:8]}" if last.get("model") else ""
+        return (f"{last.get('image', entry.image_name)}: the {last['objects']} pdseg object(s) written{model} at "
+                f"{last.get('written', '?')} are gone. Most likely QuPath still had this image open and saved its "
+                "older copy over them; close the image in QuPath before running pdseg, and run predict again "
+                "(the backups are in pdseg/backups/). If you deleted them yourself, ignore this.")
 
     @staticmethod
     def _readable(entry: Any) -> bool:
@@ -354,12 +534,13 @@ class QuPathProjectSource:
             parent = self._pq.QuPathPathClass(part, parent=parent)
         return self._pq.QuPathPathClass(parts[-1], color=color, parent=parent)
 
-    def _save(self, entry: Any, changed: bool) -> None:
+    def _save(self, entry: Any, image_data: Any, changed: bool) -> None:
         try:
-            if changed and not entry.is_changed():
-                # paquo fell back to a hierarchy detached from the image data: saving would drop the edits
-                raise RuntimeError("QuPath did not register the changes to this image's objects")
-            entry.save()  # paquo saves only if the image is readable and the hierarchy changed
+            if changed:
+                if not bool(image_data.isChanged()):
+                    # a hierarchy detached from the image data: saving would drop the edits
+                    raise RuntimeError("QuPath did not register the changes to this image's objects")
+                entry.java_object.saveImageData(image_data)
             self._qp.save(images=False)  # project file and class list; images=False: see close()
         except Exception as e:
             raise PdsegError(
@@ -370,18 +551,16 @@ class QuPathProjectSource:
             self._written.append(entry)
 
     def close(self) -> None:
-        """Save what this session changed (when writable) and release the project.
+        """Save the project file (when writable and written to) and release the project.
 
-        Only the images written to are saved, and nothing at all if nothing was written:
-        ``QuPathProject.save()`` would also rewrite every image merely read, since reading can mark
-        QuPath's ImageData as changed (0.6 renames the server to the entry's name).
+        Each image was saved when written, from a copy read just before; the copies paquo read at the start
+        are never saved (they would undo edits made since). ``QuPathProject.save()`` is not used either: it
+        would also rewrite every image merely read, since reading can mark QuPath's ImageData as changed.
         """
         if self._closed:
             return
         self._closed = True
         if self.writable and self._written:
-            for entry in self._written:
-                entry.save()
             self._qp.save(images=False)
 
     def __enter__(self) -> "QuPathProjectSource":

@@ -1,0 +1,370 @@
+"""The accuracy table, in one command: pdseg's heads against a colour-texture pixel classifier.
+
+Writes ``docs/ACCURACY.md`` and ``docs/accuracy.json`` (not a test). Rows:
+
+- ``baseline``: the colour-texture classifier (``benchmarks/baseline_pixel_classifier.py``);
+- ``small``: ``train --backbone small`` with the defaults;
+- ``small-context``: ``train --head context`` (when the installed pdseg has it);
+- ``small-rgb``: ``train --rgb-skip``;
+- ``raw``: raw pixels. The CLI has no RGB-only head, so this is ``--backbone random:small --rgb-skip``:
+  the head gets the RGB tile beside features of the untrained backbone;
+- ``random``: ``--backbone random:small`` (the same architecture, random weights).
+
+Columns (each a train → test protocol, scored by ``evaluate`` on annotated pixels only):
+
+- ``gbm40``: nuclei, tiles 01–30 → 31–40 at 0.5 µm/px, Nucleus Dice;
+- ``ebhi``: EBHI-Seg colon biopsies, Gland vs Other, 8 → 120 at 1.2 µm/px, macro Dice;
+- ``ivygap``: IvyGAP glioblastoma, 8 anatomic regions (``benchmarks/prepare_ivygap_gbm.py``), 8 sparse →
+  40 dense images at about 4 µm/px, worked at 8 µm/px, macro Dice and mIoU;
+- label efficiency on EBHI-Seg: 1 and 3 of the 8 training images (several random subsets) and all 8.
+
+pdseg rows go through the product's Python API (``train`` then ``evaluate``, as the CLI runs them). Only
+the backbone pass is shared between runs (``benchmarks/heads.py``'s on-disk feature cache, keyed by
+tile pixels, origin, backbone, t and seed; kept in fp16), so a test set is encoded once per backbone and
+the training tiles of a seed once for every head. Each finished run is kept as JSON under ``--work``: a
+rerun (or a run after an interruption) only computes what is missing, and the table is rewritten after
+every run.
+
+``--quick`` uses 2 seeds, 2 subsets, fewer test images and fewer training tiles (8 per class, 1 view,
+≤ 8 validation tiles), and says so in the output; the full run uses the product's defaults.
+Benchmark-only dependencies: ``pip install scikit-learn scipy``.
+
+    nice -n 10 python benchmarks/accuracy.py --quick      # data in the default places, see --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    title: str
+    image_mpp: float
+    mpp: float
+    score_class: str | None  # None: macro Dice
+
+
+CASES = {
+    "ebhi": Case("ebhi", "EBHI-Seg glands, 8 → 120 (macro Dice)", 1.2, 1.2, None),
+    "ivygap": Case("ivygap", "IvyGAP GBM, 8 classes, 8 → 40 (macro Dice / mIoU)", 4.0, 8.0, None),
+    "gbm40": Case("gbm40", "gbm40 nuclei, 01–30 → 31–40 (Nucleus Dice)", 0.5, 0.5, "Nucleus"),
+}
+#: --quick works the IvyGAP sections at 16 µm/px (one 256-px tile per image) instead of 8.
+QUICK_MPP = {"ivygap": 16.0}
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    title: str
+    backbone: str | None  # None: the colour-texture baseline
+    options: dict = field(default_factory=dict)
+
+
+ROWS = {
+    "baseline": Row("baseline", "colour-texture classifier (HistGradientBoosting)", None),
+    "small": Row("small", "`small` (defaults)", "small"),
+    "small-context": Row("small-context", "`small --head context`", "small", {"head": "context"}),
+    "small-rgb": Row("small-rgb", "`small --rgb-skip`", "small", {"rgb_skip": True}),
+    "raw": Row("raw", "raw pixels (`random:small --rgb-skip`)", "random:small", {"rgb_skip": True}),
+    "random": Row("random", "`random:small`", "random:small"),
+}
+
+
+def has_context_head() -> bool:
+    from dataclasses import fields
+
+    from pdseg_qupath.learn.options import TrainOptions
+
+    return any(f.name == "head" for f in fields(TrainOptions))
+
+
+# ------------------------------------------------------------------------------------------ the data
+def splits(args, quick: bool) -> dict[str, tuple[Path, Path, list[str] | None]]:
+    """case → (train folder, test folder, test image names or None for all)."""
+    from heads import link_split
+
+    out: dict[str, tuple[Path, Path, list[str] | None]] = {}
+    if args.gbm40 and args.gbm40.is_dir():
+        d = args.work / "gbm40-split"
+        tr = link_split(args.gbm40, d / "train", [f"{i:02d}" for i in range(1, 31)])
+        te = link_split(args.gbm40, d / "test", [f"{i:02d}" for i in range(31, 41)])
+        out["gbm40"] = (tr, te, [f"{i:02d}.png" for i in range(31, 36)] if quick else None)
+    if args.ebhi and args.ebhi.is_dir():  # quick: 24 test images
+        names = sorted(p.name for p in (args.ebhi / "test").glob("*.png"))
+        # quick: the first 4 of each of the 6 categories
+        by_cat: dict[str, list[str]] = {}
+        for n in names:
+            by_cat.setdefault(n.split("_")[0], []).append(n)
+        pick = [n for c in sorted(by_cat) for n in by_cat[c][:4]]
+        out["ebhi"] = (args.ebhi / "train", args.ebhi / "test", pick if quick else None)
+    if args.ivygap and args.ivygap.is_dir():
+        names = sorted(p.name for p in (args.ivygap / "test").glob("*.png"))
+        out["ivygap"] = (args.ivygap / "train", args.ivygap / "test", names[::5] if quick else None)  # quick: 8
+    return out
+
+
+def train_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.png"))
+
+
+# --------------------------------------------------------------------------------------- one run
+def run_cell(row: Row, case: Case, train_dir: Path, test_dir: Path, test_names, seed: int,
+             images: list[str] | None, quick: bool, run: Path) -> dict:
+    """Train and score one (row, case, seed, training subset); returns the run's record."""
+    from pdseg_qupath.learn.options import TrainOptions
+
+    extra = {"tiles_per_class": 8, "views": 1, "max_val_tiles": 8} if quick else {}
+    if quick and case.key in QUICK_MPP:
+        case = Case(case.key, case.title, case.image_mpp, QUICK_MPP[case.key], case.score_class)
+    t0 = time.perf_counter()
+    if row.backbone is None:
+        from baseline_pixel_classifier import evaluate_baseline, fit_baseline
+
+        model, cmap, io, info = fit_baseline(train_dir, image_mpp=case.image_mpp, mpp=case.mpp, seed=seed,
+                                             images=images, options=TrainOptions(**extra))
+        t1 = time.perf_counter()
+        m = evaluate_baseline(model, cmap, io, test_dir, image_mpp=case.image_mpp, images=test_names)
+        rec = {"train_info": info}
+    else:
+        from pdseg_qupath.sources.inputs import open_source
+        from pdseg_qupath.tasks.evaluate import evaluate
+        from pdseg_qupath.tasks.train import train
+
+        opts = TrainOptions(**row.options, **extra)
+        res = train(open_source(train_dir), run / "model", backbone=row.backbone, mpp=case.mpp,
+                    image_mpp=case.image_mpp, device="cpu", seed=seed, options=opts, images=images)
+        t1 = time.perf_counter()
+        m = evaluate(open_source(test_dir), run / "model", run / "report", images=test_names,
+                     image_mpp=case.image_mpp, device="cpu", overlays=False)
+        rec = {"train_images": res.train_images, "val_images": res.val_images, "val_mode": res.val_mode,
+               "best_epoch": res.best_epoch, "val_miou": res.best.get("miou"),
+               "t": res.model.features.get("t"), "blocks": res.model.features.get("blocks")}
+    per_class = {k: v["dice"] for k, v in m["per_class"].items()}
+    rec.update({
+        "row": row.key, "case": case.key, "seed": seed, "mpp": case.mpp, "n_train": len(images) if images else "all",
+        "images": images, "macro_dice": m["macro_dice"], "miou": m["miou"], "accuracy": m["accuracy"],
+        "per_class_dice": per_class,
+        "score": per_class[case.score_class] if case.score_class else m["macro_dice"],
+        "train_s": round(t1 - t0, 1), "evaluate_s": round(time.perf_counter() - t1, 1),
+    })
+    return rec
+
+
+# ------------------------------------------------------------------------------------------ the table
+def _stats(v: list[float]) -> dict:
+    a = np.array([x for x in v if x is not None], float)
+    if not len(a):
+        return {"mean": None, "min": None, "max": None, "sd": None, "n": 0}
+    return {"mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()),
+            "sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a)}
+
+
+def _fmt(s: dict, key: str = "mean") -> str:
+    if not s or s["n"] == 0:
+        return "—"
+    if s["n"] == 1:
+        return f"{s[key]:.3f}"
+    return f"{s['mean']:.3f} ({s['min']:.3f}–{s['max']:.3f})"
+
+
+def summarize(runs: list[dict], rows: list[str], cases: list[str]) -> dict:
+    table: dict = {}
+    for r in rows:
+        table[r] = {}
+        for c in cases:
+            main = [x for x in runs if x["row"] == r and x["case"] == c and x["n_train"] == "all"]
+            table[r][c] = {"score": _stats([x["score"] for x in main]), "miou": _stats([x["miou"] for x in main]),
+                           "per_class": {k: _stats([x["per_class_dice"][k] for x in main])
+                                         for k in (main[0]["per_class_dice"] if main else {})}}
+        for n in (1, 3):
+            le = [x for x in runs if x["row"] == r and x["case"] == "ebhi" and x["n_train"] == n]
+            table[r][f"ebhi-n{n}"] = {"score": _stats([x["score"] for x in le])}
+    return table
+
+
+def write_docs(runs: list[dict], meta: dict, md: Path, js: Path) -> None:
+    from pdseg_qupath.core.fileio import atomic_write_text, write_json
+
+    rows = [r for r in meta["rows"]]
+    cases = [c for c in meta["cases"]]
+    table = summarize(runs, rows, cases)
+    write_json(js, {"meta": meta, "table": table, "runs": runs})
+    L = ["# Accuracy: pdseg's heads against a colour-texture pixel classifier", "",
+         (f"Generated by `python benchmarks/accuracy.py{' --quick' if meta['quick'] else ''}` "
+         f"({meta['generated']}); every run is in [`accuracy.json`](accuracy.json). Machine: {meta['machine']}."),
+         ""]
+    if meta["quick"]:
+        L += [("**Quick mode**: fewer seeds and subsets, fewer test images (gbm40 31–35, EBHI-Seg 24 of 120 "
+              "(4 per category), IvyGAP 8 of 40, worked at 16 µm/px instead of 8) and a smaller training budget (8 tiles per class, 1 view, ≤ 8 "
+              "validation tiles) than the product's defaults (48 tiles per class, 2 views). The figures are "
+              "comparable with each other, not with a full run."), ""]
+    if meta.get("incomplete"):
+        L += [f"**Incomplete**: {meta['incomplete']}", ""]
+    L += [("Each cell: mean over seeds (min–max). Scores are `evaluate`'s: annotated pixels only, one "
+          "confusion matrix pooled over the test images; macro Dice is the mean over classes."), ""]
+    head = ["Row"] + [CASES[c].title for c in cases] + ["EBHI-Seg, 1 image", "EBHI-Seg, 3 images"]
+    L += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = []
+        for c in cases:
+            s = table[r][c]
+            cell = _fmt(s["score"])
+            if c == "ivygap" and s["miou"]["n"]:
+                cell += f" / {s['miou']['mean']:.3f}"
+            cells.append(cell)
+        cells += [_fmt(table[r]["ebhi-n1"]["score"]), _fmt(table[r]["ebhi-n3"]["score"])]
+        L.append(f"| {ROWS[r].title} | " + " | ".join(cells) + " |")
+    L += ["", "**Reading** (computed from the table): "]
+    for c in cases + ["ebhi-n1", "ebhi-n3"]:
+        means = {r: table[r][c]["score"]["mean"] for r in rows if table[r][c]["score"]["n"]}
+        if not means:
+            continue
+        best = max(means, key=means.get)
+        name = CASES[c].title if c in CASES else f"EBHI-Seg with {c[-1]} training image(s)"
+        line = f"- {name}: best `{best}` ({means[best]:.3f})"
+        if "small" in means and "baseline" in means:
+            line += f"; `small` − colour-texture = {means['small'] - means['baseline']:+.3f}"
+        if "small" in means and "raw" in means:
+            line += f"; `small` − raw pixels = {means['small'] - means['raw']:+.3f}"
+        L.append(line + ".")
+    L += ["", "Seeds: " + ", ".join(map(str, meta["seeds"])) + f"; label-efficiency subsets per size: {meta['subsets']} "
+          "(each subset trained once, with its own seed; the spread covers both).", ""]
+    for c in cases:
+        classes = next((list(x["per_class_dice"]) for x in runs if x["case"] == c), [])
+        if len(classes) < 3:
+            continue
+        L += [f"### Per-class Dice: {CASES[c].title}", "",
+              "| Row | " + " | ".join(classes) + " |", "|" + " --- |" * (len(classes) + 1)]
+        for r in rows:
+            pc = table[r][c]["per_class"]
+            L.append(f"| {ROWS[r].title} | " + " | ".join(
+                f"{pc[k]['mean']:.3f}" if k in pc and pc[k]["n"] else "—" for k in classes) + " |")
+        L.append("")
+    L += ["## Protocol", "",
+          "- **Rows.** " + "; ".join(f"`{r}`: {ROWS[r].title}" for r in rows) + ". The CLI has no RGB-only "
+          "head, so raw pixels are measured as `--rgb-skip` on the untrained backbone (`random:small`). "
+          "The colour-texture classifier is `benchmarks/baseline_pixel_classifier.py`: RGB and HED, and at "
+          "σ = 1, 2, 4, 8, 16 px (work resolution) Gaussian, difference of Gaussians and gradient magnitude "
+          "(96 features), a histogram gradient-boosting ensemble, trained on the pixels `train` samples from "
+          "the same tiles (same seed), with the same class-prior correction, scored on the same pixels.",
+          ("- **gbm40** (`shared/data/gbm40`): 40 glioblastoma tiles with traced nuclei, 0.5 µm/px; train on "
+          "01–30, score on 31–40 (Nucleus Dice)."),
+          ("- **EBHI-Seg** (`shared/data/ebhi-seg`): colon biopsies, Gland vs Other, 8 training images, 120 "
+          "test images, 1.2 µm/px; label efficiency trains on random subsets of 1 and 3 of the 8."),
+          ("- **IvyGAP** (`/work/data/ivygap-gbm`, made by `benchmarks/prepare_ivygap_gbm.py` from the MIT-"
+          "licensed GBM_WSSM repository; source, licence and citation in its README): whole glioblastoma "
+          "sections, 8 anatomic regions (leading edge, infiltrating tumour, cellular tumour, perinecrotic "
+          "zone, pseudopalisading cells, microvascular proliferation, necrosis, background); 8 sparsely "
+          "annotated training images → 40 densely annotated test images, about 4 µm/px, worked at 8 µm/px."),
+          ("- **Runs**: `train` then `evaluate` through the Python API (CPU, fp32 backbone); features are "
+          "cached on disk in fp16 between runs (`benchmarks/heads.py`)."),
+          (f"- **Time**: the {len(runs)} runs took {sum(x['train_s'] + x['evaluate_s'] for x in runs) / 60:.0f} min "
+           f"(train + evaluate, summed) on this machine; the last invocation computed {meta.get('computed', 0)} "
+           f"of them in {meta.get('wall_s', 0) / 60:.0f} min and reused {meta.get('reused', 0)} from `--work`."), ""]
+    atomic_write_text(md, "\n".join(L) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 seeds, 2 subsets, fewer test images, smaller budget")
+    ap.add_argument("--gbm40", type=Path, default=Path("/work/shared/data/gbm40"))
+    ap.add_argument("--ebhi", type=Path, default=Path("/work/shared/data/ebhi-seg"))
+    ap.add_argument("--ivygap", type=Path, default=Path("/work/data/ivygap-gbm"))
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; quick 2)")
+    ap.add_argument("--subsets", type=int, default=None, help="random subsets per label-efficiency size (4; quick 2)")
+    ap.add_argument("--no-label-efficiency", action="store_true")
+    ap.add_argument("--docs-only", action="store_true", help="rewrite the docs from the finished runs; compute nothing")
+    ap.add_argument("--work", type=Path, default=None, help="runs and feature cache (default /work/data/accuracy-work[-quick])")
+    ap.add_argument("--feature-cache", type=Path, default=Path("/tmp/pdseg-featcache"),
+                    help="backbone features on disk, shared with benchmarks/heads.py")
+    ap.add_argument("--md", type=Path, default=HERE.parent / "docs" / "ACCURACY.md")
+    ap.add_argument("--json", type=Path, default=HERE.parent / "docs" / "accuracy.json")
+    ap.add_argument("--machine", default=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores")
+    args = ap.parse_args()
+    quick = args.quick
+    args.work = args.work or Path(f"/work/data/accuracy-work{'-quick' if quick else ''}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(args.seeds or (2 if quick else 3)))
+    n_subsets = args.subsets or (2 if quick else 4)
+    rows = [r for r in args.rows if r != "small-context" or has_context_head()]
+
+    from heads import install_cache
+
+    install_cache(args.feature_cache)
+    data = splits(args, quick)
+    cases = [c for c in args.cases if c in data]
+    missing = [c for c in args.cases if c not in data]
+    # The plan: main table first (cheap rows first within a case), then label efficiency.
+    plan = [(r, c, s, None) for s in seeds for c in cases for r in rows]
+    if "ebhi" in data and not args.no_label_efficiency:
+        names = train_names(data["ebhi"][0])
+        for n in (1, 3):
+            for k in range(n_subsets):
+                pick = sorted(np.random.default_rng([n, k]).choice(names, size=n, replace=False).tolist())
+                plan += [(r, "ebhi", k, pick) for r in rows]
+    runs_dir = args.work / "cells"
+    runs_dir.mkdir(exist_ok=True)
+    meta = {"quick": quick, "rows": rows, "cases": cases, "seeds": seeds, "subsets": n_subsets,
+            "machine": args.machine, "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "incomplete": f"no data for {missing}" if missing else None}
+    t0 = time.perf_counter()
+    computed = reused = 0
+    failed: list[str] = []
+    runs: list[dict] = []
+    for i, (r, c, seed, images) in enumerate(plan):
+        tag = f"{c}-{r}-{'all' if images is None else '+'.join(x.split('.')[0][:24] for x in images)}-s{seed}"
+        f = runs_dir / f"{tag}.json"
+        if f.is_file():
+            runs.append(json.loads(f.read_text()))
+            reused += 1
+            continue
+        if args.docs_only:
+            failed.append(tag)
+            continue
+        tr, te, test_names = data[c]
+        print(f"[{i + 1}/{len(plan)}] {tag}", flush=True)
+        try:
+            rec = run_cell(ROWS[r], CASES[c], tr, te, test_names, seed, images, quick, args.work / "runs" / tag)
+        except Exception:  # noqa: BLE001 -- one failed run must not lose the others; it is reported and retried next time
+            import traceback
+
+            traceback.print_exc()
+            failed.append(tag)
+            continue
+        f.write_text(json.dumps(rec, indent=1))
+        runs.append(rec)
+        computed += 1
+        print(f"    score {rec['score']:.4f} macro {rec['macro_dice']:.4f} ({rec['train_s']} s + {rec['evaluate_s']} s)",
+              flush=True)
+        meta.update(wall_s=time.perf_counter() - t0, computed=computed, reused=reused,
+                    incomplete=f"{len(plan) - i - 1} of {len(plan)} runs still to do" if i + 1 < len(plan) else None)
+        write_docs(runs, meta, args.md, args.json)
+    not_done = f"{len(failed)} of {len(plan)} runs not done yet" if args.docs_only else f"failed runs: {failed}"
+    gaps = ([f"no data for {missing}"] if missing else []) + ([not_done] if failed else [])
+    meta.update(wall_s=time.perf_counter() - t0, computed=computed, reused=reused,
+                incomplete="; ".join(gaps) or None)
+    write_docs(runs, meta, args.md, args.json)
+    print(f"wrote {args.md} and {args.json}: {computed} runs computed, {reused} reused, "
+          f"{(time.perf_counter() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
