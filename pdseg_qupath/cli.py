@@ -394,6 +394,8 @@ def bench_features_cmd(
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Up-block indices, comma-separated, 0 = coarsest."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Use the channels-last memory layout (may be faster on GPUs)."),
+    reference: bool = typer.Option(False, "--reference", help="Time the reference path (diffusers modules as "
+                                   "shipped, NCHW, system allocator): what ran before the CPU fast path."),
 ) -> None:
     """Feature-extraction tiles/s, GFLOP/tile, TFLOP/s, peak memory and error vs eager fp32, as JSON."""
     from pdseg_qupath.backbone.bench import bench_features
@@ -404,7 +406,7 @@ def bench_features_cmd(
         backbone, resolve_device(device), batch_size, steps, comp,
         t=_int_list(t, "--t"),
         blocks=_int_list(blocks, "--blocks"),
-        precision=precision, channels_last=channels_last,
+        precision=precision, channels_last=channels_last, reference=reference,
     )
     print(json.dumps(result, indent=2))
 
