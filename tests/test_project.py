@@ -233,10 +233,10 @@ def test_review_map_detections_and_a_wiped_write_back(project):
 
 
 def test_predict_with_review_into_a_real_project(project, tmp_path):
-    from _loop_data import make_folder, train_tiny
-
     from pdseg_qupath.learn.options import PredictOptions
     from pdseg_qupath.tasks.predict import predict
+
+    from _loop_data import make_folder, train_tiny
 
     model = train_tiny(make_folder(tmp_path / "train", n=2, size=(48, 48)), tmp_path / "model", epochs=1).model_dir
     with QuPathProjectSource(project, writable=True) as src:
