@@ -229,6 +229,19 @@ def write_docs(runs: list[dict], meta: dict, md: Path, js: Path) -> None:
             cells.append(cell)
         cells += [_fmt(table[r]["ebhi-n1"]["score"]), _fmt(table[r]["ebhi-n3"]["score"])]
         L.append(f"| {ROWS[r].title} | " + " | ".join(cells) + " |")
+    L += ["", "**Reading** (computed from the table): "]
+    for c in cases + ["ebhi-n1", "ebhi-n3"]:
+        means = {r: table[r][c]["score"]["mean"] for r in rows if table[r][c]["score"]["n"]}
+        if not means:
+            continue
+        best = max(means, key=means.get)
+        name = CASES[c].title if c in CASES else f"EBHI-Seg with {c[-1]} training image(s)"
+        line = f"- {name}: best `{best}` ({means[best]:.3f})"
+        if "small" in means and "baseline" in means:
+            line += f"; `small` − colour-texture = {means['small'] - means['baseline']:+.3f}"
+        if "small" in means and "raw" in means:
+            line += f"; `small` − raw pixels = {means['small'] - means['raw']:+.3f}"
+        L.append(line + ".")
     L += ["", "Seeds: " + ", ".join(map(str, meta["seeds"])) + f"; label-efficiency subsets per size: {meta['subsets']} "
           "(each subset trained once, with its own seed; the spread covers both).", ""]
     for c in cases:
@@ -260,8 +273,9 @@ def write_docs(runs: list[dict], meta: dict, md: Path, js: Path) -> None:
           "annotated training images → 40 densely annotated test images, about 4 µm/px, worked at 8 µm/px."),
           ("- **Runs**: `train` then `evaluate` through the Python API (CPU, fp32 backbone); features are "
           "cached on disk in fp16 between runs (`benchmarks/heads.py`)."),
-          (f"- **Wall time**: {meta.get('wall_s', 0) / 60:.0f} min for the runs computed in the last invocation "
-          f"({meta.get('computed', 0)} runs; {meta.get('reused', 0)} reused from `--work`)."), ""]
+          (f"- **Time**: the {len(runs)} runs took {sum(x['train_s'] + x['evaluate_s'] for x in runs) / 60:.0f} min "
+           f"(train + evaluate, summed) on this machine; the last invocation computed {meta.get('computed', 0)} "
+           f"of them in {meta.get('wall_s', 0) / 60:.0f} min and reused {meta.get('reused', 0)} from `--work`."), ""]
     atomic_write_text(md, "\n".join(L) + "\n")
 
 
@@ -277,6 +291,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; quick 2)")
     ap.add_argument("--subsets", type=int, default=None, help="random subsets per label-efficiency size (4; quick 2)")
     ap.add_argument("--no-label-efficiency", action="store_true")
+    ap.add_argument("--docs-only", action="store_true", help="rewrite the docs from the finished runs; compute nothing")
     ap.add_argument("--work", type=Path, default=None, help="runs and feature cache (default /work/data/accuracy-work[-quick])")
     ap.add_argument("--feature-cache", type=Path, default=Path("/tmp/pdseg-featcache"),
                     help="backbone features on disk, shared with benchmarks/heads.py")
@@ -321,6 +336,9 @@ def main() -> None:
             runs.append(json.loads(f.read_text()))
             reused += 1
             continue
+        if args.docs_only:
+            failed.append(tag)
+            continue
         tr, te, test_names = data[c]
         print(f"[{i + 1}/{len(plan)}] {tag}", flush=True)
         try:
@@ -339,7 +357,8 @@ def main() -> None:
         meta.update(wall_s=time.perf_counter() - t0, computed=computed, reused=reused,
                     incomplete=f"{len(plan) - i - 1} of {len(plan)} runs still to do" if i + 1 < len(plan) else None)
         write_docs(runs, meta, args.md, args.json)
-    gaps = ([f"no data for {missing}"] if missing else []) + ([f"failed runs: {failed}"] if failed else [])
+    not_done = f"{len(failed)} of {len(plan)} runs not done yet" if args.docs_only else f"failed runs: {failed}"
+    gaps = ([f"no data for {missing}"] if missing else []) + ([not_done] if failed else [])
     meta.update(wall_s=time.perf_counter() - t0, computed=computed, reused=reused,
                 incomplete="; ".join(gaps) or None)
     write_docs(runs, meta, args.md, args.json)

@@ -246,3 +246,20 @@ def test_the_simulated_pathologist_labels_exactly_the_review_region():
     assert len(by_class["Nucleus"]) == 2  # the one far outside the region is not labelled
     assert sum(g.area for g in by_class["Nucleus"]) == pytest.approx(
         nuclei[0].intersection(cell).area + nuclei[2].area)
+
+
+def test_the_uncertainty_map_stays_small_on_a_whole_slide(monkeypatch):
+    import numpy as np
+
+    from pdseg_qupath.core.grid import Window
+    from pdseg_qupath.learn import review
+    from pdseg_qupath.learn.stitch import Strip
+
+    grid = review.ReviewGrid(Window(0, 0, 640, 480, 2.0), 64)  # 16-px cells: 40 × 30 of them
+    margin = np.random.default_rng(0).random((480, 640)).astype(np.float32)
+    grid.add(Strip(0, np.zeros((480, 640), np.uint8), margin, margin))
+    monkeypatch.setattr(review, "MAX_MAP_CELLS", 300)
+    cells = [a for a in grid.objects(3, "m", (1280, 960)) if a.object_type == "detection"]
+    assert len(cells) <= 300 and sum(c.geometry.area for c in cells) == pytest.approx(1280 * 960)
+    mean = sum(c.measurements["pdseg: uncertainty"] * c.geometry.area for c in cells) / (1280 * 960)
+    assert mean == pytest.approx(float((1 - margin).mean()), abs=1e-3)

@@ -1,8 +1,10 @@
 """``pdseg-qupath bench features``: throughput, FLOPs, memory and accuracy of feature extraction.
 
 FLOPs are counted with ``torch.utils.flop_counter`` on a meta-device copy (free, exact shapes), so the
-figure is the same on every machine. Accuracy is measured against an eager fp32 run of the same
-backbone on the same device (TF32 off), so a compiled or bf16 setting reports what it costs.
+figure is the same on every machine. Accuracy is measured against the reference path (``reference=True``:
+diffusers' modules as shipped, eager fp32, NCHW, TF32 off) on the same device and weights, so a compiled,
+channels-last or bf16 setting reports what it costs. ``reference=True`` times that path itself: it is
+what the extractor did before the CPU fast path (``benchmarks/cpu_speed.py`` runs both side by side).
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ def bench_features(spec: str = "pathsegdiff-brca-20x", device: str = "cpu", batc
                    steps: int = 5, compile: bool | str = False, *, t: int | Sequence[int] | None = None,
                    blocks: Sequence[int] | None = None, tile_size: int | None = None,
                    channels_last: bool = False, attention: str | None = None, precision: str = "auto",
-                   warmup_steps: int = 1, ref_tiles: int = 2) -> dict[str, Any]:
+                   warmup_steps: int = 1, ref_tiles: int = 2, reference: bool = False) -> dict[str, Any]:
     """Time ``LDMFeatures.extract`` on random tiles; returns a JSON-ready dict (see docs/PERFORMANCE.md)."""
     dev = torch.device(device)
     bb = load_backbone(spec, dev)
     size = tile_size or bb.config.tile_size
     feats = LDMFeatures(bb, t=t, blocks=blocks, device=dev, batch_size=batch_size, compile=compile,
-                        channels_last=channels_last, attention=attention, precision=precision)
+                        channels_last=channels_last, attention=attention, precision=precision, reference=reference)
     rng = np.random.default_rng(0)
     tiles = torch.from_numpy(rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8))
     origins = np.stack([np.arange(batch_size) * size, np.zeros(batch_size, dtype=np.int64)], 1)
@@ -65,11 +67,13 @@ def bench_features(spec: str = "pathsegdiff-brca-20x", device: str = "cpu", batc
     first_s = time.perf_counter() - t0
     for _ in range(max(0, warmup_steps - 1)):
         run()
-    t0 = time.perf_counter()
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(steps):
         y = run()
     elapsed = time.perf_counter() - t0
-    tiles_per_s = steps * batch_size / elapsed
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    n_tiles = steps * batch_size
+    tiles_per_s = n_tiles / elapsed
     peak_gib, peak_kind = _peak_memory(dev)
 
     n_ref = max(1, min(ref_tiles, batch_size))
@@ -86,6 +90,8 @@ def bench_features(spec: str = "pathsegdiff-brca-20x", device: str = "cpu", batc
         "precision": feats.precision,
         "compile": feats.compile_mode,
         "channels_last": channels_last,
+        "reference_path": feats.reference,
+        "threads": torch.get_num_threads(),
         "attention": attention or "auto",
         "batch_size": feats.batch_size,
         "tile_size": size,
@@ -96,11 +102,14 @@ def bench_features(spec: str = "pathsegdiff-brca-20x", device: str = "cpu", batc
         "first_call_s": round(first_s, 3),
         "tiles_per_s": round(tiles_per_s, 3),
         "s_per_tile": round(1.0 / tiles_per_s, 5),
+        # Process CPU time (all threads) and minor page faults per tile: less load-dependent than wall time.
+        "cpu_s_per_tile": round((r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / n_tiles, 5),
+        "page_faults_per_tile": round((r1.ru_minflt - r0.ru_minflt) / n_tiles, 1),
         "gflop_per_tile": round(gflop, 2),
         "tflop_per_s": round(gflop * tiles_per_s / 1000.0, 3),
         "peak_memory_gib": round(peak_gib, 3),
         "peak_memory_kind": peak_kind,
-        "ref": "eager fp32 (TF32 off), same device and weights",
+        "ref": "reference path: eager fp32, diffusers modules, NCHW (TF32 off), same device and weights",
         "ref_rel_error": rel,
         "ref_max_abs_error": float((got - ref).abs().max()),
         "ref_tiles": n_ref,
@@ -108,11 +117,11 @@ def bench_features(spec: str = "pathsegdiff-brca-20x", device: str = "cpu", batc
 
 
 def _eager_fp32_reference(bb: Backbone, feats: LDMFeatures, tiles: torch.Tensor, origins: np.ndarray) -> torch.Tensor:
-    if feats.compile_mode is None and feats.precision == "fp32" and not feats.channels_last:
+    if feats.reference and feats.compile_mode is None and feats.precision == "fp32" and not feats.channels_last:
         ref_f = feats
     else:
         ref_f = LDMFeatures(bb, t=list(feats.t), blocks=feats.blocks, device=feats.device,
-                            batch_size=len(tiles), precision="fp32", seed=feats.seed)
+                            batch_size=len(tiles), precision="fp32", seed=feats.seed, reference=True)
     cuda = feats.device.type == "cuda"
     if cuda:
         saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)

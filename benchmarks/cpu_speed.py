@@ -1,0 +1,119 @@
+"""CPU feature throughput, old against new, in one run (not a test; prints and writes JSON).
+
+"old" is ``bench features --reference``: diffusers' modules as shipped, NCHW, the system allocator —
+what ``pdseg-qupath bench features --backbone small --device cpu`` timed before the CPU fast path. "new"
+is the same command today. Each measurement runs in a fresh process (the allocator setting is
+process-wide), with the same torch thread count, batch size, tiles and weights; old and new alternate,
+with the order flipped every round, so that load from other programs hits both alike. The speed-up
+is reported per round (new tiles/s over the old of the same round) and as the median over rounds,
+for wall time and for process CPU time (all threads), which depends less on the machine's load.
+
+    python benchmarks/cpu_speed.py --backbone small --threads 2 --rounds 5 --out cpu_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def worker(args: argparse.Namespace) -> None:
+    # pdseg first, as the CLI does: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP.
+    from pdseg_qupath.backbone.bench import bench_features  # isort: skip
+    import torch
+
+    torch.set_num_threads(args.threads)
+    r = bench_features(args.backbone, "cpu", args.batch_size, args.steps, reference=args.worker == "old",
+                       warmup_steps=1, ref_tiles=args.batch_size)
+    print("RESULT " + json.dumps(r))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="small")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in each worker (OMP_NUM_THREADS too)")
+    ap.add_argument("--batch-size", type=int, default=4, help="tiles per pass (4 is bench features' default)")
+    ap.add_argument("--steps", type=int, default=3, help="timed batches per measurement")
+    ap.add_argument("--rounds", type=int, default=5, help="old/new pairs")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--worker", choices=("old", "new"), default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, __file__, "--backbone", args.backbone, "--threads", str(args.threads),
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+    rows: dict[str, list[dict]] = {"old": [], "new": []}
+    for r in range(args.rounds):
+        order = ("old", "new") if r % 2 == 0 else ("new", "old")
+        for variant in order:
+            load = os.getloadavg()[0]
+            out = subprocess.run(cmd + ["--worker", variant], env=env, capture_output=True, text=True, check=False)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if out.returncode or line is None:
+                sys.exit(f"{variant} worker failed:\n{out.stderr[-3000:]}")
+            res = json.loads(line[len("RESULT "):])
+            res["load_avg_1min_before"] = round(load, 2)
+            rows[variant].append(res)
+            print(f"round {r + 1}/{args.rounds} {variant}: {res['tiles_per_s']:.3f} tiles/s, "
+                  f"{res['cpu_s_per_tile']:.3f} CPU s/tile, {res['page_faults_per_tile']:.0f} page faults/tile, "
+                  f"rel. error {res['ref_rel_error']:.1e} (load {load:.1f})", file=sys.stderr, flush=True)
+
+    def ratios(key: str, invert: bool = False) -> list[float]:
+        return [round((o[key] / n[key]) if invert else (n[key] / o[key]), 3)
+                for o, n in zip(rows["old"], rows["new"])]
+
+    wall, cpu = ratios("tiles_per_s"), ratios("cpu_s_per_tile", invert=True)
+    summary = {
+        "what": "bench features, old (reference path) against new (default path), alternating fresh processes",
+        "machine": f"{_cpu_name()}, {os.cpu_count()} logical cores",
+        "backbone": rows["new"][0]["backbone"],
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "tile_size": rows["new"][0]["tile_size"],
+        "gflop_per_tile": rows["new"][0]["gflop_per_tile"],
+        "rounds": args.rounds,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "old_tiles_per_s": [o["tiles_per_s"] for o in rows["old"]],
+        "new_tiles_per_s": [n["tiles_per_s"] for n in rows["new"]],
+        "speedup_wall_per_round": wall,
+        "speedup_wall_median": statistics.median(wall),
+        "old_cpu_s_per_tile": [o["cpu_s_per_tile"] for o in rows["old"]],
+        "new_cpu_s_per_tile": [n["cpu_s_per_tile"] for n in rows["new"]],
+        "speedup_cpu_time_per_round": cpu,
+        "speedup_cpu_time_median": statistics.median(cpu),
+        "old_page_faults_per_tile": statistics.median(o["page_faults_per_tile"] for o in rows["old"]),
+        "new_page_faults_per_tile": statistics.median(n["page_faults_per_tile"] for n in rows["new"]),
+        "new_rel_error_vs_old_path": max(n["ref_rel_error"] for n in rows["new"]),
+        "new_max_abs_error_vs_old_path": max(n["ref_max_abs_error"] for n in rows["new"]),
+        "load_avg_1min": [r["load_avg_1min_before"] for v in ("old", "new") for r in rows[v]],
+        "runs": rows,
+    }
+    text = json.dumps(summary, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
