@@ -266,11 +266,11 @@ def test_the_uncertainty_map_stays_small_on_a_whole_slide(monkeypatch):
 
 
 def test_predict_keeps_an_edit_saved_by_another_process_mid_run(project, fake_paquo, tmp_path, monkeypatch):
-    from _loop_data import make_folder, train_tiny
-
     from pdseg_qupath.learn.options import PredictOptions
     from pdseg_qupath.sources.qupath.project import QuPathProjectSource
     from pdseg_qupath.tasks import predict as task
+
+    from _loop_data import make_folder, train_tiny
 
     model = train_tiny(make_folder(tmp_path / "train", n=2, size=(48, 48)), tmp_path / "model", epochs=1).model_dir
     qpdata = project / "data" / "2" / "data.qpdata"
