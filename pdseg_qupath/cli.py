@@ -434,15 +434,15 @@ def _where_written(src: object, result: object, out: Optional[Path]) -> list[str
     written = [r for r in result.images if r.write is not None]  # type: ignore[attr-defined]
     if written:
         objects = sum(r.write.added for r in written)
-        target = getattr(src, "path", None)
-        if target is not None and str(target).endswith(".qpproj"):
+        targets = sorted({str(r.write.target) for r in written if r.write.target is not None})
+        if any(t.endswith(".qpproj") for t in targets):
             backup = next((r.write.backup for r in written if r.write.backup), None)
-            lines.append(f"written back into {target}: {objects} object(s) in {len(written)} image(s)"
+            lines.append(f"written back into {targets[0]}: {objects} object(s) in {len(written)} image(s)"
                          + (f" (backup of the earlier state: {backup})" if backup else ""))
-        else:
-            files = sorted({str(m.split(':')[0]) for r in written for m in r.write.messages if m.endswith("kept")})
-            lines.append(f"{objects} object(s) written to {', '.join(files) if len(files) <= 3 else str(Path(files[0]).parent)}"
-                         " (import them with File › Import objects, or groovy/import_predictions.groovy)")
+        elif targets:
+            where = ", ".join(targets) if len(targets) <= 3 else f"{Path(targets[0]).parent}/ ({len(targets)} files)"
+            lines.append(f"{objects} object(s) written to {where} (import them with File › Import objects, or "
+                         "groovy/import_predictions.groovy)")
     if out is not None:
         lines.append(f"files (GeoJSON, overlays, areas.csv) in {out}")
     if getattr(result, "areas_csv", None) is not None:

@@ -163,3 +163,17 @@ def test_train_options_reach_the_model_folder(gbm_folder: Path, tmp_path: Path, 
     code, text = run(["train", str(gbm_folder), "--out", str(tmp_path / "m2"), "--backbone", "random:tiny",
                       "--class-weights", "heavy"], capsys)
     assert code == 2 and "--class-weights" in text
+
+
+def test_predict_says_where_it_wrote(tmp_path: Path, capsys) -> None:
+    from _loop_data import make_folder, train_tiny
+
+    src = make_folder(tmp_path / "src", n=2, size=(48, 48))
+    model = train_tiny(src, tmp_path / "model", epochs=1).model_dir
+    code, text = run(["predict", str(src), "--model", str(model), "--image-mpp", "0.5", "--review", "1",
+                      "--review-size", "8"], capsys)
+    assert code == 0, text
+    flat = " ".join(text.split())
+    assert "object(s) written to" in flat and "pdseg/predictions/" in flat and "areas per class:" in flat
+    written = json.loads((src / "pdseg" / "predictions" / "img0.png.geojson").read_text())["features"]
+    assert any(f["properties"].get("classification", {}).get("name") == "Review*" for f in written)

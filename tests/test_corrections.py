@@ -246,3 +246,46 @@ def test_the_simulated_pathologist_labels_exactly_the_review_region():
     assert len(by_class["Nucleus"]) == 2  # the one far outside the region is not labelled
     assert sum(g.area for g in by_class["Nucleus"]) == pytest.approx(
         nuclei[0].intersection(cell).area + nuclei[2].area)
+
+
+def test_the_uncertainty_map_stays_small_on_a_whole_slide(monkeypatch):
+    import numpy as np
+
+    from pdseg_qupath.core.grid import Window
+    from pdseg_qupath.learn import review
+    from pdseg_qupath.learn.stitch import Strip
+
+    grid = review.ReviewGrid(Window(0, 0, 640, 480, 2.0), 64)  # 16-px cells: 40 × 30 of them
+    margin = np.random.default_rng(0).random((480, 640)).astype(np.float32)
+    grid.add(Strip(0, np.zeros((480, 640), np.uint8), margin, margin))
+    monkeypatch.setattr(review, "MAX_MAP_CELLS", 300)
+    cells = [a for a in grid.objects(3, "m", (1280, 960)) if a.object_type == "detection"]
+    assert len(cells) <= 300 and sum(c.geometry.area for c in cells) == pytest.approx(1280 * 960)
+    mean = sum(c.measurements["pdseg: uncertainty"] * c.geometry.area for c in cells) / (1280 * 960)
+    assert mean == pytest.approx(float((1 - margin).mean()), abs=1e-3)
+
+
+def test_predict_keeps_an_edit_saved_by_another_process_mid_run(project, fake_paquo, tmp_path, monkeypatch):
+    from pdseg_qupath.learn.options import PredictOptions
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
+    from pdseg_qupath.tasks import predict as task
+
+    from _loop_data import make_folder, train_tiny
+
+    model = train_tiny(make_folder(tmp_path / "train", n=2, size=(48, 48)), tmp_path / "model", epochs=1).model_dir
+    qpdata = project / "data" / "2" / "data.qpdata"
+    qpdata.write_text(dump_qpdata([]))
+    real = task.predict_image
+
+    def predict_while_qupath_saves(*args, **kwargs):
+        out = real(*args, **kwargs)
+        subprocess.run([sys.executable, "-c", EDIT, str(qpdata)], check=True)  # the pathologist saves now
+        return out
+
+    monkeypatch.setattr(task, "predict_image", predict_while_qupath_saves)
+    with QuPathProjectSource(project, writable=True) as src:
+        result = task.predict(src, model, images=["tile.png"],
+                              options=PredictOptions(image_mpp=0.5, tissue_only=False))
+    assert not result.failed and result.images[0].write.added > 0
+    names = [o.name for o in load_qpdata(qpdata.read_text())]
+    assert "drawn mid-run" in names and sum(n.startswith("pdseg") for n in names) == result.images[0].write.added

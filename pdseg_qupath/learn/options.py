@@ -106,6 +106,8 @@ class TrainOptions:
     """Give the pixel head the RGB tile beside the features (the context head always has it)."""
     t: int | Sequence[int] | None = None
     blocks: Sequence[int] | None = None
+    """Up blocks to tap (0 = coarsest). Default: the backbone's (``small``: 1, 2) for the pixel head; for
+    the context head every block from 0 to the backbone's last default one (``small``: 0, 1, 2)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     resume: bool = True
     keep_features: bool = False

@@ -3,7 +3,8 @@
 Uncertainty is ``1 - margin``: one minus the gap between the two most probable classes of the blended
 probabilities (0 = certain, 1 = a tie). It is averaged over the predicted (tissue) pixels of square cells:
 small cells make the uncertainty map (QuPath detections with a ``pdseg: uncertainty`` measurement, for
-*Measure › Show measurement maps*), blocks of 4 × 4 of them the review regions (``Review*`` annotations,
+*Measure › Show measurement maps*; at most :data:`MAX_MAP_CELLS` of them, coarser on a whole slide),
+blocks of 4 × 4 of them the review regions (``Review*`` annotations,
 ranked, with their score). A region needs predicted pixels on at least a quarter of its area.
 """
 
@@ -26,6 +27,8 @@ RANK = "pdseg: review rank"
 MAP_BLOCK = 4
 """A review region is MAP_BLOCK × MAP_BLOCK cells of the uncertainty map."""
 MIN_SHARE = 0.25
+MAX_MAP_CELLS = 20_000
+"""At most this many map detections per image: on a whole slide the map cells grow (whole blocks of cells)."""
 
 
 class ReviewGrid:
@@ -57,15 +60,19 @@ class ReviewGrid:
         y1 = min((self.region.y + min((cy + cells) * c, self.region.height)) * d, bounds[1])
         return shapely.box(x0, y0, x1, y1)
 
-    def regions(self) -> list[tuple[float, int, int]]:
-        """(mean uncertainty, block x, block y) of every review region with enough predicted pixels, worst first."""
-        b = MAP_BLOCK
+    def _blocks(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sums and counts over blocks of b × b cells."""
         ny, nx = math.ceil(self.ny / b), math.ceil(self.nx / b)
         s = np.zeros((ny * b, nx * b))
         c = np.zeros((ny * b, nx * b))
         s[: self.ny, : self.nx], c[: self.ny, : self.nx] = self.sum, self.count
-        s = s.reshape(ny, b, nx, b).sum(axis=(1, 3))
-        c = c.reshape(ny, b, nx, b).sum(axis=(1, 3))
+        return s.reshape(ny, b, nx, b).sum(axis=(1, 3)), c.reshape(ny, b, nx, b).sum(axis=(1, 3))
+
+    def regions(self) -> list[tuple[float, int, int]]:
+        """(mean uncertainty, block x, block y) of every review region with enough predicted pixels, worst first."""
+        b = MAP_BLOCK
+        s, c = self._blocks(b)
+        ny, nx = s.shape
         full = float((self.cell * b) ** 2)
         out = [(float(s[j, i] / c[j, i]), i, j) for j in range(ny) for i in range(nx)
                if c[j, i] >= MIN_SHARE * full]
@@ -83,10 +90,12 @@ class ReviewGrid:
                 color=REVIEW_COLOR, name=f"{PDSEG_MARKER} review {rank:03d} {tag}",
                 measurements={UNCERTAINTY: round(score, 4), RANK: float(rank)},
                 metadata={"pdseg_model": model_id}))
-        ys, xs = np.nonzero(self.count > 0)
+        f = max(1, math.ceil(math.sqrt(np.count_nonzero(self.count) / MAX_MAP_CELLS)))
+        s, c = self._blocks(f)
+        ys, xs = np.nonzero(c > 0)
         for j, i in zip(ys.tolist(), xs.tolist()):
             out.append(Annotation(
-                geometry=self._box(i, j, 1, bounds), name=f"{PDSEG_MARKER} uncertainty {tag}", object_type="detection",
-                measurements={UNCERTAINTY: round(float(self.sum[j, i] / self.count[j, i]), 4)},
+                geometry=self._box(i * f, j * f, f, bounds), name=f"{PDSEG_MARKER} uncertainty {tag}",
+                object_type="detection", measurements={UNCERTAINTY: round(float(s[j, i] / c[j, i]), 4)},
                 metadata={"pdseg_model": model_id}))
         return out

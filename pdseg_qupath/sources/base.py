@@ -44,6 +44,8 @@ class WriteReport:
     kept: int = 0
     backup: Path | None = None
     messages: list[str] = field(default_factory=list)
+    target: Path | None = None
+    """Where the objects went: the predictions file, or the project file."""
 
 
 @runtime_checkable

@@ -170,7 +170,7 @@ class GeoJSONFolder:
         detections, anything) are kept exactly as their JSON was, not re-read through the annotation model.
         """
         target = self.predictions_path(image)
-        report = WriteReport(image=image.name)
+        report = WriteReport(image=image.name, target=target)
         kept: list[Any] = []
         if target.exists():
             for feature in raw_features(load_json(target), str(target)):

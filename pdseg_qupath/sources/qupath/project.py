@@ -381,7 +381,7 @@ class QuPathProjectSource:
             if _data_stamp(entry) != before:
                 continue  # saved by someone else while merging: merge again on their copy
             self._save(entry, image_data, changed=bool(merged.added or merged.removed))
-            merged.backup = report.backup
+            merged.backup, merged.target = report.backup, self.path
             self._record_write(entry, image, [a for a in annotations if a.object_type != "detection"])
             return merged
         raise PdsegError(
