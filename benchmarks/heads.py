@@ -108,6 +108,20 @@ def link_split(src: Path, dst: Path, names: list[str]) -> Path:
     return dst
 
 
+def table(runs: list[dict]) -> str:
+    """A markdown table of the runs: per data set and head, each seed's score, mean and spread."""
+    rows = ["| data set (score) | head | t | blocks | per seed | mean | spread (max − min) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    keys = sorted({(r["dataset"], r["head"]) for r in runs})
+    for ds, head in keys:
+        rs = sorted((r for r in runs if (r["dataset"], r["head"]) == (ds, head)), key=lambda r: r["seed"])
+        sc = [r["score"] for r in rs]
+        per = ", ".join(f"{r['score']:.3f} (s{r['seed']})" for r in rs)
+        rows.append(f"| {ds} ({rs[0]['score_name']}) | {head} | {rs[0]['t']} | {rs[0]['blocks']} | {per} | "
+                    f"{np.mean(sc):.3f} | {max(sc) - min(sc):.3f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ebhi", type=Path, help="ebhi-seg folder (train/ and test/)")
@@ -118,7 +132,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/pdseg-heads"))
     ap.add_argument("--feature-cache", type=Path, default=Path("/tmp/pdseg-featcache"))
     ap.add_argument("--json", type=Path, default=None, help="append each run's result to this JSON file")
+    ap.add_argument("--table", nargs="*", type=Path, help="only print the markdown table of these JSON files")
     args = ap.parse_args()
+    if args.table:
+        print(table([r for f in args.table for r in json.loads(f.read_text())["runs"]]))
+        return
 
     from rich.console import Console
 

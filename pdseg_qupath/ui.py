@@ -54,7 +54,10 @@ class _BarStep(Step):
         self.p.advance(self.task, n)
 
     def set_total(self, total: int | None, done: int | None = None) -> None:
-        self.p.update(self.task, total=total, **({"completed": done} if done is not None else {}))
+        if done == 0:  # a new count (the next slide): its own elapsed time and rate, so its ETA is right
+            self.p.reset(self.task, total=total, completed=0)
+        else:
+            self.p.update(self.task, total=total, **({"completed": done} if done is not None else {}))
 
     def describe(self, text: str) -> None:
         self.p.update(self.task, description=f"{self.name}: {text}" if text and text != self.name else self.name)
@@ -80,6 +83,8 @@ class _PlainStep(Step):
         self.total = total
         if done is not None:
             self.done = done
+        if done == 0:  # a new count (the next slide): elapsed time and rate start again, so the ETA is right
+            self.t0, self.start_done = time.monotonic(), 0
         self._maybe_print()
 
     def describe(self, text: str) -> None:

@@ -263,3 +263,29 @@ def test_the_uncertainty_map_stays_small_on_a_whole_slide(monkeypatch):
     assert len(cells) <= 300 and sum(c.geometry.area for c in cells) == pytest.approx(1280 * 960)
     mean = sum(c.measurements["pdseg: uncertainty"] * c.geometry.area for c in cells) / (1280 * 960)
     assert mean == pytest.approx(float((1 - margin).mean()), abs=1e-3)
+
+
+def test_predict_keeps_an_edit_saved_by_another_process_mid_run(project, fake_paquo, tmp_path, monkeypatch):
+    from pdseg_qupath.learn.options import PredictOptions
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
+    from pdseg_qupath.tasks import predict as task
+
+    from _loop_data import make_folder, train_tiny
+
+    model = train_tiny(make_folder(tmp_path / "train", n=2, size=(48, 48)), tmp_path / "model", epochs=1).model_dir
+    qpdata = project / "data" / "2" / "data.qpdata"
+    qpdata.write_text(dump_qpdata([]))
+    real = task.predict_image
+
+    def predict_while_qupath_saves(*args, **kwargs):
+        out = real(*args, **kwargs)
+        subprocess.run([sys.executable, "-c", EDIT, str(qpdata)], check=True)  # the pathologist saves now
+        return out
+
+    monkeypatch.setattr(task, "predict_image", predict_while_qupath_saves)
+    with QuPathProjectSource(project, writable=True) as src:
+        result = task.predict(src, model, images=["tile.png"],
+                              options=PredictOptions(image_mpp=0.5, tissue_only=False))
+    assert not result.failed and result.images[0].write.added > 0
+    names = [o.name for o in load_qpdata(qpdata.read_text())]
+    assert "drawn mid-run" in names and sum(n.startswith("pdseg") for n in names) == result.images[0].write.added

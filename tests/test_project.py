@@ -230,3 +230,26 @@ def test_review_map_detections_and_a_wiped_write_back(project):
     src = QuPathProjectSource(project)
     _, report = src.read_annotations(_by_file(src.images())["slide.tif"])
     assert "2 pdseg object(s) written by model 01234567" in report.messages[0] and "are gone" in report.messages[0]
+
+
+def test_predict_with_review_into_a_real_project(project, tmp_path):
+    from pdseg_qupath.learn.options import PredictOptions
+    from pdseg_qupath.tasks.predict import predict
+
+    from _loop_data import make_folder, train_tiny
+
+    model = train_tiny(make_folder(tmp_path / "train", n=2, size=(48, 48)), tmp_path / "model", epochs=1).model_dir
+    with QuPathProjectSource(project, writable=True) as src:
+        result = predict(src, model, options=PredictOptions(image_mpp=0.5, review=2, review_size_um=16,
+                                                            tissue_only=False))
+    assert not result.failed and all(r.write is not None and r.write.added > 0 for r in result.images)
+    src = QuPathProjectSource(project)
+    anns, _ = src.read_annotations(_by_file(src.images())["slide.tif"])
+    ours = [a for a in anns if a.is_pdseg]
+    assert ours and {a.role for a in ours} == {"untouched"}
+    assert [a.measurements["pdseg: review rank"] for a in ours if a.classification == "Review*"] == [1.0, 2.0]
+    bounds = box(0, 0, 320, 256)
+    assert all(bounds.contains(a.geometry) for a in ours)  # clipped to the image
+    with QuPathProject(project, mode="r") as qp:
+        entry = next(e for e in qp.images if e.uri.endswith("slide.tif"))
+        assert len(list(entry.hierarchy.detections)) > 0

@@ -42,6 +42,9 @@ def test_model_folder_and_record(trained):
     assert meta["features"]["channels"] == meta["head"]["in_channels"]
     assert meta["training"]["validation"] == "image"
     assert len(meta["training"]["train_images"]) == 1 and len(meta["training"]["val_images"]) == 1
+    # the objects the training image's labels came from (all drawn by hand here: no predictions among them)
+    assert meta["training"]["labels"]["user"] > 0
+    assert meta["training"]["labels"]["corrected"] == meta["training"]["labels"]["untouched"] == 0
     assert len(meta["training"]["history"]) == 3
     row = meta["training"]["history"][0]
     assert set(row["per_class"]) == {"Background", "Nucleus"}
@@ -248,6 +251,7 @@ def test_context_head_trains_on_whole_maps_and_predicts(data, tmp_path):
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     assert meta["head"]["kind"] == "context" and meta["head"]["dilations"] == [1, 2, 4, 8]
     assert meta["head"]["rgb_skip"] is True and meta["training"]["options"]["head"] == "context"
+    assert meta["features"]["blocks"] == [0, 1]  # tiny's default is (0, 1): from the coarsest already
     cache = meta["training"]["cache"]
     assert cache["form"] == "maps" and cache["views_train"] == res.cache["views_train"] > 0
     assert cache["bytes"] == (cache["views_train"] + cache["views_val"]) * cache["bytes_per_view"]
@@ -320,3 +324,11 @@ def test_class_missing_from_validation_is_warned(data, tmp_path):
     auto = train_model(open_source(src), tmp_path / "n", backbone="random:tiny", mpp=0.5, image_mpp=0.5, epochs=1,
                        device="cpu", options=small_options(val_fraction=0.3))
     assert auto.val_images != ["plain.png"] and not any("validation images" in m for m in auto.messages)
+
+
+def test_context_head_taps_the_blocks_from_the_coarsest():
+    from pdseg_qupath.learn.predictor import load_extractor
+
+    assert load_extractor("random:small", "cpu")[1].blocks == (1, 2)
+    assert load_extractor("random:small", "cpu", from_coarsest=True)[1].blocks == (0, 1, 2)
+    assert load_extractor("random:small", "cpu", blocks=[2], from_coarsest=True)[1].blocks == (2,)

@@ -29,6 +29,21 @@ def test_plain_lines_report_progress_with_total_and_eta(monkeypatch):
     assert lines[-1].endswith("4/4 (100 %), elapsed 0:00:00 - done") and len(lines) == 3
 
 
+def test_each_slide_gets_its_own_total_and_eta(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(ui.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(ui, "PLAIN_EVERY", 0.0)
+    events, buf = _events(plain=True)
+    step = events.step("tiles", total=None)
+    step.set_total(100, done=0)  # slide 1: 100 tiles, slowly
+    clock[0] = 100.0
+    step.advance(10)
+    step.set_total(10, done=0)  # slide 2: 10 tiles at 1 tile/s
+    clock[0] = 105.0
+    step.advance(5)
+    assert buf.getvalue().splitlines()[-1] == "tiles: 5/10 (50 %), elapsed 0:00:05, eta 0:00:05"
+
+
 def test_plain_lines_are_throttled(monkeypatch):
     monkeypatch.setattr(ui, "PLAIN_EVERY", 3600.0)
     events, buf = _events(plain=True)

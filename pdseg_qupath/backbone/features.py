@@ -12,10 +12,10 @@ Batches are cut into chunks of ``batch_size`` tiles; out-of-memory back-off belo
 (:class:`pdseg_qupath.learn.runtime.BatchRunner`).
 
 In fp32 the VQ encoder runs through :func:`pdseg_qupath.backbone.encoder.encode` (in-place, bit-identical).
-On CPU, unless ``reference=True``, two more things make it about twice as fast (docs/PERFORMANCE.md):
-the encoder's input is channels-last (oneDNN's faster convolutions; ~1e-5 from NCHW, the UNet stays
-NCHW), and :func:`keep_freed_memory` stops glibc from returning every freed activation to the kernel,
-which made each new one cost page faults (and, with two threads, TLB shootdowns).
+On CPU, unless ``reference=True``, two more things make the pass ~1.45x faster (docs/PERFORMANCE.md):
+the encoder's input is channels-last (oneDNN's faster convolutions; features within ~3e-7 relative of
+NCHW, the UNet stays NCHW), and :func:`keep_freed_memory` stops glibc from returning every freed
+activation to the kernel, which made each new one cost fresh page faults.
 """
 
 from __future__ import annotations

@@ -16,11 +16,15 @@ from pdseg_qupath.learn.runtime import BatchRunner, resolve_device
 
 
 def load_extractor(spec: str, device: str, t=None, blocks=None, seed: int = 0, *,
-                   allow_hub: bool = True) -> tuple[Backbone, LDMFeatures]:
-    """(backbone, feature extractor) for a ``--backbone`` spec; t and blocks default to the backbone's.
+                   allow_hub: bool = True, from_coarsest: bool = False) -> tuple[Backbone, LDMFeatures]:
+    """(backbone, feature extractor) for a ``--backbone`` spec; t and blocks default to the backbone's
+    (with ``from_coarsest``: every up block from the coarsest to the backbone's last default one, the
+    context head's default, as the coarse blocks carry the most context).
 
     ``allow_hub=False`` for specs read from a file (a model's): those never make pdseg contact the hub."""
     backbone = load_backbone(spec, device=device, allow_hub=allow_hub)
+    if blocks is None and from_coarsest:
+        blocks = range(max(backbone.config.default_blocks) + 1)
     kwargs = {}
     if t is not None:
         kwargs["t"] = t

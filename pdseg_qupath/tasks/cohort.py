@@ -33,10 +33,11 @@ from typing import Any, Callable, Iterator, Sequence
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.events import SILENT, Events, Step
 from pdseg_qupath.core.fileio import open_no_follow
+from pdseg_qupath.core.lifeline import run_as_child
 from pdseg_qupath.core.names import check_name_length, check_unique, output_name
 from pdseg_qupath.learn.modelio import load_model
 from pdseg_qupath.learn.options import PredictOptions
-from pdseg_qupath.learn.runtime import die_with_parent, parse_devices
+from pdseg_qupath.learn.runtime import parse_devices
 from pdseg_qupath.outputs.slide_outputs import geojson_model_id, geojson_path
 from pdseg_qupath.outputs.tables import Summary
 from pdseg_qupath.sources.base import ImageRecord, require_pixel_sizes
@@ -248,11 +249,10 @@ def _run(todo: list[ImageRecord], m: Any, model_path: str, out: Path, opts: Pred
 
 
 def _device_worker(wid: int, device: str, model_path: str, out_dir: str, opts: dict, threads: int,
-                   jobs, results, parent_pid: int | None = None) -> None:
+                   jobs, results) -> None:
     """Worker process: load the model on ``device``, then take slides from the shared queue until None.
-    It dies with the coordinator (``parent_pid``), so nothing is written once the run lock is gone."""
-    if parent_pid is not None:
-        die_with_parent(parent_pid)
+    Started through :func:`~pdseg_qupath.core.lifeline.run_as_child`, it dies with the coordinator, so
+    nothing is written once the run lock is gone."""
     try:
         import torch
 
@@ -289,8 +289,8 @@ def _run_processes(todo: list[ImageRecord], model_path: str, devices: list[str],
     procs = []
     for wid, dev in enumerate(devices):
         jobs.put(None)
-        p = ctx.Process(target=_device_worker, args=(wid, dev, model_path, str(out), asdict(opts), threads,
-                                                     jobs, results, os.getpid()), daemon=True)
+        p = ctx.Process(target=run_as_child, args=(os.getpid(), f"{__name__}:_device_worker", wid, dev, model_path,
+                                                   str(out), asdict(opts), threads, jobs, results), daemon=True)
         p.start()
         procs.append(p)
     try:

@@ -161,7 +161,8 @@ def train(
     imgs, cmap = load_training_images(source, image_mpp=image_mpp, classes=classes, messages=messages, names=images)
     try:
         # 2. The backbone, and the tiles it sees.
-        bb, extractor = load_extractor(backbone, dev, t=opts.t, blocks=opts.blocks)
+        bb, extractor = load_extractor(backbone, dev, t=opts.t, blocks=opts.blocks,
+                                       from_coarsest=opts.head == "context")
         io = opts.io(mpp, bb.config.tile_size, extractor.out_stride)
         bb_record = _backbone_record(backbone, bb)
         # 3. Train and validation tiles.
