@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-features", action="store_true", help="reuse cached features across head variants")
     ap.add_argument("--no-prior", action="store_true")
-    ap.add_argument("--hidden", default="64,32")
+    ap.add_argument("--hidden", default=None, help="head widths, e.g. 64,32 (default: the head's own)")
+    ap.add_argument("--head", default="context", choices=["context", "pixel"])
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--skip-eval", action="store_true")
     args = ap.parse_args()
@@ -62,7 +63,7 @@ def main() -> None:
     opts = TrainOptions(tiles_per_class=args.tiles_per_class, views=args.views, rgb_skip=args.rgb_skip,
                         t=args.t, overlap=args.overlap, keep_features=args.keep_features,
                         prior_correction=not args.no_prior, lr=args.lr,
-                        hidden=tuple(int(h) for h in args.hidden.split(",")),
+                        hidden=tuple(int(h) for h in args.hidden.split(",")) if args.hidden else None, head=args.head,
                         blocks=[int(b) for b in args.blocks.split(",")] if args.blocks else None)
     t0 = time.perf_counter()
     res = train(open_source(train_dir), args.out / "model", backbone=args.backbone, mpp=0.5,

@@ -174,7 +174,7 @@ def train(
     blocks: Optional[str] = typer.Option(None, "--blocks", help="Decoder (up) blocks to tap, comma-separated, 0 = coarsest (default: the backbone's)."),
     class_weights: Optional[str] = typer.Option(None, "--class-weights", help="'balanced' (inverse frequency) or one weight per class, comma-separated."),
     rgb_skip: bool = typer.Option(False, "--rgb-skip", help="Give the pixel head the RGB tile beside the features (the context head always has it)."),
-    head: str = typer.Option("pixel", "--head", help="pixel (1x1 per-pixel classifier) or context (dilated 3x3 blocks over ~124 feature-stride px, plus RGB)."),
+    head: str = typer.Option("context", "--head", help="context (dilated 3x3 blocks: each pixel sees ~124 px around it, plus its colour) or pixel (1x1 per-pixel classifier, faster to train)."),
     keep_features: bool = typer.Option(False, "--keep-features", help="Keep the feature cache so a rerun with other head options skips extraction."),
     force: bool = typer.Option(False, "--force", help="Replace the model already in --out (otherwise refused)."),
 ) -> None:

@@ -64,7 +64,7 @@ def small_options(**kw):
     from pdseg_qupath.learn.options import TrainOptions
 
     base = dict(tiles_per_class=6, views=2, pixels_per_tile=256, overlap=8, max_val_tiles=8, batch_pixels=512,
-                patience=50)
+                patience=50, head="pixel")  # the pixel head keeps these loop tests fast; the context head has its own
     base.update(kw)
     return TrainOptions(**base)
 
