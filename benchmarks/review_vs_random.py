@@ -111,7 +111,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, initial: list, cells:
         _write_labels(pool, args.gbm40, chosen, cell_px)
         model = work / f"model-{rnd}"
         t0 = time.perf_counter()
-        opts = TrainOptions(tiles_per_class=args.tiles_per_class, views=1, keep_features=False)
+        opts = TrainOptions(tiles_per_class=args.tiles_per_class, views=1, keep_features=False, head=args.head)
         train(open_source(pool), model, backbone=args.backbone, mpp=0.5, image_mpp=0.5, epochs=args.epochs,
               device="cpu", seed=seed, val_images=[f"{args.val}.png"], options=opts)
         m = evaluate(open_source(test), model, work / f"report-{rnd}", image_mpp=0.5, device="cpu", overlays=False)
@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
     ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--head", default="pixel", help="pixel (what docs/REVIEW.md used) or context")
     ap.add_argument("--tiles-per-class", type=int, default=12)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)

@@ -42,6 +42,9 @@ def test_model_folder_and_record(trained):
     assert meta["features"]["channels"] == meta["head"]["in_channels"]
     assert meta["training"]["validation"] == "image"
     assert len(meta["training"]["train_images"]) == 1 and len(meta["training"]["val_images"]) == 1
+    # the objects the training image's labels came from (all drawn by hand here: no predictions among them)
+    assert meta["training"]["labels"]["user"] > 0
+    assert meta["training"]["labels"]["corrected"] == meta["training"]["labels"]["untouched"] == 0
     assert len(meta["training"]["history"]) == 3
     row = meta["training"]["history"][0]
     assert set(row["per_class"]) == {"Background", "Nucleus"}
