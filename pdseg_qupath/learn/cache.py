@@ -155,8 +155,9 @@ class MapCache:
     def add_map(self, features: torch.Tensor, rgb: np.ndarray, labels: np.ndarray, tile_id: int) -> int:
         """Keep one tile view whole; returns its number of labelled pixels."""
         self.features.append(features.detach().cpu().to(torch.float16)[None])
-        self.rgb.append(torch.from_numpy(np.ascontiguousarray(rgb))[None])
-        self.labels.append(torch.from_numpy(np.ascontiguousarray(labels))[None])
+        # Copies: the tile arrays may be read-only views, and the cache outlives them.
+        self.rgb.append(torch.from_numpy(np.array(rgb, copy=True))[None])
+        self.labels.append(torch.from_numpy(np.array(labels, copy=True))[None])
         self.tile.append(torch.tensor([tile_id], dtype=torch.int32))
         return int((labels != IGNORE).sum())
 
