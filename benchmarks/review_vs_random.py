@@ -258,6 +258,7 @@ def main() -> None:
     ap.add_argument("--arms", default="review,random",
                     help="arms to run (comma-separated): review (the K least certain regions), review-diverse (the "
                          "least certain not touching a corrected or picked one), random")
+    ap.add_argument("--no-memo", action="store_true", help="recompute the backbone's features every time")
     ap.add_argument("--tiles-per-class", type=int, default=12)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
@@ -265,7 +266,8 @@ def main() -> None:
                     help="add the rows of earlier runs' --json files (other seeds) to the summary and the curve")
     args = ap.parse_args()
     args.pool, args.test, args.arms = args.pool.split(","), args.test.split(","), args.arms.split(",")
-    _memoize_features()
+    if not args.no_memo:
+        _memoize_features()
     cell_px = int(round(args.cell_um / 0.5))
     cells = [(t, x, y) for t in args.pool for y in range(0, 512, cell_px) for x in range(0, 512, cell_px)]
     rows: list[dict] = []
