@@ -27,6 +27,8 @@ import numpy as np
 import shapely
 from shapely.geometry import box, mapping, shape
 
+ARMS = {"review": "tab:orange", "review-diverse": "tab:red", "random": "tab:blue"}
+DIVERSE = "review-diverse"
 CLASSES = {"Nucleus": [160, 90, 160], "Background": [200, 200, 200]}
 
 
@@ -68,6 +70,54 @@ def _link(src: Path, dst: Path, tiles: list[str], geojson: bool) -> Path:
     return dst
 
 
+def _memoize_features(max_bytes: float = 1.5e9) -> None:
+    """Remember the backbone's features per (tile pixels, origins): every round re-reads the same pool, validation
+    and test tiles, and the features depend on nothing else (fixed t, blocks, noise seed), so the numbers are
+    exactly those without the memo, only faster."""
+    import hashlib
+
+    from pdseg_qupath.backbone.features import LDMFeatures
+
+    memo: dict = {}
+    size = [0]
+    orig = LDMFeatures._chunk
+
+    def chunk(self, x, org, cond):
+        if cond is not None:
+            return orig(self, x, org, cond)
+        key = (hashlib.sha1(x.cpu().numpy().tobytes()).hexdigest(), tuple(x.shape), org.cpu().numpy().tobytes(),
+               self.backbone.config.name, self.seed, self.t, self.blocks, str(self.dtype))
+        if key not in memo:
+            y = orig(self, x, org, cond)
+            if size[0] + y.numel() * y.element_size() > max_bytes:
+                return y
+            memo[key] = y
+            size[0] += y.numel() * y.element_size()
+        return memo[key].clone()
+
+    LDMFeatures._chunk = chunk
+
+
+def _pick(free: list, scores: dict, k: int, labelled: list, select: str, cell_px: int) -> list:
+    """The k least certain free regions; ``diverse``: none touching (8-neighbourhood) a region already corrected
+    or picked, so the k regions are k different places rather than one cluster (filled up in score order)."""
+    order = sorted(free, key=lambda c: -scores.get(c, -1.0))
+    if select == "top":
+        return order[:k]
+
+    def near(c: tuple) -> set:
+        t, x, y = c
+        return {(t, x + dx * cell_px, y + dy * cell_px) for dx in (-1, 0, 1) for dy in (-1, 0, 1)}
+
+    blocked = set().union(*(near(c) for c in labelled)) if labelled else set()
+    taken: list = []
+    for c in order:
+        if len(taken) < k and c not in blocked:
+            taken.append(c)
+            blocked |= near(c)
+    return taken + [c for c in order if c not in taken][: k - len(taken)]
+
+
 def _review_scores(model_dir: Path, pool_tiles: list[str], gbm40: Path, cell_um: float) -> dict:
     """(tile, x, y) → mean uncertainty of every review region of the pool, from pdseg's own predict."""
     from pdseg_qupath.core.slide import open_slide
@@ -88,6 +138,9 @@ def _review_scores(model_dir: Path, pool_tiles: list[str], gbm40: Path, cell_um:
                 x, y = a.geometry.bounds[:2]
                 scores[(t, int(round(x)), int(round(y)))] = a.measurements[UNCERTAINTY]
     return scores
+
+
+_ROUND0: dict = {}
 
 
 def run_arm(arm: str, seed: int, args: argparse.Namespace, initial: list, cells: list) -> list[dict]:
@@ -111,10 +164,16 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, initial: list, cells:
         _write_labels(pool, args.gbm40, chosen, cell_px)
         model = work / f"model-{rnd}"
         t0 = time.perf_counter()
-        opts = TrainOptions(tiles_per_class=args.tiles_per_class, views=1, keep_features=False, head=args.head)
-        train(open_source(pool), model, backbone=args.backbone, mpp=0.5, image_mpp=0.5, epochs=args.epochs,
-              device="cpu", seed=seed, val_images=[f"{args.val}.png"], options=opts)
-        m = evaluate(open_source(test), model, work / f"report-{rnd}", image_mpp=0.5, device="cpu", overlays=False)
+        if rnd == 0 and seed in _ROUND0:  # every arm starts from the same regions: train the first model once
+            model, m = _ROUND0[seed]
+        else:
+            opts = TrainOptions(tiles_per_class=args.tiles_per_class, views=1, keep_features=False, head=args.head)
+            train(open_source(pool), model, backbone=args.backbone, mpp=0.5, image_mpp=0.5, epochs=args.epochs,
+                  device="cpu", seed=seed, val_images=[f"{args.val}.png"], options=opts)
+            m = evaluate(open_source(test), model, work / f"report-{rnd}", image_mpp=0.5, device="cpu",
+                         overlays=False)
+            if rnd == 0:
+                _ROUND0[seed] = (model, m)
         rows.append({"arm": arm, "seed": seed, "round": rnd, "regions": len(labelled),
                      "nucleus_dice": round(m["per_class"]["Nucleus"]["dice"], 4),
                      "macro_dice": round(m["macro_dice"], 4), "seconds": round(time.perf_counter() - t0, 1)})
@@ -122,10 +181,9 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, initial: list, cells:
         if rnd == args.rounds:
             break
         free = [c for c in cells if c not in set(labelled)]
-        if arm == "review":
+        if arm.startswith("review"):
             scores = _review_scores(model, args.pool, args.gbm40, args.cell_um)
-            free.sort(key=lambda c: -scores.get(c, -1.0))
-            labelled += free[: args.k]
+            labelled += _pick(free, scores, args.k, labelled, "diverse" if arm == DIVERSE else "top", cell_px)
         else:
             pick = rng.choice(len(free), size=args.k, replace=False)
             labelled += [free[int(i)] for i in pick]
@@ -139,8 +197,10 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
-    for arm, color in (("review", "tab:orange"), ("random", "tab:blue")):
+    for arm, color in ARMS.items():
         sub = [r for r in rows if r["arm"] == arm]
+        if not sub:
+            continue
         xs = sorted({r["regions"] for r in sub})
         per = [[r["nucleus_dice"] for r in sub if r["regions"] == x] for x in xs]
         mean = [float(np.mean(p)) for p in per]
@@ -155,6 +215,29 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean Nucleus Dice per arm and budget; per review arm, its gain over random per seed (paired: same seed, same
+    start), with the mean, the standard error of the mean and how many seeds it was ahead in."""
+    means: dict = {}
+    for r in rows:
+        means.setdefault(r["arm"], {}).setdefault(r["regions"], []).append(r["nucleus_dice"])
+    dice = {(r["arm"], r["seed"], r["regions"]): r["nucleus_dice"] for r in rows}
+    gains: dict = {}
+    for (arm, seed, n), v in sorted(dice.items()):
+        if arm != "random" and ("random", seed, n) in dice:
+            gains.setdefault(arm, {}).setdefault(n, []).append(round(v - dice[("random", seed, n)], 4))
+
+    def stats(g: list) -> dict:
+        se = float(np.std(g, ddof=1) / np.sqrt(len(g))) if len(g) > 1 else float("nan")
+        return {"per_seed": g, "mean": round(float(np.mean(g)), 4), "se": round(se, 4),
+                "mean_over_se": round(float(np.mean(g)) / se, 2) if se > 0 else None,
+                "seeds_ahead": sum(x > 0 for x in g), "seeds": len(g)}
+
+    return {"mean_nucleus_dice_by_regions": {a: {n: round(float(np.mean(v)), 4) for n, v in sorted(by.items())}
+                                             for a, by in means.items()},
+            "minus_random_by_regions": {a: {n: stats(g) for n, g in by.items()} for a, by in gains.items()}}
 
 
 def main() -> None:
@@ -172,13 +255,17 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--head", default="pixel", help="pixel (what docs/REVIEW.md used) or context")
+    ap.add_argument("--arms", default="review,random",
+                    help="arms to run (comma-separated): review (the K least certain regions), review-diverse (the "
+                         "least certain not touching a corrected or picked one), random")
     ap.add_argument("--tiles-per-class", type=int, default=12)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="add the rows of earlier runs' --json files (other seeds) to the summary and the curve")
     args = ap.parse_args()
-    args.pool, args.test = args.pool.split(","), args.test.split(",")
+    args.pool, args.test, args.arms = args.pool.split(","), args.test.split(","), args.arms.split(",")
+    _memoize_features()
     cell_px = int(round(args.cell_um / 0.5))
     cells = [(t, x, y) for t in args.pool for y in range(0, 512, cell_px) for x in range(0, 512, cell_px)]
     rows: list[dict] = []
@@ -186,28 +273,12 @@ def main() -> None:
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
         initial = [cells[int(i)] for i in rng.choice(len(cells), size=args.k0, replace=False)]
-        for arm in ("review", "random"):
+        for arm in args.arms:
             rows += run_arm(arm, seed, args, initial, cells)
     for earlier in args.merge:
         rows += json.loads(earlier.read_text())["rows"]
-    summary = {}
-    for arm in ("review", "random"):
-        by_round = {}
-        for r in rows:
-            if r["arm"] == arm:
-                by_round.setdefault(r["regions"], []).append(r["nucleus_dice"])
-        summary[arm] = {n: round(float(np.mean(v)), 4) for n, v in sorted(by_round.items())}
-    dice = {(r["arm"], r["seed"], r["regions"]): r["nucleus_dice"] for r in rows}
-    gains = {}  # review minus random, per number of corrected regions, over the seeds that ran both
-    for (arm, seed, n), v in sorted(dice.items()):
-        if arm == "review" and ("random", seed, n) in dice:
-            gains.setdefault(n, []).append(round(v - dice[("random", seed, n)], 4))
     result = {"args": {k: ([str(x) for x in v] if k == "merge" else str(v) if isinstance(v, Path) else v)
-                       for k, v in vars(args).items()},
-              "rows": rows, "mean_nucleus_dice_by_regions": summary,
-              "review_minus_random_by_regions": {n: {"per_seed": g, "mean": round(float(np.mean(g)), 4),
-                                                     "seeds_review_ahead": sum(x > 0 for x in g)}
-                                                 for n, g in gains.items()},
+                       for k, v in vars(args).items()}, "rows": rows, **summarize(rows),
               "seconds": round(time.perf_counter() - t0)}
     text = json.dumps(result, indent=1)
     print(text)
