@@ -4,16 +4,15 @@ model files, non-finite training, damaged QuPath data, annotations off the image
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from test_cli import run  # the console entry point, as the installed script runs it
 from test_project_nojvm import fake_paquo, project  # noqa: F401 - fixtures
 
-from pdseg_qupath import cli
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.slide import check_mpp, open_slide, probe
 from pdseg_qupath.learn.modelio import META_FILE, load_model
@@ -146,18 +145,6 @@ def test_non_square_pixels_are_reported(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------- options and model files
 
-def run(args: list[str], capsys) -> tuple[int, str]:
-    old = sys.argv
-    sys.argv = ["pdseg-qupath", *args]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out + out.err
 
 
 @pytest.mark.parametrize("flag,value,expect", [

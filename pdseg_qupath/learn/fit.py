@@ -72,13 +72,19 @@ def evaluate_pixels(head: FCNHead, data: dict[str, torch.Tensor], n_classes: int
             f = data["features"][i : i + EVAL_CHUNK].to(device).float()
             y = data["labels"][i : i + EVAL_CHUNK].to(device).long()
             rgb = data["rgb"][i : i + EVAL_CHUNK].to(device).float() if rgb_skip else None
-            logits = head.forward_pixels(f, rgb)
-            if adjust is not None:
-                logits = logits + adjust
-            total += F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE, reduction="sum").item()
-            n += int((y != IGNORE).sum())
-            conf.update(y.cpu().numpy(), logits.argmax(1).cpu().numpy())
+            loss, count = _score(head.forward_pixels(f, rgb), y, weight, adjust, conf)
+            total, n = total + loss, n + count
     return total / max(1, n), conf
+
+
+def _score(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, adjust: torch.Tensor | None,
+           conf: Confusion) -> tuple[float, int]:
+    """Summed cross-entropy and labelled-pixel count of one validation batch; adds it to ``conf``."""
+    if adjust is not None:
+        logits = logits + adjust
+    loss = F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE, reduction="sum").item()
+    conf.update(y.cpu().numpy(), logits.argmax(1).cpu().numpy())
+    return loss, int((y != IGNORE).sum())
 
 
 def map_pixels(labels: torch.Tensor, n: int, n_classes: int, stratified: bool,
@@ -124,11 +130,8 @@ def evaluate_maps(head: FCNHead, data: dict[str, torch.Tensor], n_classes: int, 
         for i in range(0, len(views), MAP_BATCH):
             vs = views[i : i + MAP_BATCH]
             logits, y = _map_batch(head, data, vs, [picks[v] for v in vs], device)
-            if adjust is not None:
-                logits = logits + adjust
-            total += F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE, reduction="sum").item()
-            n += int((y != IGNORE).sum())
-            conf.update(y.cpu().numpy(), logits.argmax(1).cpu().numpy())
+            loss, count = _score(logits, y, weight, adjust, conf)
+            total, n = total + loss, n + count
     return total / max(1, n), conf
 
 
