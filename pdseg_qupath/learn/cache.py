@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -59,15 +59,45 @@ def pixels_per_view(cache_mb: float, channels: int, n_views: int, cap: int) -> i
     return max(1, min(cap, total // max(1, n_views)))
 
 
+_C = TypeVar("_C", bound="_Cache")
+
+
 @dataclass
-class PixelCache:
-    """Sampled pixels: features (N, C) fp16, rgb (N, 3) uint8, labels (N,) uint8, tile (N,) int32."""
+class _Cache:
+    """What both cache forms hold (features, rgb, labels, tile index: lists of tensors, concatenated by
+    ``tensors()``) and how a shard of either is merged, written and read back."""
 
     channels: int
     features: list[torch.Tensor] = field(default_factory=list)
     rgb: list[torch.Tensor] = field(default_factory=list)
     labels: list[torch.Tensor] = field(default_factory=list)
     tile: list[torch.Tensor] = field(default_factory=list)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def extend(self: _C, other: _C) -> None:
+        self.features += other.features
+        self.rgb += other.rgb
+        self.labels += other.labels
+        self.tile += other.tile
+
+    def save(self, path: Path) -> None:
+        """One shard, written atomically (resume after an interruption)."""
+        tensors = self.tensors()
+        atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"channels": str(self.channels)}))
+
+    @classmethod
+    def load(cls: type[_C], path: Path) -> _C:
+        d = load_file(str(path))
+        cache = cls(int(d["features"].shape[1]))
+        cache.features, cache.rgb, cache.labels, cache.tile = [d["features"]], [d["rgb"]], [d["labels"]], [d["tile"]]
+        return cache
+
+
+@dataclass
+class PixelCache(_Cache):
+    """Sampled pixels: features (N, C) fp16, rgb (N, 3) uint8, labels (N,) uint8, tile (N,) int32."""
 
     def add_tile(
         self,
@@ -90,12 +120,6 @@ class PixelCache:
         self.labels.append(torch.from_numpy(np.ascontiguousarray(labels.reshape(-1)[flat_idx])))
         self.tile.append(torch.full((len(flat_idx),), tile_id, dtype=torch.int32))
         return len(flat_idx)
-
-    def extend(self, other: PixelCache) -> None:
-        self.features += other.features
-        self.rgb += other.rgb
-        self.labels += other.labels
-        self.tile += other.tile
 
     def __len__(self) -> int:
         return sum(len(t) for t in self.labels)
@@ -120,18 +144,6 @@ class PixelCache:
             "tile": torch.cat(self.tile),
         }
 
-    def save(self, path: Path) -> None:
-        """One shard, written atomically (resume after an interruption)."""
-        tensors = self.tensors()
-        atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"channels": str(self.channels)}))
-
-    @classmethod
-    def load(cls, path: Path) -> PixelCache:
-        d = load_file(str(path))
-        cache = cls(int(d["features"].shape[1]))
-        cache.features, cache.rgb, cache.labels, cache.tile = [d["features"]], [d["rgb"]], [d["labels"]], [d["tile"]]
-        return cache
-
     def class_counts(self, n_classes: int) -> np.ndarray:
         t = self.tensors()["labels"].numpy()
         return np.bincount(t[t < n_classes], minlength=n_classes)
@@ -143,14 +155,8 @@ def bytes_per_map(channels: int, tile: int, stride: int) -> int:
 
 
 @dataclass
-class MapCache:
+class MapCache(_Cache):
     """Whole tile views: features (V, C, h, w) fp16, rgb (V, T, T, 3) uint8, labels (V, T, T) uint8, tile (V,)."""
-
-    channels: int
-    features: list[torch.Tensor] = field(default_factory=list)
-    rgb: list[torch.Tensor] = field(default_factory=list)
-    labels: list[torch.Tensor] = field(default_factory=list)
-    tile: list[torch.Tensor] = field(default_factory=list)
 
     def add_map(self, features: torch.Tensor, rgb: np.ndarray, labels: np.ndarray, tile_id: int) -> int:
         """Keep one tile view whole; returns its number of labelled pixels."""
@@ -160,12 +166,6 @@ class MapCache:
         self.labels.append(torch.from_numpy(np.array(labels, copy=True))[None])
         self.tile.append(torch.tensor([tile_id], dtype=torch.int32))
         return int((labels != IGNORE).sum())
-
-    def extend(self, other: MapCache) -> None:
-        self.features += other.features
-        self.rgb += other.rgb
-        self.labels += other.labels
-        self.tile += other.tile
 
     @property
     def views(self) -> int:
@@ -189,17 +189,6 @@ class MapCache:
             self.features, self.rgb = [torch.cat(self.features)], [torch.cat(self.rgb)]
             self.labels, self.tile = [torch.cat(self.labels)], [torch.cat(self.tile)]
         return {"features": self.features[0], "rgb": self.rgb[0], "labels": self.labels[0], "tile": self.tile[0]}
-
-    def save(self, path: Path) -> None:
-        tensors = self.tensors()
-        atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"channels": str(self.channels)}))
-
-    @classmethod
-    def load(cls, path: Path) -> MapCache:
-        d = load_file(str(path))
-        cache = cls(int(d["features"].shape[1]))
-        cache.features, cache.rgb, cache.labels, cache.tile = [d["features"]], [d["rgb"]], [d["labels"]], [d["tile"]]
-        return cache
 
     def class_counts(self, n_classes: int) -> np.ndarray:
         counts = np.zeros(n_classes, dtype=np.int64)
