@@ -87,6 +87,20 @@ def _score(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, a
     return loss, int((y != IGNORE).sum())
 
 
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The epoch's shuffling generator; torch's global seed (dropout) is set to the same value."""
+    torch.manual_seed(seed * 100003 + epoch)
+    return torch.Generator().manual_seed(seed * 100003 + epoch)
+
+
+def _step(optim: torch.optim.Optimizer, loss: torch.Tensor, n: int) -> float:
+    """One optimizer step on ``loss``; returns the loss summed over its ``n`` samples."""
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    return loss.item() * n
+
+
 def map_pixels(labels: torch.Tensor, n: int, n_classes: int, stratified: bool,
                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(ys, xs) of up to ``n`` labelled pixels of one (T, T) label map, stratified by class or uniform."""
@@ -138,9 +152,7 @@ def evaluate_maps(head: FCNHead, data: dict[str, torch.Tensor], n_classes: int, 
 def _train_epoch_maps(head: FCNHead, optim: torch.optim.Optimizer, data: dict[str, torch.Tensor], n_pixels: int,
                       n_classes: int, weight: torch.Tensor | None, seed: int, epoch: int, device: str) -> float:
     head.train()
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    torch.manual_seed(seed * 100003 + epoch)
-    order = torch.randperm(len(data["labels"]), generator=g).tolist()
+    order = torch.randperm(len(data["labels"]), generator=_epoch_generator(seed, epoch)).tolist()
     total, count = 0.0, 0
     for i in range(0, len(order), MAP_BATCH):
         vs = order[i : i + MAP_BATCH]
@@ -149,11 +161,7 @@ def _train_epoch_maps(head: FCNHead, optim: torch.optim.Optimizer, data: dict[st
         logits, y = _map_batch(head, data, vs, picks, device)
         if len(y) == 0:
             continue
-        loss = F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        total += loss.item() * len(y)
+        total += _step(optim, F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE), len(y))
         count += len(y)
     return total / max(1, count)
 
@@ -234,18 +242,12 @@ def _train_epoch(head: FCNHead, optim: torch.optim.Optimizer, feats: torch.Tenso
                  rgb: torch.Tensor | None, weight: torch.Tensor | None, batch: int, seed: int, epoch: int,
                  device: str) -> float:
     head.train()
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    torch.manual_seed(seed * 100003 + epoch)
-    perm = torch.randperm(len(labels), generator=g).to(device)
+    perm = torch.randperm(len(labels), generator=_epoch_generator(seed, epoch)).to(device)
     total, count = 0.0, 0
     for i in range(0, len(labels), batch):
         b = perm[i : i + batch]
         logits = head.forward_pixels(feats[b].float(), rgb[b].float() if rgb is not None else None)
-        loss = F.cross_entropy(logits, labels[b], weight=weight, ignore_index=IGNORE)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        total += loss.item() * len(b)
+        total += _step(optim, F.cross_entropy(logits, labels[b], weight=weight, ignore_index=IGNORE), len(b))
         count += len(b)
     return total / max(1, count)
 
