@@ -393,9 +393,30 @@ def summarize(rows: list[dict]) -> dict:
                 "mean_over_se": round(float(np.mean(g)) / se, 2) if se > 0 else None,
                 "seeds_ahead": sum(x > 0 for x in g), "seeds": len(g)}
 
+    picked: dict = {}
+    for r in rows:
+        if "picked_error" in r:
+            for key in ("picked_error", "picked_error_far_from_edges", "picked_nucleus_share", "pool_error"):
+                picked.setdefault(r["arm"], {}).setdefault(r["regions"], {}).setdefault(key, []).append(r[key])
     return {"mean_nucleus_dice_by_regions": {a: {n: round(float(np.mean(v)), 4) for n, v in sorted(by.items())}
                                              for a, by in means.items()},
-            "minus_random_by_regions": {a: {n: stats(g) for n, g in by.items()} for a, by in gains.items()}}
+            "minus_random_by_regions": {a: {n: stats(g) for n, g in by.items()} for a, by in gains.items()},
+            "minus_random_mean_over_rounds": {a: stats(per_seed) for a, per_seed in _over_rounds(dice).items()},
+            "picked_regions_mean_by_regions": {a: {n: {k: round(float(np.mean(v)), 4) for k, v in d.items()}
+                                                   | {"seeds": len(d["picked_error"])}
+                                                   for n, d in sorted(by.items())} for a, by in picked.items()}}
+
+
+def _over_rounds(dice: dict) -> dict:
+    """Per arm, per seed: its gain over random averaged over every round after the start (one number a seed, so
+    the rounds' noise partly cancels); only seeds with every round of both arms."""
+    out: dict = {}
+    for arm, seed in sorted({(a, s) for a, s, _ in dice if a != "random"}):
+        ns = sorted(n for a, s, n in dice if a == arm and s == seed)[1:]
+        if ns and all(("random", seed, n) in dice for n in ns):
+            out.setdefault(arm, []).append(round(float(np.mean([dice[(arm, seed, n)] - dice[("random", seed, n)]
+                                                                 for n in ns])), 4))
+    return out
 
 
 def main() -> None:
