@@ -5,6 +5,8 @@ Writes ``docs/ACCURACY.md`` and ``docs/accuracy.json`` (not a test). Rows:
 - ``baseline``: the colour-texture classifier (``benchmarks/baseline_pixel_classifier.py``);
 - ``small``: ``train --backbone small --head pixel`` (the 1×1 head, the default until it switched);
 - ``small-context``: ``train --head context`` (the default now);
+- ``small-auto``: ``train --head context --t auto --blocks auto`` (t and blocks chosen by image-wise
+  cross-validation on the training images, ``pdseg_qupath/learn/autotune.py``);
 - ``small-rgb``: ``train --head pixel --rgb-skip``;
 - ``raw``: raw pixels. The CLI has no RGB-only head, so this is ``--backbone random:small --rgb-skip``:
   the pixel head gets the RGB tile beside features of the untrained backbone;
@@ -79,6 +81,8 @@ ROWS = {  # every head named explicitly: the default switched from pixel to cont
     "baseline": Row("baseline", "colour-texture classifier (HistGradientBoosting)", None),
     "small": Row("small", "`small --head pixel` (1×1 head, the default until the switch)", "small", {"head": "pixel"}),
     "small-context": Row("small-context", "`small --head context` (the default now)", "small", {"head": "context"}),
+    "small-auto": Row("small-auto", "`small --t auto --blocks auto` (context head)", "small",
+                      {"head": "context", "t": "auto", "blocks": "auto"}),
     "small-rgb": Row("small-rgb", "`small --head pixel --rgb-skip`", "small", {"head": "pixel", "rgb_skip": True}),
     "raw": Row("raw", "raw pixels (`random:small --head pixel --rgb-skip`)", "random:small",
                {"head": "pixel", "rgb_skip": True}),
@@ -156,6 +160,9 @@ def run_cell(row: Row, case: Case, train_dir: Path, test_dir: Path, test_names, 
                "best_epoch": res.best_epoch, "val_miou": res.best.get("miou"),
                "t": res.model.features.get("t"), "blocks": res.model.features.get("blocks"),
                "head": getattr(res.model.head.config, "kind", "pixel")}
+        auto = res.model.training.get("auto")
+        if auto:
+            rec["auto"] = {k: auto[k] for k in ("choice", "estimate", "seconds", "candidates", "fallback")}
     per_class = {k: v["dice"] for k, v in m["per_class"].items()}
     rec.update({
         "row": row.key, "case": case.key, "seed": seed, "mpp": case.mpp, "n_train": len(images) if images else "all",
@@ -232,7 +239,48 @@ def main_table(table: dict, rows: list[str], cases: list[str]) -> list[str]:
     return L
 
 
-def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | None = None) -> None:
+def auto_section(runs: list[dict]) -> list[str]:
+    """``small-auto`` against ``small-context`` (the same head with the default t and blocks), seed by seed:
+    both scores, the choice, the cross-validated estimate, and the training time of each."""
+    L: list[str] = []
+    for c in CASES:
+        pairs = []
+        for a in sorted((x for x in runs if x["row"] == "small-auto" and x["case"] == c and x["n_train"] == "all"),
+                        key=lambda x: x["seed"]):
+            d = next((x for x in runs if x["row"] == "small-context" and x["case"] == c and x["n_train"] == "all"
+                      and x["seed"] == a["seed"]), None)
+            if d is not None:
+                pairs.append((d, a))
+        if not pairs:
+            continue
+        if not L:
+            L += ["## `train --t auto --blocks auto`", "",
+                  ("`small-auto` against `small-context` (the same context head at the default t 5, blocks 0–2), "
+                   "same seed, same training tiles for the final head. The search cross-validates t ∈ {5, 25, 100} "
+                   "× blocks {0–2, 1–2} by image over min(4, images) folds (16 tiles per class, one view, "
+                   "6 head epochs per fold) and records each candidate's fold scores in model.json; *CV estimate* "
+                   "is the chosen candidate's mean fold score, shown to the user as the expected macro Dice."), ""]
+        L += [f"### {CASES[c].title}", "",
+              "| seed | default | auto | auto − default | chosen t / blocks | CV estimate | train s (default → auto) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+        for d, a in pairs:
+            au = a.get("auto") or {}
+            ch = au.get("choice") or {"t": a.get("t"), "blocks": a.get("blocks")}
+            est = au.get("estimate")
+            L.append(f"| {a['seed']} | {d['score']:.3f} | {a['score']:.3f} | {a['score'] - d['score']:+.3f} | "
+                     f"{','.join(map(str, ch['t']))} / {','.join(map(str, ch['blocks']))} | "
+                     f"{'—' if est is None else f'{est:.3f}'} | {d['train_s']:.0f} → {a['train_s']:.0f} |")
+        ds, as_ = np.array([d["score"] for d, _ in pairs]), np.array([a["score"] for _, a in pairs])
+        td, ta = sum(d["train_s"] for d, _ in pairs), sum(a["train_s"] for _, a in pairs)
+        L += ["", (f"Mean over {len(pairs)} seeds: default {ds.mean():.3f} (spread {ds.max() - ds.min():.3f}), auto "
+                   f"{as_.mean():.3f} (spread {as_.max() - as_.min():.3f}); auto − default {as_.mean() - ds.mean():+.3f}"
+                   f" (per seed {', '.join(f'{v:+.3f}' for v in as_ - ds)}). Training time: auto {ta / max(td, 1e-9):.1f}× "
+                   "the default (train only, summed over seeds; evaluate is the same)."), ""]
+    return L
+
+
+def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | None = None,
+               auto_runs: list[dict] | None = None) -> None:
     from pdseg_qupath.core.fileio import atomic_write_text, write_json
 
     rows = [r for r in meta["rows"]]
@@ -266,6 +314,8 @@ def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | No
                f"(all test images; {om['generated']}; {om['machine']})"
                + (f"; incomplete: {om['incomplete']}" if om.get("incomplete") else "") + "."), ""]
         L += main_table(other["table"], om["rows"], om["cases"])
+    if auto_runs:
+        L += [""] + auto_section(auto_runs)
     L += ["", "Seeds: " + ", ".join(map(str, meta["seeds"])) + f"; label-efficiency subsets per size: {meta['subsets']} "
           "(each subset trained once, with its own seed; the spread covers both).", ""]
     for c in cases:
@@ -302,6 +352,13 @@ def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | No
            + (f"; the last invocation computed {meta['computed']} of them in {meta['wall_s'] / 60:.0f} min and "
               f"reused {meta['reused']} from `--work`." if meta.get("computed") else ".")), ""]
     atomic_write_text(md, "\n".join(L) + "\n")
+
+
+def auto_cells(runs_dir: Path) -> list[dict]:
+    """Every finished ``small-auto`` and ``small-context`` run on all training images, whatever the seeds
+    of this invocation (the auto comparison may use more seeds than the main table)."""
+    return [json.loads(p.read_text()) for row in ("small-auto", "small-context")
+            for p in sorted(runs_dir.glob(f"*-{row}-all-s*.json"))]
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -383,12 +440,12 @@ def main() -> None:
               flush=True)
         meta.update(wall_s=time.perf_counter() - t0, computed=computed, reused=reused,
                     incomplete=f"{len(plan) - i - 1} of {len(plan)} runs still to do" if i + 1 < len(plan) else None)
-        write_docs(runs, meta, args.md, args.json, args.also)
+        write_docs(runs, meta, args.md, args.json, args.also, auto_cells(runs_dir))
     not_done = f"{len(failed)} of {len(plan)} runs not done yet" if args.docs_only else f"failed runs: {failed}"
     gaps = ([f"no data for {missing}"] if missing else []) + ([not_done] if failed else [])
     meta.update(wall_s=time.perf_counter() - t0, computed=computed, reused=reused,
                 incomplete="; ".join(gaps) or None)
-    write_docs(runs, meta, args.md, args.json, args.also)
+    write_docs(runs, meta, args.md, args.json, args.also, auto_cells(runs_dir))
     print(f"wrote {args.md} and {args.json}: {computed} runs computed, {reused} reused, "
           f"{(time.perf_counter() - t0) / 60:.1f} min")
 

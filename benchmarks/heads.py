@@ -42,7 +42,9 @@ class CachedExtractor:
         offsets = np.cumsum([0] + [up[b] for b in inner.blocks])
         want = tuple(blocks) if blocks is not None else inner.backbone.config.default_blocks
         at = [inner.blocks.index(b) for b in want]
-        self.slices = [slice(int(offsets[i]), int(offsets[i + 1])) for i in at]
+        per_t = int(offsets[-1])  # the inner pass is timestep-major: each t's blocks in turn
+        self.slices = [slice(k * per_t + int(offsets[i]), k * per_t + int(offsets[i + 1]))
+                       for k in range(len(inner.t)) for i in at]
         self.blocks, self.t = want, inner.t
         self.channels = len(inner.t) * sum(up[b] for b in want)
         self.out_stride, self.seed, self.backbone = inner.out_stride, inner.seed, inner.backbone
@@ -88,6 +90,8 @@ def install_cache(root: Path) -> list[CachedExtractor]:
 
     def load(spec, device, t=None, blocks=None, seed=0, **kw):
         bb, inner = real(spec, device, t=t, blocks=(0, 1, 2), seed=seed, **kw)
+        if blocks is None and kw.get("from_coarsest"):  # the context head's default, as load_extractor has it
+            blocks = tuple(range(max(bb.config.default_blocks) + 1))
         sha = bb.sha256[:8] if bb.sha256 else "random"
         tag = f"{Path(str(spec)).name}-{sha}-t{'_'.join(map(str, inner.t))}-s{seed}"
         ex = CachedExtractor(inner, blocks, root / tag)
