@@ -10,7 +10,9 @@ Writes ``docs/ACCURACY.md`` and ``docs/accuracy.json`` (not a test). Rows:
 - ``small-rgb``: ``train --head pixel --rgb-skip``;
 - ``raw``: raw pixels. The CLI has no RGB-only head, so this is ``--backbone random:small --rgb-skip``:
   the pixel head gets the RGB tile beside features of the untrained backbone;
-- ``random``: ``--backbone random:small --head pixel`` (the same architecture, random weights).
+- ``random``: ``--backbone random:small --head pixel`` (the same architecture, random weights);
+- ``--backbone-row NAME=DIR`` adds a row ``NAME``: ``train --backbone DIR`` with the default (context) head, e.g.
+  a backbone fine-tuned by ``pdseg-qupath pretrain --from small`` (compare it with ``small-context``).
 
 Columns (each a train → test protocol, scored by ``evaluate`` on annotated pixels only):
 
@@ -26,6 +28,8 @@ tile pixels, origin, backbone, t and seed; kept in fp16), so a test set is encod
 the training tiles of a seed once for every head. Each finished run is kept as JSON under ``--work``: a
 rerun (or a run after an interruption) only computes what is missing, and the table is rewritten after
 every run.
+
+Hand-written sections of ``docs/ACCURACY.md`` from the line ``KEEP_MARKER`` on are kept when it is rewritten.
 
 ``--quick`` uses 2 seeds, 2 subsets, fewer test images and fewer training tiles (8 per class, 1 view,
 ≤ 8 validation tiles), and says so in the output; the full run uses the product's defaults.
@@ -77,7 +81,7 @@ class Row:
     options: dict = field(default_factory=dict)
 
 
-ROWS = {  # every head named explicitly: the default switched from pixel to context (see docs/STATUS.md)
+ROWS: dict[str, Row] = {  # every head named explicitly: the default switched from pixel to context (see docs/STATUS.md)
     "baseline": Row("baseline", "colour-texture classifier (HistGradientBoosting)", None),
     "small": Row("small", "`small --head pixel` (1×1 head, the default until the switch)", "small", {"head": "pixel"}),
     "small-context": Row("small-context", "`small --head context` (the default now)", "small", {"head": "context"}),
@@ -88,6 +92,23 @@ ROWS = {  # every head named explicitly: the default switched from pixel to cont
                {"head": "pixel", "rgb_skip": True}),
     "random": Row("random", "`random:small --head pixel`", "random:small", {"head": "pixel"}),
 }
+
+
+KEEP_MARKER = "<!-- accuracy.py keeps everything below this line when it rewrites this file -->"
+
+
+def backbone_row(text: str) -> Row:
+    """``NAME=DIR`` → a row training ``--backbone DIR`` with the default (context) head."""
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder or name in ROWS:
+        raise argparse.ArgumentTypeError(f"--backbone-row {text!r}: expected NAME=DIR with a new row name "
+                                         f"(not one of {', '.join(ROWS)})")
+    if not Path(folder).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"--backbone-row {text!r}: {folder} is not a backbone folder")
+    path = str(Path(folder).expanduser().resolve())
+    return Row(name, f"`--backbone {Path(path).name}` (`{path}`, context head)", path, {"head": "context"})
+
+DEFAULT_ROWS = tuple(ROWS)
 
 
 def has_context_head() -> bool:
@@ -235,6 +256,9 @@ def main_table(table: dict, rows: list[str], cases: list[str]) -> list[str]:
             line += f"; `small --head context` − colour-texture = {means['small-context'] - means['baseline']:+.3f}"
         if "small" in means and "raw" in means:
             line += f"; `small` − raw pixels = {means['small'] - means['raw']:+.3f}"
+        for r, m in means.items():
+            if r not in DEFAULT_ROWS and "small-context" in means:
+                line += f"; `{r}` − `small --head context` = {m - means['small-context']:+.3f}"
         L.append(line + ".")
     return L
 
@@ -351,6 +375,9 @@ def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | No
            "(train + evaluate, summed) on this machine"
            + (f"; the last invocation computed {meta['computed']} of them in {meta['wall_s'] / 60:.0f} min and "
               f"reused {meta['reused']} from `--work`." if meta.get("computed") else ".")), ""]
+    kept = md.read_text(encoding="utf-8").partition(KEEP_MARKER) if md.is_file() else ("", "", "")
+    if kept[1]:
+        L += ["", KEEP_MARKER + kept[2].rstrip("\n")]
     atomic_write_text(md, "\n".join(L) + "\n")
 
 
@@ -369,6 +396,8 @@ def main() -> None:
     ap.add_argument("--ebhi", type=Path, default=Path("/work/shared/data/ebhi-seg"))
     ap.add_argument("--ivygap", type=Path, default=Path("/work/data/ivygap-gbm"))
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--backbone-row", type=backbone_row, action="append", default=[], metavar="NAME=DIR",
+                    help="add a row NAME: train --backbone DIR with the context head (e.g. a fine-tuned backbone)")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; quick 2)")
     ap.add_argument("--subsets", type=int, default=None, help="random subsets per label-efficiency size (4; quick 2)")
@@ -389,6 +418,9 @@ def main() -> None:
     seeds = list(range(args.seeds or (2 if quick else 3)))
     n_subsets = args.subsets or (2 if quick else 4)
     rows = [r for r in args.rows if r != "small-context" or has_context_head()]
+    for row in args.backbone_row:
+        ROWS[row.key] = row
+        rows.append(row.key)
 
     from heads import install_cache
 

@@ -97,11 +97,27 @@ def test_fine_tune_from_existing_backbone_keeps_its_latent_space(tiny_run: tuple
     rec = pretrain([FIXTURE], tmp_path / "ft", from_spec=str(src), **kw)
     assert rec["from"] == str(src) and rec["config"] == "tiny"
     assert rec["latent"]["normalised"] is False and rec["unet"]["lr"] == 5e-5
+    # The starting backbone's held-out ε-loss is measured before the first step (the fine-tune's baseline);
+    # a run from random weights has no such point.
+    first_step, start_loss = rec["history"]["unet_heldout"][0]
+    assert first_step == 0 and rec["unet"]["heldout_eps_loss_start"] == start_loss > 0
+    assert rec["unet"]["heldout_eps_loss"] != start_loss
+    assert all(k > 0 for k, _ in tiny_run[1]["history"]["unet_heldout"])
     a, b = load_backbone(src), load_backbone(tmp_path / "ft")
     assert all(torch.equal(p, q) for p, q in zip(a.vq.parameters(), b.vq.parameters()))
     assert not torch.equal(a.unet.conv_in.weight, b.unet.conv_in.weight)
     with pytest.raises(PdsegError, match="differs"):
         pretrain([FIXTURE], tmp_path / "x", from_spec=str(src), **{**kw, "config": "small"})
+
+
+def test_from_small_starts_from_the_shipped_weights() -> None:
+    plan = pt.plan_run([str(FIXTURE)], config=None, from_spec="small", mpp=1.2, image_mpp=1.2, steps_ae=0,
+                       steps_unet=10, batch_size=None, device="cpu", seed=0, pool_size=16, heldout=4, ae_crop=None,
+                       unet_crop=None, lr_ae=None, lr_unet=None, stain_sigma=0.15, stain_bias=0.03)
+    shipped = json.loads((SHIPPED_WEIGHTS / "small" / MANIFEST).read_text())["sha256"]
+    assert plan.start is not None and plan.start.sha256 == shipped and not plan.start.random_weights
+    assert not plan.fresh and plan.config.name == "small" and plan.settings.lr_unet == 5e-5
+    assert torch.equal(plan.start.unet.conv_in.weight, load_backbone("small").unet.conv_in.weight)
 
 
 def test_half_precision_folder_loads_as_fp32(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:

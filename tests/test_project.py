@@ -174,6 +174,9 @@ EDIT_IN_QUPATH = textwrap.dedent("""
         h = entry.hierarchy
         if sys.argv[2] == "draw":
             h.add_annotation(roi=box(200, 150, 230, 190), path_class=pcs["Stroma"]).name = "drawn mid-run"
+        elif sys.argv[2] == "project":  # a project-level change: a new image and a new class
+            qp.add_image(sys.argv[3])
+            qp.path_classes = list(qp.path_classes) + [QuPathPathClass("Immune cells", color=(160, 90, 160))]
         else:  # reclassify the first pdseg prediction
             obj = next(o for o in h.annotations if (o.name or "").startswith("pdseg"))
             obj.update_path_class(pcs["Stroma"])
@@ -206,6 +209,20 @@ def test_an_edit_saved_mid_run_is_kept_and_corrections_are_told_apart(project):
     src = QuPathProjectSource(project)
     after, _ = src.read_annotations(_by_file(src.images())["slide.tif"])
     assert sorted(a.role for a in after if a.is_pdseg) == [CORRECTED, UNTOUCHED]
+
+
+def test_an_image_and_a_class_added_mid_run_are_kept(project, tmp_path):
+    extra = tmp_path / "images" / "added.png"
+    Image.new("RGB", (64, 64), (200, 120, 180)).save(extra)
+    src = QuPathProjectSource(project, writable=True)
+    slide = _by_file(src.images())["slide.tif"]
+    subprocess.run([sys.executable, "-c", EDIT_IN_QUPATH, str(project), "project", str(extra)], check=True)
+    src.write_predictions(slide, [Annotation(box(10, 120, 50, 160), "Necrosis", (50, 50, 50))])
+    src.close()
+    with QuPathProject(project, mode="r") as qp:
+        assert sorted(Path(e.uri).name for e in qp.images) == ["added.png", "slide.tif", "tile.png"]
+        classes = {pc.id: pc.color.to_rgb() for pc in qp.path_classes}
+    assert classes["Immune cells"] == (160, 90, 160) and "Necrosis" in classes and "Tumor" in classes
 
 
 def test_review_map_detections_and_a_wiped_write_back(project):

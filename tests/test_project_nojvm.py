@@ -571,6 +571,14 @@ class FakeEntry:
             self._write(types.SimpleNamespace(hierarchy=self.hierarchy))
 
 
+def _packed(color: Any) -> int | None:
+    """QuPath's packed ARGB int of an RGB colour (as classes.json stores it), signed like a Java int."""
+    if color is None:
+        return None
+    r, g, b = (int(v) for v in color)
+    return (255 << 24 | r << 16 | g << 8 | b) - (1 << 32)
+
+
 class FakeProject:
     store: dict[Path, dict] = {}
 
@@ -583,6 +591,7 @@ class FakeProject:
         self.dir, self.readonly = p.parent, mode == "r"
         self._state = FakeProject.store[self.dir]
         self.images = [FakeEntry(self, rec) for rec in self._state["images"]]
+        self._project_json = p.read_text(encoding="utf-8")  # QuPath keeps the image list it read in memory
 
     @property
     def path_classes(self) -> tuple:
@@ -594,6 +603,9 @@ class FakeProject:
             raise AttributeError("project in readonly mode")
         self._state["classes"] = list(pcs)
         self._state["class_writes"] = self._state.get("class_writes", 0) + 1
+        # QuPath's setPathClasses writes classifiers/classes.json at once, from exactly this list
+        saved = [{"name": pc.id, "color": _packed(pc.color)} for pc in pcs]
+        (self.dir / "classifiers" / "classes.json").write_text(json.dumps({"pathClasses": saved}))
 
     def save(self, images: bool = True) -> None:
         if self.readonly:
@@ -602,6 +614,7 @@ class FakeProject:
             for e in self.images:
                 e.save()
         self._state["project_saves"] = self._state.get("project_saves", 0) + 1
+        (self.dir / "project.qpproj").write_text(self._project_json, encoding="utf-8")  # syncChanges()
 
 
 @pytest.fixture
@@ -768,6 +781,40 @@ def test_write_predictions_twice_replaces_only_pdseg_objects(project, fake_paquo
     assert mine[0].geometry.geom_type == "MultiPolygon"
     assert [(a.id, a.name, a.classification) for a in users] == [(a.id, a.name, a.classification) for a in before]
     assert all(u.geometry.equals(b.geometry) for u, b in zip(users, before))
+
+
+def test_project_changes_saved_by_qupath_during_a_run_are_kept(project, fake_paquo):
+    """QuPath (still open) adds an image and a class while pdseg runs: pdseg's write-back must not undo them."""
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
+
+    with QuPathProjectSource(project, writable=True) as src:
+        slide = src.images()[0]
+        qpproj = json.loads((project / "project.qpproj").read_text())
+        qpproj["images"].append({"serverBuilder": builder("file:/elsewhere/new.svs", 10, 10, 0.5), "entryID": 4,
+                                 "imageName": "new.svs"})
+        (project / "project.qpproj").write_text(json.dumps(qpproj))  # saved by QuPath mid-run
+        (project / "classifiers" / "classes.json").write_text(json.dumps(
+            {"pathClasses": [{"name": "Immune cells", "color": _packed((160, 90, 160))}]}))
+        report = src.write_predictions(slide, predictions(3))
+    assert report.added == 3
+    assert json.loads((project / "project.qpproj").read_text()) == qpproj  # the new image is still listed
+    saved = json.loads((project / "classifiers" / "classes.json").read_text())["pathClasses"]
+    names = [c["name"] for c in saved]
+    assert names[:2] == ["Tumor", "Stroma"] and "Immune cells" in names and "Necrosis" in names
+    immune = next(c for c in saved if c["name"] == "Immune cells")
+    assert immune["color"] == _packed((160, 90, 160))  # QuPath's colour, not pdseg's default
+
+
+def test_read_saved_classes(tmp_path):
+    from pdseg_qupath.sources.qupath.qpproj import read_saved_classes
+
+    assert read_saved_classes(tmp_path) == {}
+    (tmp_path / "classifiers").mkdir()
+    (tmp_path / "classifiers" / "classes.json").write_text(json.dumps({"pathClasses": [
+        {"name": "Tumor", "color": _packed((200, 0, 0))}, {"name": "Tumor: Positive"}, {"name": ""}, {"x": 1}]}))
+    assert read_saved_classes(tmp_path) == {"Tumor": (200, 0, 0), "Tumor: Positive": None}
+    (tmp_path / "classifiers" / "classes.json").write_text("{broken")
+    assert read_saved_classes(tmp_path) == {}
 
 
 def test_prediction_objects_always_carry_the_marker(project, fake_paquo):

@@ -197,6 +197,8 @@ class PretrainRun:
             name = "autoencoder" if self.stage == "ae" else "UNet (ε-DDPM)"
             progress = self.events.step(name, total=total, done=self.step)
             eval_every = max(1, total // 10)
+            if self.stage == "unet" and not self.fresh and not self.hist["unet_heldout"]:
+                self._evaluate()  # the starting backbone's held-out ε-loss, the baseline of a fine-tune
             t0 = time.time()
             dirty, snap = False, None
             try:
@@ -371,6 +373,9 @@ class PretrainRun:
             unet_rec["samples_per_s"] = round(s.steps_unet * s.batch_size / max(1e-9, self.info["seconds"]["unet"]), 2)
             unet_rec["final_loss"] = _tail_mean(self.hist["unet_loss"])
             unet_rec["heldout_eps_loss"] = self.hist["unet_heldout"][-1][1] if self.hist["unet_heldout"] else None
+            start = [v for k, v in self.hist["unet_heldout"] if k == 0]
+            if start:
+                unet_rec["heldout_eps_loss_start"] = start[0]
         return {
             "kind": "pdseg-pretrain/1",
             "config": s.config,

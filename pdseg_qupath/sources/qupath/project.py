@@ -38,6 +38,7 @@ from pdseg_qupath.sources.qupath.qpproj import (
     mpp_from_pair,
     path_from_file_uri,
     project_file,
+    read_saved_classes,
     read_server_builders,
     read_server_json,
     server_problem,
@@ -199,8 +200,6 @@ class QuPathProjectSource:
             ) from e
         self._entries: dict[tuple[str, str], Any] = {}
         self._backup = ProjectBackup(self.project_dir)
-        self._written: list[Any] = []
-        self._closed = False
 
     # ------------------------------------------------------------------------------------------ reading
 
@@ -510,6 +509,7 @@ class QuPathProjectSource:
 
         paquo trap: classes are objects, not strings, and a new project's list is empty, so the full list
         (existing + new) is assigned. (QuPath 0.6's setPathClasses ignores a same-size list: we only grow it.)
+        QuPath writes ``classifiers/classes.json`` as soon as the list is set, so nothing else needs saving.
         """
         colors: dict[str, RGB] = {}
         for a in annotations:
@@ -517,7 +517,10 @@ class QuPathProjectSource:
                 colors.setdefault(a.classification, a.color or default_color(a.classification))
         existing = list(self._qp.path_classes)
         by_name = {pc.id: pc for pc in existing}
-        added = []
+        # QuPath rewrites classes.json from the list it is given: keep classes saved since pdseg opened the project
+        saved = read_saved_classes(self.project_dir)
+        added = [self._path_class(name, saved[name]) for name in missing_classes(by_name, saved)]
+        by_name.update({pc.id: pc for pc in added})
         for name in missing_classes(by_name, colors):
             by_name[name] = self._path_class(name, colors[name])
             added.append(by_name[name])
@@ -541,27 +544,21 @@ class QuPathProjectSource:
                     # a hierarchy detached from the image data: saving would drop the edits
                     raise RuntimeError("QuPath did not register the changes to this image's objects")
                 entry.java_object.saveImageData(image_data)
-            self._qp.save(images=False)  # project file and class list; images=False: see close()
         except Exception as e:
             raise PdsegError(
                 f"{self.path}: saving failed ({type(e).__name__}: {e}). The files as they were before this "
                 f"session are in {self._backup.folder}."
             ) from e
-        if entry not in self._written:
-            self._written.append(entry)
 
     def close(self) -> None:
-        """Save the project file (when writable and written to) and release the project.
+        """Release the project. Nothing is left to save, and ``project.qpproj`` is never rewritten.
 
         Each image was saved when written, from a copy read just before; the copies paquo read at the start
-        are never saved (they would undo edits made since). ``QuPathProject.save()`` is not used either: it
-        would also rewrite every image merely read, since reading can mark QuPath's ImageData as changed.
+        are never saved (they would undo edits made since), and the class list was saved when it grew.
+        ``QuPathProject.save()`` is not used: its ``syncChanges`` rewrites ``project.qpproj`` from the image
+        list read at the start, which would drop an image (or a rename) QuPath saved while pdseg ran, and
+        with ``images=True`` it would also rewrite every image merely read. pdseg changes no project entry.
         """
-        if self._closed:
-            return
-        self._closed = True
-        if self.writable and self._written:
-            self._qp.save(images=False)
 
     def __enter__(self) -> "QuPathProjectSource":
         return self

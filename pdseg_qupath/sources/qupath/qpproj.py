@@ -169,6 +169,23 @@ def missing_classes(existing: Iterable[str], wanted: Iterable[str | None]) -> li
     return out
 
 
+def read_saved_classes(project_dir: Path) -> dict[str, tuple[int, int, int] | None]:
+    """Class name → RGB from ``classifiers/classes.json`` as saved now (QuPath writes it whenever its class
+    list changes); ``{}`` if it cannot be read. QuPath stores a colour as one packed (A)RGB int."""
+    try:
+        data = json.loads((Path(project_dir) / "classifiers" / "classes.json").read_text(encoding="utf-8"))
+        entries = data.get("pathClasses", []) if isinstance(data, dict) else []
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, tuple[int, int, int] | None] = {}
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not split_class_name(e["name"]):
+            continue
+        c = e.get("color")
+        out[e["name"]] = ((c >> 16) & 255, (c >> 8) & 255, c & 255) if isinstance(c, int) else None
+    return out
+
+
 def project_images(path: str | Path) -> list[ImageRecord]:
     """The images of a ``.qpproj``, read as JSON (no QuPath needed), with the pixel size QuPath recorded.
 
