@@ -263,6 +263,13 @@ def main_table(table: dict, rows: list[str], cases: list[str]) -> list[str]:
     return L
 
 
+def _span(v: list[int]) -> str:
+    """[0, 1, 2] → "0–2", [5] → "5"."""
+    if len(v) > 2 and list(v) == list(range(v[0], v[-1] + 1)):
+        return f"{v[0]}–{v[-1]}"
+    return ",".join(map(str, v))
+
+
 def auto_section(runs: list[dict]) -> list[str]:
     """``small-auto`` against ``small-context`` (the same head with the default t and blocks), seed by seed:
     both scores, the choice, the cross-validated estimate, and the training time of each."""
@@ -285,15 +292,19 @@ def auto_section(runs: list[dict]) -> list[str]:
                    "6 head epochs per fold) and records each candidate's fold scores in model.json; *CV estimate* "
                    "is the chosen candidate's mean fold score, shown to the user as the expected macro Dice."), ""]
         L += [f"### {CASES[c].title}", "",
-              "| seed | default | auto | auto − default | chosen t / blocks | CV estimate | train s (default → auto) |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| seed | default | auto | auto − default | chosen t / blocks | CV estimate (macro Dice) | train s (default → auto) "
+              "| CV mean per candidate (t / blocks) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for d, a in pairs:
             au = a.get("auto") or {}
             ch = au.get("choice") or {"t": a.get("t"), "blocks": a.get("blocks")}
             est = au.get("estimate")
             L.append(f"| {a['seed']} | {d['score']:.3f} | {a['score']:.3f} | {a['score'] - d['score']:+.3f} | "
-                     f"{','.join(map(str, ch['t']))} / {','.join(map(str, ch['blocks']))} | "
-                     f"{'—' if est is None else f'{est:.3f}'} | {d['train_s']:.0f} → {a['train_s']:.0f} |")
+                     f"{_span(ch['t'])} / {_span(ch['blocks'])} | "
+                     f"{'—' if est is None else f'{est:.3f}'} | {d['train_s']:.0f} → {a['train_s']:.0f} | "
+                     + " · ".join(f"{_span(k['t'])} / {_span(k['blocks'])}: "
+                                  + ("—" if k["mean"] is None else f"{k['mean']:.3f}")
+                                  for k in au.get("candidates") or []) + " |")
         ds, as_ = np.array([d["score"] for d, _ in pairs]), np.array([a["score"] for _, a in pairs])
         td, ta = sum(d["train_s"] for d, _ in pairs), sum(a["train_s"] for _, a in pairs)
         L += ["", (f"Mean over {len(pairs)} seeds: default {ds.mean():.3f} (spread {ds.max() - ds.min():.3f}), auto "

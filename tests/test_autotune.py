@@ -118,10 +118,14 @@ def test_a_better_candidate_is_chosen_and_predicted_with(data, tmp_path, quick_c
     assert rec["choice"] == {"t": [50], "blocks": [1]}, "of equal scores the first (the default t) is kept"
     assert res.model.features["blocks"] == [1] and res.model.head.config.in_channels == 32
     assert Predictor(load_model(tmp_path / "m"), device="cpu").extractor.blocks == (1,)
-    # all tied: the default
-    monkeypatch.setattr(autotune, "_fold_score", lambda *a, **kw: 0.5)
-    res = train_tiny(data, tmp_path / "n", epochs=1, t="auto", blocks="auto")
-    assert res.model.training["auto"]["choice"] == {"t": [50], "blocks": [0, 1]}
+
+
+def test_best_mean_wins_and_ties_keep_the_default():
+    C = autotune.Candidate
+    assert autotune.best([C((5,), (0,), [0.5, 0.5]), C((25,), (0,), [0.4, 0.6])]) == 0
+    assert autotune.best([C((5,), (0,), [0.5, 0.5]), C((25,), (0,), [0.4, 0.7]), C((9,), (0,), [0.55])]) == 1
+    assert autotune.best([C((5,), (0,), [None]), C((25,), (0,), [0.1, None])]) == 1
+    assert C((5,), (0,), [0.2, None, 0.4]).mean == pytest.approx(0.3)
 
 
 def test_a_given_t_is_not_overridden(data, tmp_path, quick_cv, monkeypatch):

@@ -246,13 +246,18 @@ def search(images: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: Trai
                                           dense, seed, device))
             step.advance()
     step.close()
-    best = 0
-    for j, c in enumerate(cands):  # strictly better than the best so far: ties keep the default (first)
-        if c.mean is not None and (cands[best].mean is None or c.mean > cands[best].mean):
-            best = j
-    res.choice = best
+    res.choice = best(cands)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def best(cands: Sequence[Candidate]) -> int:
+    """Index of the best mean score; of equal ones the first (the default comes first)."""
+    pick = 0
+    for j, c in enumerate(cands):  # only a strictly better mean replaces the pick
+        if c.mean is not None and (cands[pick].mean is None or c.mean > cands[pick].mean):
+            pick = j
+    return pick
 
 
 def _rows(data: dict[str, torch.Tensor], keep: torch.Tensor, channels: torch.Tensor) -> dict[str, torch.Tensor]:
