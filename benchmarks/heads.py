@@ -26,9 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 HEADS = {
-    # name: (head, blocks or None for the backbone's default)
-    "pixel": ("pixel", None),
-    "context": ("context", (0, 1, 2)),
+    # name: (head, blocks or None for the backbone's default, t or None for the backbone's default)
+    "pixel": ("pixel", None, None),
+    "context": ("context", (0, 1, 2), None),
+    "context-auto": ("context", "auto", "auto"),  # train --t auto --blocks auto
 }
 
 
@@ -164,13 +165,13 @@ def main() -> None:
     for seed in args.seeds:
         for name, train_dir, test_dir, mpp, cls in sets:
             for head in args.heads:
-                kind, blocks = HEADS[head]
+                kind, blocks, t = HEADS[head]
                 done = [r for r in results["runs"] if (r["dataset"], r["head"], r["seed"], r["backbone"]) ==
                         (name, head, seed, args.backbone)]
                 if done:
                     continue
                 run = args.out / f"{name}-{head}-s{seed}"
-                opts = TrainOptions(head=kind, blocks=list(blocks) if blocks else None)
+                opts = TrainOptions(head=kind, t=t, blocks=list(blocks) if isinstance(blocks, tuple) else blocks)
                 t0 = time.perf_counter()
                 res = train(open_source(train_dir), run / "model", backbone=args.backbone, mpp=mpp, image_mpp=mpp,
                             device="cpu", seed=seed, options=opts, events=events)
@@ -189,6 +190,9 @@ def main() -> None:
                     "train_images": res.train_images, "val_images": res.val_images,
                     "train_s": round(t1 - t0, 1), "evaluate_s": round(t2 - t1, 1),
                 }
+                auto = res.model.training.get("auto")
+                if auto:
+                    row["auto"] = {k: auto[k] for k in ("choice", "estimate", "seconds", "candidates")}
                 print(json.dumps(row), flush=True)
                 results["runs"].append(row)
                 if args.json:

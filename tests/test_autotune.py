@@ -157,3 +157,21 @@ def test_bad_auto_values_are_one_line_errors():
         TrainOptions(t="often")
     assert _int_list_or_auto("Auto", "--t") == "auto" and _int_list_or_auto("5,25", "--t") == [5, 25]
     assert _int_list_or_auto(None, "--t") is None
+
+
+def test_the_search_table_is_shown_through_events():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from pdseg_qupath.ui import ConsoleEvents
+
+    s = autotune.Search({"t": "auto", "blocks": "auto"},
+                        [autotune.Candidate((5,), (0, 1, 2), [0.6, 0.7]), autotune.Candidate((25,), (1, 2), [0.7, 0.8])],
+                        choice=1, fold_images=[["a.png"], ["b.png"]], tiles=8)
+    buf = StringIO()
+    ConsoleEvents(Console(file=buf, width=120), plain=True).show("autotune", s.record())
+    text = buf.getvalue()
+    assert "2 folds" in text and "0.650" in text and "0.750" in text
+    assert next(ln for ln in text.splitlines() if "chosen" in ln).split()[:2] == ["25", "1,2"]
+    assert s.summary().startswith("expected macro Dice ≈ 0.750 (image-wise CV, 2 folds)")
