@@ -5,6 +5,8 @@ Writes ``docs/ACCURACY.md`` and ``docs/accuracy.json`` (not a test). Rows:
 - ``baseline``: the colour-texture classifier (``benchmarks/baseline_pixel_classifier.py``);
 - ``small``: ``train --backbone small --head pixel`` (the 1×1 head, the default until it switched);
 - ``small-context``: ``train --head context`` (the default now);
+- ``small-auto``: ``train --head context --t auto --blocks auto`` (t and blocks chosen by image-wise
+  cross-validation on the training images, ``pdseg_qupath/learn/autotune.py``);
 - ``small-rgb``: ``train --head pixel --rgb-skip``;
 - ``raw``: raw pixels. The CLI has no RGB-only head, so this is ``--backbone random:small --rgb-skip``:
   the pixel head gets the RGB tile beside features of the untrained backbone;
@@ -60,15 +62,23 @@ class Case:
     image_mpp: float
     mpp: float
     score_class: str | None  # None: macro Dice
+    baseline_mpp: float | None = None  # the colour-texture classifier's work resolution (None: ``mpp``)
+
+    def work_mpp(self, row: Row) -> float:
+        return self.baseline_mpp if row.backbone is None and self.baseline_mpp else self.mpp
 
 
 CASES = {
-    "ebhi": Case("ebhi", "EBHI-Seg glands, 8 → 120 (macro Dice)", 1.2, 1.2, None),
+    # pdseg rows at the product's default work resolution (0.5 µm/px, the backbone's own: the 224-px crops are
+    # upsampled); the colour-texture classifier at the crops' own 1.2 µm/px, where it scores best (0.774 there,
+    # 0.758 at 0.6 µm/px; docs/ACCURACY.md "Work resolution")
+    "ebhi": Case("ebhi", "EBHI-Seg glands, 8 → 120 (macro Dice)", 1.2, 0.5, None, baseline_mpp=1.2),
     "ivygap": Case("ivygap", "IvyGAP GBM, 8 classes, 8 → 40 (macro Dice / mIoU)", 4.0, 8.0, None),
     "gbm40": Case("gbm40", "gbm40 nuclei, 01–30 → 31–40 (Nucleus Dice)", 0.5, 0.5, "Nucleus"),
 }
-#: --quick works the IvyGAP sections at 16 µm/px (one 256-px tile per image) instead of 8.
-QUICK_MPP = {"ivygap": 16.0}
+#: --quick works the IvyGAP sections at 16 µm/px (one 256-px tile per image) instead of 8, and EBHI-Seg at the
+#: crops' own 1.2 µm/px (one tile per crop instead of four) for every row.
+QUICK_MPP = {"ivygap": 16.0, "ebhi": 1.2}
 
 
 @dataclass(frozen=True)
@@ -83,10 +93,15 @@ ROWS: dict[str, Row] = {  # every head named explicitly: the default switched fr
     "baseline": Row("baseline", "colour-texture classifier (HistGradientBoosting)", None),
     "small": Row("small", "`small --head pixel` (1×1 head, the default until the switch)", "small", {"head": "pixel"}),
     "small-context": Row("small-context", "`small --head context` (the default now)", "small", {"head": "context"}),
+    "small-auto": Row("small-auto", "`small --t auto --blocks auto` (context head)", "small",
+                      {"head": "context", "t": "auto", "blocks": "auto"}),
     "small-rgb": Row("small-rgb", "`small --head pixel --rgb-skip`", "small", {"head": "pixel", "rgb_skip": True}),
     "raw": Row("raw", "raw pixels (`random:small --head pixel --rgb-skip`)", "random:small",
                {"head": "pixel", "rgb_skip": True}),
     "random": Row("random", "`random:small --head pixel`", "random:small", {"head": "pixel"}),
+    # raw pixels for the context head: its colour skip is all the untrained backbone adds that carries signal
+    "raw-context": Row("raw-context", "raw pixels, context head (`random:small --head context`)", "random:small",
+                       {"head": "context"}),
 }
 
 
@@ -152,12 +167,12 @@ def run_cell(row: Row, case: Case, train_dir: Path, test_dir: Path, test_names, 
 
     extra = {"tiles_per_class": 8, "views": 1, "max_val_tiles": 8} if quick else {}
     if quick and case.key in QUICK_MPP:
-        case = Case(case.key, case.title, case.image_mpp, QUICK_MPP[case.key], case.score_class)
+        case = Case(case.key, case.title, case.image_mpp, QUICK_MPP[case.key], case.score_class, QUICK_MPP[case.key])
     t0 = time.perf_counter()
     if row.backbone is None:
         from baseline_pixel_classifier import evaluate_baseline, fit_baseline
 
-        model, cmap, io, info = fit_baseline(train_dir, image_mpp=case.image_mpp, mpp=case.mpp, seed=seed,
+        model, cmap, io, info = fit_baseline(train_dir, image_mpp=case.image_mpp, mpp=case.work_mpp(row), seed=seed,
                                              images=images, options=TrainOptions(**extra))
         t1 = time.perf_counter()
         m = evaluate_baseline(model, cmap, io, test_dir, image_mpp=case.image_mpp, images=test_names)
@@ -177,15 +192,26 @@ def run_cell(row: Row, case: Case, train_dir: Path, test_dir: Path, test_names, 
                "best_epoch": res.best_epoch, "val_miou": res.best.get("miou"),
                "t": res.model.features.get("t"), "blocks": res.model.features.get("blocks"),
                "head": getattr(res.model.head.config, "kind", "pixel")}
+        auto = res.model.training.get("auto")
+        if auto:
+            rec["auto"] = {k: auto[k] for k in ("choice", "estimate", "seconds", "candidates", "fallback")}
     per_class = {k: v["dice"] for k, v in m["per_class"].items()}
     rec.update({
-        "row": row.key, "case": case.key, "seed": seed, "mpp": case.mpp, "n_train": len(images) if images else "all",
+        "row": row.key, "case": case.key, "seed": seed, "mpp": case.work_mpp(row), "n_train": len(images) if images else "all",
         "images": images, "macro_dice": m["macro_dice"], "miou": m["miou"], "accuracy": m["accuracy"],
         "per_class_dice": per_class,
         "score": per_class[case.score_class] if case.score_class else m["macro_dice"],
         "train_s": round(t1 - t0, 1), "evaluate_s": round(time.perf_counter() - t1, 1),
     })
     return rec
+
+
+def _same_resolution(rec: dict, row: str, case: str, quick: bool) -> bool:
+    """A finished run counts only if it ran at the work resolution this protocol asks for (it changed once)."""
+    c = CASES[case]
+    if quick and case in QUICK_MPP:
+        return rec.get("mpp") == QUICK_MPP[case]
+    return rec.get("mpp") == c.work_mpp(ROWS[row])
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -249,6 +275,9 @@ def main_table(table: dict, rows: list[str], cases: list[str]) -> list[str]:
             line += f"; `small --head context` − colour-texture = {means['small-context'] - means['baseline']:+.3f}"
         if "small" in means and "raw" in means:
             line += f"; `small` − raw pixels = {means['small'] - means['raw']:+.3f}"
+        if "small-context" in means and "raw-context" in means:
+            line += f"; `small --head context` − raw pixels (context head) = " \
+                    f"{means['small-context'] - means['raw-context']:+.3f}"
         for r, m in means.items():
             if r not in DEFAULT_ROWS and "small-context" in means:
                 line += f"; `{r}` − `small --head context` = {m - means['small-context']:+.3f}"
@@ -256,13 +285,70 @@ def main_table(table: dict, rows: list[str], cases: list[str]) -> list[str]:
     return L
 
 
-def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | None = None) -> None:
+def _span(v: list[int]) -> str:
+    """[0, 1, 2] → "0–2", [5] → "5"."""
+    if len(v) > 2 and list(v) == list(range(v[0], v[-1] + 1)):
+        return f"{v[0]}–{v[-1]}"
+    return ",".join(map(str, v))
+
+
+def auto_section(runs: list[dict]) -> list[str]:
+    """``small-auto`` against ``small-context`` (the same head with the default t and blocks), seed by seed:
+    both scores, the choice, the cross-validated estimate, and the training time of each."""
+    L: list[str] = []
+    for c in CASES:
+        pairs = []
+        for a in sorted((x for x in runs if x["row"] == "small-auto" and x["case"] == c and x["n_train"] == "all"),
+                        key=lambda x: x["seed"]):
+            d = next((x for x in runs if x["row"] == "small-context" and x["case"] == c and x["n_train"] == "all"
+                      and x["seed"] == a["seed"]), None)
+            if d is not None:
+                pairs.append((d, a))
+        if not pairs:
+            continue
+        if not L:
+            L += ["## `train --t auto --blocks auto`", "",
+                  ("`small-auto` against `small-context` (the same context head at the default t 5, blocks 0–2), "
+                   "same seed, same training tiles for the final head. The search cross-validates t ∈ {5, 25, 100} "
+                   "× blocks {0–2, 1–2} by image over min(4, images) folds (16 tiles per class, one view, "
+                   "6 head epochs per fold) and records each candidate's fold scores in model.json; *CV estimate* "
+                   "is the chosen candidate's mean fold score, shown to the user as the expected macro Dice."), ""]
+        L += [f"### {CASES[c].title}", "",
+              "| seed | default | auto | auto − default | chosen t / blocks | CV estimate (macro Dice) | train s (default → auto) "
+              "| of which search s | CV mean per candidate (t / blocks) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for d, a in pairs:
+            au = a.get("auto") or {}
+            ch = au.get("choice") or {"t": a.get("t"), "blocks": a.get("blocks")}
+            est = au.get("estimate")
+            L.append(f"| {a['seed']} | {d['score']:.3f} | {a['score']:.3f} | {a['score'] - d['score']:+.3f} | "
+                     f"{_span(ch['t'])} / {_span(ch['blocks'])} | "
+                     f"{'—' if est is None else f'{est:.3f}'} | {d['train_s']:.0f} → {a['train_s']:.0f} | "
+                     f"{au.get('seconds', 0):.0f} | "
+                     + " · ".join(f"{_span(k['t'])} / {_span(k['blocks'])}: "
+                                  + ("—" if k["mean"] is None else f"{k['mean']:.3f}")
+                                  for k in au.get("candidates") or []) + " |")
+        ds, as_ = np.array([d["score"] for d, _ in pairs]), np.array([a["score"] for _, a in pairs])
+        td, ta = sum(d["train_s"] for d, _ in pairs), sum(a["train_s"] for _, a in pairs)
+        L += ["", (f"Mean over {len(pairs)} seeds: default {ds.mean():.3f} (spread {ds.max() - ds.min():.3f}), auto "
+                   f"{as_.mean():.3f} (spread {as_.max() - as_.min():.3f}); auto − default {as_.mean() - ds.mean():+.3f}"
+                   f" (per seed {', '.join(f'{v:+.3f}' for v in as_ - ds)}). Training time: auto {ta / max(td, 1e-9):.1f}× "
+                   "the default (train only, summed over seeds; evaluate is the same). The search's cost does not "
+                   "depend on the training budget (its tiles and epochs are fixed): here "
+                   f"{min(a.get('auto', {}).get('seconds', 0) for _, a in pairs):.0f}–"
+                   f"{max(a.get('auto', {}).get('seconds', 0) for _, a in pairs):.0f} s per run."), ""]
+    return L
+
+
+def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | None = None,
+               auto_runs: list[dict] | None = None) -> None:
     from pdseg_qupath.core.fileio import atomic_write_text, write_json
 
     rows = [r for r in meta["rows"]]
     cases = [c for c in meta["cases"]]
     table = summarize(runs, rows, cases)
-    write_json(js, {"meta": meta, "table": table, "runs": runs})
+    write_json(js, {"meta": meta, "table": table, "runs": runs,
+                    "auto_runs": [x for x in auto_runs or [] if x["row"] == "small-auto"]})
     L = ["# Accuracy: pdseg's heads against a colour-texture pixel classifier", "",
          (f"Generated by `python benchmarks/accuracy.py{' --quick' if meta['quick'] else ''}` "
          f"({meta['generated']}); every run is in [`accuracy.json`](accuracy.json). Machine: {meta['machine']}."),
@@ -290,6 +376,13 @@ def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | No
                f"(all test images; {om['generated']}; {om['machine']})"
                + (f"; incomplete: {om['incomplete']}" if om.get("incomplete") else "") + "."), ""]
         L += main_table(other["table"], om["rows"], om["cases"])
+        tapped = {tuple(x["blocks"]) for x in other["runs"] if x["row"] == "small-context" and x.get("blocks")}
+        if tapped and tapped != {(0, 1, 2)}:
+            L += ["", (f"In this run the `small-context` row tapped blocks {' / '.join(_span(list(b)) for b in tapped)}, "
+                       "not the context head's default 0–2: `benchmarks/heads.py`'s feature cache dropped the "
+                       "context head's default blocks until 2026-12-07 (fixed; rows made since tap 0–2).")]
+    if auto_runs:
+        L += [""] + auto_section(auto_runs)
     L += ["", "Seeds: " + ", ".join(map(str, meta["seeds"])) + f"; label-efficiency subsets per size: {meta['subsets']} "
           "(each subset trained once, with its own seed; the spread covers both).", ""]
     for c in cases:
@@ -329,6 +422,13 @@ def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | No
     if kept[1]:
         L += ["", KEEP_MARKER + kept[2].rstrip("\n")]
     atomic_write_text(md, "\n".join(L) + "\n")
+
+
+def auto_cells(runs_dir: Path) -> list[dict]:
+    """Every finished ``small-auto`` and ``small-context`` run on all training images, whatever the seeds
+    of this invocation (the auto comparison may use more seeds than the main table)."""
+    return [json.loads(p.read_text()) for row in ("small-auto", "small-context")
+            for p in sorted(runs_dir.glob(f"*-{row}-all-s*.json"))]
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -393,7 +493,7 @@ def main() -> None:
     for i, (r, c, seed, images) in enumerate(plan):
         tag = f"{c}-{r}-{'all' if images is None else '+'.join(x.split('.')[0][:24] for x in images)}-s{seed}"
         f = runs_dir / f"{tag}.json"
-        if f.is_file():
+        if f.is_file() and _same_resolution(json.loads(f.read_text()), r, c, quick):
             runs.append(json.loads(f.read_text()))
             reused += 1
             continue
@@ -417,12 +517,12 @@ def main() -> None:
               flush=True)
         meta.update(wall_s=time.perf_counter() - t0, computed=computed, reused=reused,
                     incomplete=f"{len(plan) - i - 1} of {len(plan)} runs still to do" if i + 1 < len(plan) else None)
-        write_docs(runs, meta, args.md, args.json, args.also)
+        write_docs(runs, meta, args.md, args.json, args.also, auto_cells(runs_dir))
     not_done = f"{len(failed)} of {len(plan)} runs not done yet" if args.docs_only else f"failed runs: {failed}"
     gaps = ([f"no data for {missing}"] if missing else []) + ([not_done] if failed else [])
     meta.update(wall_s=time.perf_counter() - t0, computed=computed, reused=reused,
                 incomplete="; ".join(gaps) or None)
-    write_docs(runs, meta, args.md, args.json, args.also)
+    write_docs(runs, meta, args.md, args.json, args.also, auto_cells(runs_dir))
     print(f"wrote {args.md} and {args.json}: {computed} runs computed, {reused} reused, "
           f"{(time.perf_counter() - t0) / 60:.1f} min")
 

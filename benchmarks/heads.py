@@ -26,9 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 HEADS = {
-    # name: (head, blocks or None for the backbone's default)
-    "pixel": ("pixel", None),
-    "context": ("context", (0, 1, 2)),
+    # name: (head, blocks or None for the backbone's default, t or None for the backbone's default)
+    "pixel": ("pixel", None, None),
+    "context": ("context", (0, 1, 2), None),
+    "context-auto": ("context", "auto", "auto"),  # train --t auto --blocks auto
 }
 
 
@@ -42,7 +43,9 @@ class CachedExtractor:
         offsets = np.cumsum([0] + [up[b] for b in inner.blocks])
         want = tuple(blocks) if blocks is not None else inner.backbone.config.default_blocks
         at = [inner.blocks.index(b) for b in want]
-        self.slices = [slice(int(offsets[i]), int(offsets[i + 1])) for i in at]
+        per_t = int(offsets[-1])  # the inner pass is timestep-major: each t's blocks in turn
+        self.slices = [slice(k * per_t + int(offsets[i]), k * per_t + int(offsets[i + 1]))
+                       for k in range(len(inner.t)) for i in at]
         self.blocks, self.t = want, inner.t
         self.channels = len(inner.t) * sum(up[b] for b in want)
         self.out_stride, self.seed, self.backbone = inner.out_stride, inner.seed, inner.backbone
@@ -88,6 +91,8 @@ def install_cache(root: Path) -> list[CachedExtractor]:
 
     def load(spec, device, t=None, blocks=None, seed=0, **kw):
         bb, inner = real(spec, device, t=t, blocks=(0, 1, 2), seed=seed, **kw)
+        if blocks is None and kw.get("from_coarsest"):  # the context head's default, as load_extractor has it
+            blocks = tuple(range(max(bb.config.default_blocks) + 1))
         sha = bb.sha256[:8] if bb.sha256 else "random"
         tag = f"{Path(str(spec)).name}-{sha}-t{'_'.join(map(str, inner.t))}-s{seed}"
         ex = CachedExtractor(inner, blocks, root / tag)
@@ -160,13 +165,13 @@ def main() -> None:
     for seed in args.seeds:
         for name, train_dir, test_dir, mpp, cls in sets:
             for head in args.heads:
-                kind, blocks = HEADS[head]
+                kind, blocks, t = HEADS[head]
                 done = [r for r in results["runs"] if (r["dataset"], r["head"], r["seed"], r["backbone"]) ==
                         (name, head, seed, args.backbone)]
                 if done:
                     continue
                 run = args.out / f"{name}-{head}-s{seed}"
-                opts = TrainOptions(head=kind, blocks=list(blocks) if blocks else None)
+                opts = TrainOptions(head=kind, t=t, blocks=list(blocks) if isinstance(blocks, tuple) else blocks)
                 t0 = time.perf_counter()
                 res = train(open_source(train_dir), run / "model", backbone=args.backbone, mpp=mpp, image_mpp=mpp,
                             device="cpu", seed=seed, options=opts, events=events)
@@ -185,6 +190,9 @@ def main() -> None:
                     "train_images": res.train_images, "val_images": res.val_images,
                     "train_s": round(t1 - t0, 1), "evaluate_s": round(t2 - t1, 1),
                 }
+                auto = res.model.training.get("auto")
+                if auto:
+                    row["auto"] = {k: auto[k] for k in ("choice", "estimate", "seconds", "candidates")}
                 print(json.dumps(row), flush=True)
                 results["runs"].append(row)
                 if args.json:

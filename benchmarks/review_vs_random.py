@@ -7,9 +7,13 @@ stands in for what a pathologist would draw. Every round:
 2. score it on held-out test tiles (Nucleus Dice, with ``evaluate``);
 3. the *review* arm predicts the pool with ``review`` on and "corrects" the K least certain regions not yet
    corrected (their ground truth, Nucleus and Background, becomes labels); the *random* arm corrects K
-   regions of the same grid drawn at random.
+   regions of the same grid drawn at random. Other arms rank the regions by other scores (``--arms``): uncertainty
+   away from predicted class edges (where annotators disagree anyway), entropy, the disagreement of a committee of
+   heads trained with other seeds, or the predicted share of the class with the fewest labels so far.
 
-Both arms start from the same K0 random regions for a seed. Prints JSON and, with ``--png``, draws the curve.
+``--diagnose`` records, per round, how wrong the current model is inside the regions an arm picks (error share,
+errors away from true nucleus boundaries, true Nucleus share) beside its error share over the whole pool.
+Every arm starts from the same K0 random regions for a seed. Prints JSON and, with ``--png``, draws the curve.
 The data set is research-only and never shipped; pass its folder on the command line.
 
     python benchmarks/review_vs_random.py /path/to/gbm40 --out /tmp/review --seeds 0 1 --png docs/img/review_vs_random.png
@@ -27,8 +31,18 @@ import numpy as np
 import shapely
 from shapely.geometry import box, mapping, shape
 
-ARMS = {"review": "tab:orange", "review-diverse": "tab:red", "random": "tab:blue"}
+ARMS = {"review": "tab:orange", "review-diverse": "tab:red", "review-interior": "tab:green",
+        "committee": "tab:purple", "entropy": "tab:olive", "balanced": "tab:brown", "random": "tab:blue"}
 DIVERSE = "review-diverse"
+MAP_ARMS = ("review-interior", "committee", "entropy", "balanced")
+"""Arms scored here from the pool's label and margin maps (``review`` and ``review-diverse`` use predict's own)."""
+EDGE_PX = 3
+"""review-interior: pixels within this many px (Chebyshev) of a predicted class edge do not count."""
+MIN_INNER = 0.1
+"""review-interior: a region with fewer pixels away from edges than this share is averaged as if it had this many
+(its few interior pixels count for less)."""
+COMMITTEE = 2
+"""committee: heads trained beside the arm's model, same labels, other seeds (3 members in all)."""
 CLASSES = {"Nucleus": [160, 90, 160], "Background": [200, 200, 200]}
 
 
@@ -140,6 +154,111 @@ def _review_scores(model_dir: Path, pool_tiles: list[str], gbm40: Path, cell_um:
     return scores
 
 
+def _pool_maps(model_dir: Path, pool_tiles: list[str], gbm40: Path) -> dict:
+    """tile → (labels, margin): the model's predicted class and its margin (1 = certain) on every pool pixel."""
+    from pdseg_qupath.core.slide import open_slide
+    from pdseg_qupath.learn.inference import predict_image
+    from pdseg_qupath.learn.modelio import load_model
+    from pdseg_qupath.learn.options import PredictOptions
+    from pdseg_qupath.learn.predictor import Predictor
+
+    predictor = Predictor(load_model(model_dir), "cpu", batch_size=8)
+    maps = {}
+    for t in pool_tiles:
+        strips = []
+        with open_slide(gbm40 / f"{t}.png", fallback_mpp=0.5) as slide:
+            predict_image(slide, predictor, options=PredictOptions(tissue_only=False), vectorize=False,
+                          strip_sink=lambda region, strip, out=strips: out.append(strip))
+        strips.sort(key=lambda st: st.y)
+        maps[t] = (np.concatenate([st.labels for st in strips]), np.concatenate([st.margin for st in strips]))
+    return maps
+
+
+def _edges(labels: np.ndarray, r: int) -> np.ndarray:
+    """Pixels with another class within r px (Chebyshev): the boundaries where annotators disagree anyway."""
+    from scipy import ndimage
+
+    size = 2 * r + 1
+    return ndimage.maximum_filter(labels, size=size, mode="nearest") != ndimage.minimum_filter(
+        labels, size=size, mode="nearest")
+
+
+def _cell_means(values: np.ndarray, cell_px: int) -> np.ndarray:
+    h, w = values.shape
+    return values.reshape(h // cell_px, cell_px, w // cell_px, cell_px).mean(axis=(1, 3))
+
+
+def _map_scores(arm: str, maps: dict, members: list[dict], minority: int, cell_px: int) -> dict:
+    """(tile, x, y) → score of every pool region for the arms scored from the maps (higher = pick first)."""
+    scores = {}
+    for t, (labels, margin) in maps.items():
+        u = 1.0 - margin.astype(np.float64)
+        if arm == "review-interior":  # boundary-discounted: the mean over pixels away from predicted edges
+            inner = ~_edges(labels, EDGE_PX)
+            per_cell = _cell_means(u * inner, cell_px) / np.maximum(_cell_means(inner, cell_px), MIN_INNER)
+            _put(scores, t, per_cell, cell_px)
+            continue
+        elif arm == "entropy":  # two classes: p = (1 + margin) / 2
+            p = np.clip((1.0 + margin.astype(np.float64)) / 2, 1e-7, 1 - 1e-7)
+            per_px = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+        elif arm == "committee":  # share of pixels where the members' classes are not unanimous
+            per_px = np.zeros(labels.shape)
+            for m in members:
+                per_px = np.maximum(per_px, m[t][0] != labels)
+        elif arm == "balanced":  # predicted share of the class with the fewest labels so far; ties by uncertainty
+            per_px = (labels == minority) + 1e-3 * u
+        else:
+            raise ValueError(arm)
+        _put(scores, t, _cell_means(per_px, cell_px), cell_px)
+    return scores
+
+
+def _put(scores: dict, tile: str, per_cell: np.ndarray, cell_px: int) -> None:
+    for j, row in enumerate(per_cell):
+        for i, v in enumerate(row):
+            scores[(tile, i * cell_px, j * cell_px)] = float(v)
+
+
+def _truth_mask(gbm40: Path, tile: str, nucleus: int, background: int) -> np.ndarray:
+    import rasterio.features
+
+    nuclei = _truth(gbm40, tile)
+    if not nuclei:
+        return np.full((512, 512), background, np.uint8)
+    return rasterio.features.rasterize([(g, nucleus) for g in nuclei], out_shape=(512, 512), fill=background,
+                                       dtype="uint8")
+
+
+def _diagnose(picked: list, maps: dict, cell_px: int) -> dict:
+    """How wrong the current model is inside the picked regions: its error share there, the share of errors more
+    than EDGE_PX px from a true nucleus boundary ("learnable"), the true Nucleus share; and the pool's error share."""
+    err = inner = nuc = n = 0.0
+    for t, x, y in picked:
+        sl = (slice(y, y + cell_px), slice(x, x + cell_px))
+        wrong = maps[t][0][sl] != _TRUTH[t][sl]
+        far = ~_edges(_TRUTH[t], EDGE_PX)[sl]
+        err += wrong.sum()
+        inner += (wrong & far).sum()
+        nuc += (_TRUTH[t][sl] == _TRUTH["nucleus"]).sum()
+        n += wrong.size
+    pool = np.mean([np.mean(maps[t][0] != _TRUTH[t]) for t in maps])
+    return {"picked_error": round(err / n, 4), "picked_error_far_from_edges": round(inner / n, 4),
+            "picked_nucleus_share": round(nuc / n, 4), "pool_error": round(float(pool), 4)}
+
+
+_TRUTH: dict = {}
+"""tile → its true class index per pixel (the model's indices); "nucleus", "classes": the indices."""
+
+
+def _load_truth(model: Path, args: argparse.Namespace) -> None:
+    from pdseg_qupath.learn.modelio import load_model
+
+    cmap = load_model(model).class_map
+    nucleus, background = cmap.index("Nucleus"), cmap.index("Background")
+    _TRUTH.update({t: _truth_mask(args.gbm40, t, nucleus, background) for t in args.pool})
+    _TRUTH.update(nucleus=nucleus, classes=(nucleus, background))
+
+
 _ROUND0: dict = {}
 
 
@@ -164,16 +283,18 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, initial: list, cells:
         _write_labels(pool, args.gbm40, chosen, cell_px)
         model = work / f"model-{rnd}"
         t0 = time.perf_counter()
+        opts = TrainOptions(tiles_per_class=args.tiles_per_class, views=1, keep_features=False, head=args.head)
         if rnd == 0 and seed in _ROUND0:  # every arm starts from the same regions: train the first model once
             model, m = _ROUND0[seed]
         else:
-            opts = TrainOptions(tiles_per_class=args.tiles_per_class, views=1, keep_features=False, head=args.head)
             train(open_source(pool), model, backbone=args.backbone, mpp=0.5, image_mpp=0.5, epochs=args.epochs,
                   device="cpu", seed=seed, val_images=[f"{args.val}.png"], options=opts)
             m = evaluate(open_source(test), model, work / f"report-{rnd}", image_mpp=0.5, device="cpu",
                          overlays=False)
             if rnd == 0:
                 _ROUND0[seed] = (model, m)
+        if not _TRUTH:
+            _load_truth(model, args)
         rows.append({"arm": arm, "seed": seed, "round": rnd, "regions": len(labelled),
                      "nucleus_dice": round(m["per_class"]["Nucleus"]["dice"], 4),
                      "macro_dice": round(m["macro_dice"], 4), "seconds": round(time.perf_counter() - t0, 1)})
@@ -181,22 +302,51 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, initial: list, cells:
         if rnd == args.rounds:
             break
         free = [c for c in cells if c not in set(labelled)]
-        if arm.startswith("review"):
+        maps = _pool_maps(model, args.pool, args.gbm40) if (arm in MAP_ARMS or args.diagnose) else None
+        if arm in ("review", DIVERSE):
             scores = _review_scores(model, args.pool, args.gbm40, args.cell_um)
-            labelled += _pick(free, scores, args.k, labelled, "diverse" if arm == DIVERSE else "top", cell_px)
+            picked = _pick(free, scores, args.k, labelled, "diverse" if arm == DIVERSE else "top", cell_px)
+        elif arm in MAP_ARMS:
+            members = []
+            if arm == "committee":
+                for j in range(1, COMMITTEE + 1):
+                    member = work / f"model-{rnd}-member{j}"
+                    train(open_source(pool), member, backbone=args.backbone, mpp=0.5, image_mpp=0.5,
+                          epochs=args.epochs, device="cpu", seed=seed + 7919 * j, val_images=[f"{args.val}.png"],
+                          options=opts)
+                    members.append(_pool_maps(member, args.pool, args.gbm40))
+            minority = _minority(labelled, cell_px)
+            picked = _pick(free, _map_scores(arm, maps, members, minority, cell_px), args.k, labelled, "top",
+                           cell_px)
         else:
             pick = rng.choice(len(free), size=args.k, replace=False)
-            labelled += [free[int(i)] for i in pick]
+            picked = [free[int(i)] for i in pick]
+        if args.diagnose:
+            rows[-1].update(_diagnose(picked, maps, cell_px))
+            print(json.dumps(rows[-1]), flush=True)
+        labelled += picked
     return rows
 
 
+def _minority(labelled: list, cell_px: int) -> int:
+    """The class index (Nucleus or Background) with the fewest labelled pixels in the regions so far."""
+    counts = {v: 0 for v in _TRUTH["classes"]}
+    for t, x, y in labelled:
+        sub = _TRUTH[t][y:y + cell_px, x:x + cell_px]
+        for v in counts:
+            counts[v] += int((sub == v).sum())
+    return min(counts, key=counts.get)
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    """Left: mean Nucleus Dice per arm (dots: seeds). Right: each arm minus random on the same seed, mean ± SE."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    gains = summarize(rows)["minus_random_by_regions"]
     for arm, color in ARMS.items():
         sub = [r for r in rows if r["arm"] == arm]
         if not sub:
@@ -207,11 +357,19 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot(xs, mean, "-o", color=color, label=f"{arm} regions (mean of {len(per[0])} seeds)")
         for x, p in zip(xs, per):
             ax.scatter([x] * len(p), p, color=color, s=8, alpha=0.5)
-    ax.set_xlabel("corrected regions (64 × 64 px, 32 µm)")
+        if arm in gains:
+            g = gains[arm]
+            gx = sorted(g, key=int)
+            bx.errorbar([int(x) for x in gx], [g[x]["mean"] for x in gx], yerr=[g[x]["se"] for x in gx], fmt="-o",
+                        color=color, capsize=3, label=f"{arm} − random ({g[gx[-1]]['seeds']} seeds)")
+    bx.axhline(0, color="tab:blue", lw=1)
+    for a in (ax, bx):
+        a.set_xlabel("corrected regions (64 × 64 px, 32 µm)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
     ax.set_ylabel("Nucleus Dice on held-out tiles")
-    ax.set_title("gbm40: corrections where pdseg is unsure vs. at random", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    bx.set_ylabel("gain in Nucleus Dice, mean ± SE")
+    fig.suptitle("gbm40: corrections where pdseg is unsure vs. at random", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -235,9 +393,30 @@ def summarize(rows: list[dict]) -> dict:
                 "mean_over_se": round(float(np.mean(g)) / se, 2) if se > 0 else None,
                 "seeds_ahead": sum(x > 0 for x in g), "seeds": len(g)}
 
+    picked: dict = {}
+    for r in rows:
+        if "picked_error" in r:
+            for key in ("picked_error", "picked_error_far_from_edges", "picked_nucleus_share", "pool_error"):
+                picked.setdefault(r["arm"], {}).setdefault(r["regions"], {}).setdefault(key, []).append(r[key])
     return {"mean_nucleus_dice_by_regions": {a: {n: round(float(np.mean(v)), 4) for n, v in sorted(by.items())}
                                              for a, by in means.items()},
-            "minus_random_by_regions": {a: {n: stats(g) for n, g in by.items()} for a, by in gains.items()}}
+            "minus_random_by_regions": {a: {n: stats(g) for n, g in by.items()} for a, by in gains.items()},
+            "minus_random_mean_over_rounds": {a: stats(per_seed) for a, per_seed in _over_rounds(dice).items()},
+            "picked_regions_mean_by_regions": {a: {n: {k: round(float(np.mean(v)), 4) for k, v in d.items()}
+                                                   | {"seeds": len(d["picked_error"])}
+                                                   for n, d in sorted(by.items())} for a, by in picked.items()}}
+
+
+def _over_rounds(dice: dict) -> dict:
+    """Per arm, per seed: its gain over random averaged over every round after the start (one number a seed, so
+    the rounds' noise partly cancels); only seeds with every round of both arms."""
+    out: dict = {}
+    for arm, seed in sorted({(a, s) for a, s, _ in dice if a != "random"}):
+        ns = sorted(n for a, s, n in dice if a == arm and s == seed)[1:]
+        if ns and all(("random", seed, n) in dice for n in ns):
+            out.setdefault(arm, []).append(round(float(np.mean([dice[(arm, seed, n)] - dice[("random", seed, n)]
+                                                                 for n in ns])), 4))
+    return out
 
 
 def main() -> None:
@@ -254,10 +433,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
     ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--head", default="pixel", help="pixel (what docs/REVIEW.md used) or context")
+    ap.add_argument("--head", default="context",
+                    help="context (the product's default) or pixel (what docs/REVIEW.md's first runs used)")
     ap.add_argument("--arms", default="review,random",
-                    help="arms to run (comma-separated): review (the K least certain regions), review-diverse (the "
-                         "least certain not touching a corrected or picked one), random")
+                    help="arms to run (comma-separated): review (the K least certain regions, as predict --review "
+                         "ranks them), review-diverse (the least certain not touching a corrected or picked one), "
+                         "review-interior (mean 1 - margin over pixels more than EDGE_PX px from a predicted class "
+                         "edge), entropy (mean entropy), committee (share of pixels where 3 heads trained with other "
+                         "seeds disagree), balanced (most predicted pixels of the class with the fewest labels), "
+                         "random")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="record how wrong the current model is inside each round's picked regions")
     ap.add_argument("--no-memo", action="store_true", help="recompute the backbone's features every time")
     ap.add_argument("--tiles-per-class", type=int, default=12)
     ap.add_argument("--json", type=Path, default=None)

@@ -89,6 +89,11 @@ def _int_list(value: Optional[str], flag: str) -> Optional[list[int]]:
         raise PdsegError(f"{flag} {value}: expected whole numbers separated by commas, e.g. {flag} 1,2") from None
 
 
+def _int_list_or_auto(value: Optional[str], flag: str) -> Optional[list[int] | str]:
+    """``auto`` as is, else :func:`_int_list`."""
+    return "auto" if value is not None and value.strip().lower() == "auto" else _int_list(value, flag)
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"pdseg-qupath {__version__}")
@@ -170,8 +175,8 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Same seed and inputs → same metrics on CPU."),
     cache_mb: float = typer.Option(512.0, "--cache-mb", help="Upper bound of the in-memory feature cache, in MB."),
     tiles_per_class: int = typer.Option(48, "--tiles-per-class", help="Training tiles sampled per class (stratified, so rare classes are seen)."),
-    t: Optional[str] = typer.Option(None, "--timesteps", "--t", help="Diffusion timestep(s) the features are taken at, 0–999, comma-separated (default: the backbone's). --t is the old name."),
-    blocks: Optional[str] = typer.Option(None, "--blocks", help="Decoder (up) blocks to tap, comma-separated, 0 = coarsest (default: the backbone's)."),
+    t: Optional[str] = typer.Option(None, "--timesteps", "--t", help="Diffusion timestep(s) the features are taken at, 0–999, comma-separated (default: the backbone's), or auto: chosen by image-wise cross-validation on your annotations. --t is the old name."),
+    blocks: Optional[str] = typer.Option(None, "--blocks", help="Decoder (up) blocks to tap, comma-separated, 0 = coarsest (default: the backbone's), or auto: chosen by image-wise cross-validation."),
     class_weights: Optional[str] = typer.Option(None, "--class-weights", help="'balanced' (inverse frequency) or one weight per class, comma-separated."),
     rgb_skip: bool = typer.Option(False, "--rgb-skip", help="Give the pixel head the RGB tile beside the features (the context head always has it)."),
     head: str = typer.Option("context", "--head", help="context (dilated 3x3 blocks: each pixel sees ~124 px around it, plus its colour) or pixel (1x1 per-pixel classifier, faster to train)."),
@@ -202,8 +207,8 @@ def train(
             options=TrainOptions(
                 cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
                 head=head,
-                t=_int_list(t, "--t"),
-                blocks=_int_list(blocks, "--blocks"),
+                t=_int_list_or_auto(t, "--t"),
+                blocks=_int_list_or_auto(blocks, "--blocks"),
                 class_weights=_class_weights_option(class_weights),
             ),
         )

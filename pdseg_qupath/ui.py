@@ -160,6 +160,8 @@ class ConsoleEvents(Events):
             self.out.print(areas_table(data))
         elif kind == "masks":
             self.out.print(masks_table(*data))
+        elif kind == "autotune":
+            self.out.print(autotune_table(data))
 
     def section(self, title: str) -> None:
         self.out.rule(f"[bold]{title}")
@@ -219,6 +221,23 @@ def scores_table(metrics: dict, title: str) -> Table:
     t.add_section()
     t.add_row("accuracy", _fmt(metrics["accuracy"]), "", "")
     t.add_row("macro Dice / mIoU", _fmt(metrics["macro_dice"]), _fmt(metrics["miou"]), "")
+    return t
+
+
+def autotune_table(record: dict) -> Table:
+    """``train --t auto --blocks auto``: each candidate's macro Dice per held-out fold and its mean."""
+    k = record["method"]["folds"]
+    t = Table(title=f"image-wise cross-validation ({k} folds, macro Dice)", box=box.SIMPLE_HEAD)
+    for c in ("t", "blocks", *(f"fold {i + 1}" for i in range(k)), "mean", ""):
+        t.add_column(c, justify="left" if c in ("t", "blocks", "") else "right")
+    for j, c in enumerate(record["candidates"]):
+        mark = []
+        if j == 0:
+            mark.append("default")
+        if (c["t"], c["blocks"]) == (record["choice"]["t"], record["choice"]["blocks"]):
+            mark.append("chosen")
+        t.add_row(",".join(map(str, c["t"])), ",".join(map(str, c["blocks"])),
+                  *(_fmt(v) for v in c["fold_scores"]), _fmt(c["mean"]), " · ".join(mark))
     return t
 
 

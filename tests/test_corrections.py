@@ -248,6 +248,33 @@ def test_the_simulated_pathologist_labels_exactly_the_review_region():
         nuclei[0].intersection(cell).area + nuclei[2].area)
 
 
+def test_the_benchmark_scores_uncertainty_away_from_edges_and_committee_disagreement():
+    """benchmarks/review_vs_random.py: review-interior ignores a doubtful nucleus outline, not a doubtful interior;
+    committee counts the pixels where the heads disagree."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location(
+        "review_vs_random", Path(__file__).parents[1] / "benchmarks" / "review_vs_random.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    labels = np.zeros((64, 128), np.uint8)
+    labels[20:40, 20:40] = 1  # a nucleus in the left region
+    margin = np.ones((64, 128), np.float32)
+    margin[bench._edges(labels, 1)] = 0.0  # unsure only on its outline (left region)
+    margin[10:18, 80:88] = 0.0  # unsure inside uniform tissue (right region)
+    interior = bench._map_scores("review-interior", {"t": (labels, margin)}, [], 1, 64)
+    assert interior[("t", 0, 0)] == 0.0 and interior[("t", 64, 0)] == pytest.approx(64 / 4096)
+    plain = bench._cell_means(1.0 - margin, 64)
+    assert plain[0, 0] > plain[0, 1]  # the plain mean ranks the outline first
+    other = labels.copy()
+    other[0:8, 64:72] = 1
+    committee = bench._map_scores("committee", {"t": (labels, margin)}, [{"t": (other, margin)}], 1, 64)
+    assert committee == {("t", 0, 0): 0.0, ("t", 64, 0): pytest.approx(64 / 4096)}
+
+
 def test_the_uncertainty_map_stays_small_on_a_whole_slide(monkeypatch):
     import numpy as np
 

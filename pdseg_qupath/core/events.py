@@ -39,7 +39,8 @@ class Events:
 
     def show(self, kind: str, data: Any) -> None:
         """A result to display: ``epoch`` (a training history row; ``data`` is ``(class names, row)``),
-        ``scores`` (``(title, metrics)``), ``areas`` (area rows), ``masks`` (a masks result)."""
+        ``scores`` (``(title, metrics)``), ``areas`` (area rows), ``masks`` (a masks result), ``autotune``
+        (the cross-validation record of ``train --t auto --blocks auto``)."""
 
     def section(self, title: str) -> None:
         """A new numbered part of a longer run (the demo's train, predict, evaluate)."""

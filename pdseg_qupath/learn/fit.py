@@ -222,9 +222,11 @@ def new_head(config: HeadConfig, features: torch.Tensor, seed: int) -> FCNHead:
     return head
 
 
-def _restore(resume: Resume, head: FCNHead, optim: torch.optim.Optimizer, device: str,
+def _restore(resume: Resume | None, head: FCNHead, optim: torch.optim.Optimizer, device: str,
              messages: list[str]) -> FitState:
     state = FitState([])
+    if resume is None:
+        return state
     try:
         ck = resume.load_checkpoint(device)
         if ck is None:
@@ -264,13 +266,14 @@ def fit_head(
     device: str,
     weight: torch.Tensor | None,
     adjust: torch.Tensor | None,
-    resume: Resume,
+    resume: Resume | None,
     messages: list[str],
     on_epoch: Callable[[dict, FitState, bool], None] | None = None,
 ) -> FitResult:
     """Train ``head`` for up to ``epochs`` epochs; keep the best epoch (by validation mIoU), with the
     prior shift ``adjust`` folded into its output bias. ``on_epoch(row, state, new)`` sees every epoch
-    before its checkpoint is written, and first (``new`` False) those an interrupted run had finished."""
+    before its checkpoint is written, and first (``new`` False) those an interrupted run had finished;
+    ``resume`` None writes no checkpoints."""
     k = len(class_names)
     head.to(device)
     weight = weight.to(device) if weight is not None else None
@@ -316,10 +319,11 @@ def fit_head(
             state.stale += 1 if val is not None else 0
         if on_epoch is not None:
             on_epoch(row, state, True)
-        resume.save_checkpoint({"head": head.state_dict(), "optim": optim.state_dict(),
-                                "history": json.dumps(state.history), "best_state": state.best_state,
-                                "best_epoch": state.best_epoch, "best_score": state.best_score,
-                                "stale": state.stale, "epoch": epoch})
+        if resume is not None:  # None: nothing to resume (the cross-validation folds of train --t auto)
+            resume.save_checkpoint({"head": head.state_dict(), "optim": optim.state_dict(),
+                                    "history": json.dumps(state.history), "best_state": state.best_state,
+                                    "best_epoch": state.best_epoch, "best_score": state.best_score,
+                                    "stale": state.stale, "epoch": epoch})
     head.load_state_dict(state.best_state)
     if adjust is not None:
         with torch.no_grad():

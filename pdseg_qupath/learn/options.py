@@ -105,10 +105,13 @@ class TrainOptions:
     dropout: float = 0.1
     rgb_skip: bool = False
     """Give the pixel head the RGB tile beside the features (the context head always has it)."""
-    t: int | Sequence[int] | None = None
-    blocks: Sequence[int] | None = None
+    t: int | Sequence[int] | str | None = None
+    """Diffusion timestep(s) of the features (default: the backbone's; ``"auto"``: chosen by image-wise
+    cross-validation, :mod:`pdseg_qupath.learn.autotune`)."""
+    blocks: Sequence[int] | str | None = None
     """Up blocks to tap (0 = coarsest). Default: the backbone's (``small``: 1, 2) for the pixel head; for
-    the context head every block from 0 to the backbone's last default one (``small``: 0, 1, 2)."""
+    the context head every block from 0 to the backbone's last default one (``small``: 0, 1, 2).
+    ``"auto"``: chosen by image-wise cross-validation."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     resume: bool = True
     keep_features: bool = False
@@ -118,6 +121,10 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if self.head not in ("pixel", "context"):
             raise PdsegError(f"--head {self.head!r}: use pixel or context")
+        for name in ("t", "blocks"):
+            v = getattr(self, name)
+            if isinstance(v, str) and v != "auto":
+                raise PdsegError(f"--{name} {v!r}: give whole numbers separated by commas, or auto")
         _finite(self, cache_mb=(0, None), lr=(0, None), weight_decay=(0, None), dropout=(0, 1), val_fraction=(0, 1))
         if self.class_weights is not None and not isinstance(self.class_weights, str):
             w = list(self.class_weights)
@@ -134,7 +141,7 @@ class TrainOptions:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden"] = list(self.hidden) if self.hidden is not None else None
-        if d["blocks"] is not None:
+        if d["blocks"] is not None and not isinstance(d["blocks"], str):
             d["blocks"] = list(d["blocks"])
         if isinstance(d["t"], (list, tuple)):
             d["t"] = list(d["t"])

@@ -23,6 +23,12 @@ def load_extractor(spec: str, device: str, t=None, blocks=None, seed: int = 0, *
 
     ``allow_hub=False`` for specs read from a file (a model's): those never make pdseg contact the hub."""
     backbone = load_backbone(spec, device=device, allow_hub=allow_hub)
+    return backbone, features_for(backbone, device, t, blocks, seed, from_coarsest=from_coarsest)
+
+
+def features_for(backbone: Backbone, device: str, t=None, blocks=None, seed: int = 0, *,
+                 from_coarsest: bool = False) -> LDMFeatures:
+    """The feature extractor of a loaded backbone (t and blocks default as in :func:`load_extractor`)."""
     if blocks is None and from_coarsest:
         blocks = range(max(backbone.config.default_blocks) + 1)
     kwargs = {}
@@ -30,7 +36,7 @@ def load_extractor(spec: str, device: str, t=None, blocks=None, seed: int = 0, *
         kwargs["t"] = t
     if blocks is not None:
         kwargs["blocks"] = tuple(blocks)
-    return backbone, LDMFeatures(backbone, device=device, seed=seed, **kwargs)
+    return LDMFeatures(backbone, device=device, seed=seed, **kwargs)
 
 
 class Predictor:

@@ -4,6 +4,8 @@ The steps, and why:
 
 1. **Images.** The annotated images and the class map (classes in ``--classes`` order, else sorted).
 2. **Backbone.** The LDM that gives the features, and the tiles it sees (:class:`~pdseg_qupath.learn.options.IOConfig`).
+   With ``--t auto`` or ``--blocks auto``, image-wise cross-validation on the annotations first chooses
+   them (:mod:`pdseg_qupath.learn.autotune`); the grid, the scores and the choice go into model.json.
 3. **Tiles.** Training tiles centred on random points inside the annotations, the same number for every
    class (:mod:`pdseg_qupath.learn.sampling`); validation on held-out images when at least two are
    annotated, else on held-out tiles.
@@ -22,7 +24,7 @@ result as an uninterrupted run. Same seed and inputs give the same metrics on CP
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,7 +50,9 @@ from pdseg_qupath.learn.fit import FitState, class_weights, fit_head, logit_adju
 from pdseg_qupath.learn.head import HeadConfig
 from pdseg_qupath.learn.modelio import SegModel, save_model
 from pdseg_qupath.learn.options import IOConfig, TrainOptions
-from pdseg_qupath.learn.predictor import load_extractor
+from pdseg_qupath.learn import autotune
+from pdseg_qupath.learn.autotune import AUTO, is_auto
+from pdseg_qupath.learn.predictor import features_for, load_extractor
 from pdseg_qupath.learn.resume import Resume, fingerprints
 from pdseg_qupath.learn.runtime import BatchRunner, resolve_device
 from pdseg_qupath.learn.sampling import (
@@ -161,10 +165,28 @@ def train(
     imgs, cmap = load_training_images(source, image_mpp=image_mpp, classes=classes, messages=messages, names=images)
     try:
         # 2. The backbone, and the tiles it sees.
-        bb, extractor = load_extractor(backbone, dev, t=opts.t, blocks=opts.blocks,
+        bb, extractor = load_extractor(backbone, dev, t=None if opts.t == AUTO else opts.t,
+                                       blocks=None if opts.blocks == AUTO else opts.blocks,
                                        from_coarsest=opts.head == "context")
         io = opts.io(mpp, bb.config.tile_size, extractor.out_stride)
         bb_record = _backbone_record(backbone, bb)
+        far = resolution_note(mpp, bb)
+        if far:
+            messages.append(far)
+        search = None
+        if is_auto(opts):
+            # 2b. --t auto / --blocks auto: chosen by image-wise cross-validation on these annotations.
+            search = autotune.search(imgs, cmap, io, opts, bb, lambda ts, bl: features_for(bb, dev, ts, bl),
+                                     seed=seed, device=dev, events=events)
+            if search.fallback:
+                messages.append(search.fallback)  # shown with the other warnings below
+            else:
+                events.show("autotune", search.record())
+                events.message(search.summary(), "note")
+            timings["auto_s"] = search.seconds
+            opts = replace(opts, t=list(search.chosen.t), blocks=list(search.chosen.blocks))
+            if (tuple(extractor.t), tuple(extractor.blocks)) != (search.chosen.t, search.chosen.blocks):
+                extractor = features_for(bb, dev, search.chosen.t, search.chosen.blocks)
         # 3. Train and validation tiles.
         plan = plan_tiles(imgs, cmap, io, opts, val_images, rng, messages)
         if opts.head == "context":
@@ -206,6 +228,8 @@ def train(
         cache_info = _cache_record(train_cache, val_cache, cmap, counts, extractor.channels, n_views, per_view, io, opts)
         training = _training_record(fit, plan, imgs, cmap, cache_info, prior, counts, adjust, opts, epochs, seed,
                                     dev, timings, messages)
+        if search is not None:
+            training["auto"] = search.record()
         model = SegModel(fit.head, cmap, io, bb_record, _features_record(extractor), training)
         save_model(model, out)
         resume.finish(opts.keep_features)
@@ -248,6 +272,16 @@ def _fit_map_budget(plan: TilePlan, io: IOConfig, channels: int, opts: TrainOpti
     if io.overlap < rf // 2:
         messages.append(f"prediction tiles overlap by {io.overlap} px, less than half the context head's "
                         f"receptive field ({rf} px): tile borders may show; use an overlap of at least {rf // 2}")
+
+
+def resolution_note(mpp: float, bb: Any) -> str | None:
+    """A note when the work resolution is far (over 1.5×) from the one the backbone's weights learned H&E at."""
+    learned = getattr(bb, "learned_mpp", None)
+    if not learned or max(mpp / learned, learned / mpp) <= 1.5:
+        return None
+    return (f"working at {mpp:g} µm/px, but backbone {bb.spec} learned H&E at {learned:g} µm/px: its features "
+            f"are usually best near that. Unless you have compared both, train with --mpp {learned:g} "
+            "(images are resampled to it; README, 'Work resolution').")
 
 
 def _warn_empty_classes(cmap: ClassMap, counts: np.ndarray, messages: list[str], events: Events) -> None:
