@@ -64,7 +64,12 @@ def _region_labels(nuclei: list, cell: shapely.Polygon) -> list[dict]:
             for g, c in feats]
 
 
-def _write_labels(pool: Path, gbm40: Path, chosen: dict[str, list[tuple[int, int]]], cell_px: int) -> int:
+def _write_labels(pool: Path, gbm40: Path, chosen: dict[str, list[tuple[int, int]]], cell_px: int,
+                  tiles: list[str]) -> int:
+    """The labels of the chosen regions; a pool tile without any loses a label file left from an earlier run."""
+    for t in tiles:
+        if t not in chosen:
+            (pool / f"{t}.geojson").unlink(missing_ok=True)
     n = 0
     for tile, cells in chosen.items():
         nuclei = _truth(gbm40, tile)
@@ -280,7 +285,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, initial: list, cells:
         chosen: dict[str, list[tuple[int, int]]] = {}
         for t, x, y in labelled:
             chosen.setdefault(t, []).append((x, y))
-        _write_labels(pool, args.gbm40, chosen, cell_px)
+        _write_labels(pool, args.gbm40, chosen, cell_px, args.pool)
         model = work / f"model-{rnd}"
         t0 = time.perf_counter()
         opts = TrainOptions(tiles_per_class=args.tiles_per_class, views=1, keep_features=False, head=args.head)
