@@ -62,15 +62,23 @@ class Case:
     image_mpp: float
     mpp: float
     score_class: str | None  # None: macro Dice
+    baseline_mpp: float | None = None  # the colour-texture classifier's work resolution (None: ``mpp``)
+
+    def work_mpp(self, row: Row) -> float:
+        return self.baseline_mpp if row.backbone is None and self.baseline_mpp else self.mpp
 
 
 CASES = {
-    "ebhi": Case("ebhi", "EBHI-Seg glands, 8 → 120 (macro Dice)", 1.2, 1.2, None),
+    # pdseg rows at the product's default work resolution (0.5 µm/px, the backbone's own: the 224-px crops are
+    # upsampled); the colour-texture classifier at the crops' own 1.2 µm/px, where it scores best (0.774 there,
+    # 0.758 at 0.6 µm/px; docs/ACCURACY.md "Work resolution")
+    "ebhi": Case("ebhi", "EBHI-Seg glands, 8 → 120 (macro Dice)", 1.2, 0.5, None, baseline_mpp=1.2),
     "ivygap": Case("ivygap", "IvyGAP GBM, 8 classes, 8 → 40 (macro Dice / mIoU)", 4.0, 8.0, None),
     "gbm40": Case("gbm40", "gbm40 nuclei, 01–30 → 31–40 (Nucleus Dice)", 0.5, 0.5, "Nucleus"),
 }
-#: --quick works the IvyGAP sections at 16 µm/px (one 256-px tile per image) instead of 8.
-QUICK_MPP = {"ivygap": 16.0}
+#: --quick works the IvyGAP sections at 16 µm/px (one 256-px tile per image) instead of 8, and EBHI-Seg at the
+#: crops' own 1.2 µm/px (one tile per crop instead of four) for every row.
+QUICK_MPP = {"ivygap": 16.0, "ebhi": 1.2}
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,9 @@ ROWS: dict[str, Row] = {  # every head named explicitly: the default switched fr
     "raw": Row("raw", "raw pixels (`random:small --head pixel --rgb-skip`)", "random:small",
                {"head": "pixel", "rgb_skip": True}),
     "random": Row("random", "`random:small --head pixel`", "random:small", {"head": "pixel"}),
+    # raw pixels for the context head: its colour skip is all the untrained backbone adds that carries signal
+    "raw-context": Row("raw-context", "raw pixels, context head (`random:small --head context`)", "random:small",
+                       {"head": "context"}),
 }
 
 
@@ -156,12 +167,12 @@ def run_cell(row: Row, case: Case, train_dir: Path, test_dir: Path, test_names, 
 
     extra = {"tiles_per_class": 8, "views": 1, "max_val_tiles": 8} if quick else {}
     if quick and case.key in QUICK_MPP:
-        case = Case(case.key, case.title, case.image_mpp, QUICK_MPP[case.key], case.score_class)
+        case = Case(case.key, case.title, case.image_mpp, QUICK_MPP[case.key], case.score_class, QUICK_MPP[case.key])
     t0 = time.perf_counter()
     if row.backbone is None:
         from baseline_pixel_classifier import evaluate_baseline, fit_baseline
 
-        model, cmap, io, info = fit_baseline(train_dir, image_mpp=case.image_mpp, mpp=case.mpp, seed=seed,
+        model, cmap, io, info = fit_baseline(train_dir, image_mpp=case.image_mpp, mpp=case.work_mpp(row), seed=seed,
                                              images=images, options=TrainOptions(**extra))
         t1 = time.perf_counter()
         m = evaluate_baseline(model, cmap, io, test_dir, image_mpp=case.image_mpp, images=test_names)
@@ -186,13 +197,21 @@ def run_cell(row: Row, case: Case, train_dir: Path, test_dir: Path, test_names, 
             rec["auto"] = {k: auto[k] for k in ("choice", "estimate", "seconds", "candidates", "fallback")}
     per_class = {k: v["dice"] for k, v in m["per_class"].items()}
     rec.update({
-        "row": row.key, "case": case.key, "seed": seed, "mpp": case.mpp, "n_train": len(images) if images else "all",
+        "row": row.key, "case": case.key, "seed": seed, "mpp": case.work_mpp(row), "n_train": len(images) if images else "all",
         "images": images, "macro_dice": m["macro_dice"], "miou": m["miou"], "accuracy": m["accuracy"],
         "per_class_dice": per_class,
         "score": per_class[case.score_class] if case.score_class else m["macro_dice"],
         "train_s": round(t1 - t0, 1), "evaluate_s": round(time.perf_counter() - t1, 1),
     })
     return rec
+
+
+def _same_resolution(rec: dict, row: str, case: str, quick: bool) -> bool:
+    """A finished run counts only if it ran at the work resolution this protocol asks for (it changed once)."""
+    c = CASES[case]
+    if quick and case in QUICK_MPP:
+        return rec.get("mpp") == QUICK_MPP[case]
+    return rec.get("mpp") == c.work_mpp(ROWS[row])
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -256,6 +275,9 @@ def main_table(table: dict, rows: list[str], cases: list[str]) -> list[str]:
             line += f"; `small --head context` − colour-texture = {means['small-context'] - means['baseline']:+.3f}"
         if "small" in means and "raw" in means:
             line += f"; `small` − raw pixels = {means['small'] - means['raw']:+.3f}"
+        if "small-context" in means and "raw-context" in means:
+            line += f"; `small --head context` − raw pixels (context head) = " \
+                    f"{means['small-context'] - means['raw-context']:+.3f}"
         for r, m in means.items():
             if r not in DEFAULT_ROWS and "small-context" in means:
                 line += f"; `{r}` − `small --head context` = {m - means['small-context']:+.3f}"
@@ -469,7 +491,7 @@ def main() -> None:
     for i, (r, c, seed, images) in enumerate(plan):
         tag = f"{c}-{r}-{'all' if images is None else '+'.join(x.split('.')[0][:24] for x in images)}-s{seed}"
         f = runs_dir / f"{tag}.json"
-        if f.is_file():
+        if f.is_file() and _same_resolution(json.loads(f.read_text()), r, c, quick):
             runs.append(json.loads(f.read_text()))
             reused += 1
             continue

@@ -64,7 +64,12 @@ def _region_labels(nuclei: list, cell: shapely.Polygon) -> list[dict]:
             for g, c in feats]
 
 
-def _write_labels(pool: Path, gbm40: Path, chosen: dict[str, list[tuple[int, int]]], cell_px: int) -> int:
+def _write_labels(pool: Path, gbm40: Path, chosen: dict[str, list[tuple[int, int]]], cell_px: int,
+                  tiles: list[str]) -> int:
+    """The labels of the chosen regions; a pool tile without any loses a label file left from an earlier run."""
+    for t in tiles:
+        if t not in chosen:
+            (pool / f"{t}.geojson").unlink(missing_ok=True)
     n = 0
     for tile, cells in chosen.items():
         nuclei = _truth(gbm40, tile)
@@ -280,7 +285,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, initial: list, cells:
         chosen: dict[str, list[tuple[int, int]]] = {}
         for t, x, y in labelled:
             chosen.setdefault(t, []).append((x, y))
-        _write_labels(pool, args.gbm40, chosen, cell_px)
+        _write_labels(pool, args.gbm40, chosen, cell_px, args.pool)
         model = work / f"model-{rnd}"
         t0 = time.perf_counter()
         opts = TrainOptions(tiles_per_class=args.tiles_per_class, views=1, keep_features=False, head=args.head)
@@ -393,9 +398,30 @@ def summarize(rows: list[dict]) -> dict:
                 "mean_over_se": round(float(np.mean(g)) / se, 2) if se > 0 else None,
                 "seeds_ahead": sum(x > 0 for x in g), "seeds": len(g)}
 
+    picked: dict = {}
+    for r in rows:
+        if "picked_error" in r:
+            for key in ("picked_error", "picked_error_far_from_edges", "picked_nucleus_share", "pool_error"):
+                picked.setdefault(r["arm"], {}).setdefault(r["regions"], {}).setdefault(key, []).append(r[key])
     return {"mean_nucleus_dice_by_regions": {a: {n: round(float(np.mean(v)), 4) for n, v in sorted(by.items())}
                                              for a, by in means.items()},
-            "minus_random_by_regions": {a: {n: stats(g) for n, g in by.items()} for a, by in gains.items()}}
+            "minus_random_by_regions": {a: {n: stats(g) for n, g in by.items()} for a, by in gains.items()},
+            "minus_random_mean_over_rounds": {a: stats(per_seed) for a, per_seed in _over_rounds(dice).items()},
+            "picked_regions_mean_by_regions": {a: {n: {k: round(float(np.mean(v)), 4) for k, v in d.items()}
+                                                   | {"seeds": len(d["picked_error"])}
+                                                   for n, d in sorted(by.items())} for a, by in picked.items()}}
+
+
+def _over_rounds(dice: dict) -> dict:
+    """Per arm, per seed: its gain over random averaged over every round after the start (one number a seed, so
+    the rounds' noise partly cancels); only seeds with every round of both arms."""
+    out: dict = {}
+    for arm, seed in sorted({(a, s) for a, s, _ in dice if a != "random"}):
+        ns = sorted(n for a, s, n in dice if a == arm and s == seed)[1:]
+        if ns and all(("random", seed, n) in dice for n in ns):
+            out.setdefault(arm, []).append(round(float(np.mean([dice[(arm, seed, n)] - dice[("random", seed, n)]
+                                                                 for n in ns])), 4))
+    return out
 
 
 def main() -> None:

@@ -162,6 +162,10 @@ def load_folder(folder: str | Path, device: torch.device | str = "cpu", *, spec:
                   random_weights=bool(manifest.get("random_weights", False)),
                   sha256=manifest.get("sha256"), source=manifest.get("source"))
     bb.folder = str(folder.resolve())  # where it was read: what a model file records for a hub backbone
+    learned = ((manifest.get("record") or {}).get("settings") or {}).get("mpp")  # set by pdseg pretrain
+    if not bb.random_weights and isinstance(learned, (int, float)) and not isinstance(learned, bool) \
+            and 0.01 <= learned <= 1000:
+        bb.learned_mpp = float(learned)
     return bb.to(device).eval().requires_grad_(False)
 
 

@@ -22,6 +22,10 @@ RANDOM_LABEL = "RANDOM WEIGHTS (for tests/benchmarks only)"
 _RANDOM_SEED = 0
 
 
+LEARNED_MPP = 0.5
+"""PathSegDiff's backbones (and ``small``) learned from 256-px tiles at 20×, about 0.5 µm/px."""
+
+
 class Backbone(nn.Module):
     """Frozen LDM parts used for features: VQ first stage, UNet, noise schedule, optional conditioner."""
 
@@ -40,6 +44,9 @@ class Backbone(nn.Module):
         self.source = source
         self.folder: str | None = None
         """The folder the weights were read from, if any."""
+        self.learned_mpp: float | None = None if random_weights else LEARNED_MPP
+        """µm/px of the H&E the weights learned from (a pretrain record's ``--mpp``; PathSegDiff's 20×
+        otherwise); ``None`` for random weights. Features are best near it (README, "Work resolution")."""
 
     @property
     def device(self) -> torch.device:

@@ -170,6 +170,9 @@ def train(
                                        from_coarsest=opts.head == "context")
         io = opts.io(mpp, bb.config.tile_size, extractor.out_stride)
         bb_record = _backbone_record(backbone, bb)
+        far = resolution_note(mpp, bb)
+        if far:
+            messages.append(far)
         search = None
         if is_auto(opts):
             # 2b. --t auto / --blocks auto: chosen by image-wise cross-validation on these annotations.
@@ -269,6 +272,16 @@ def _fit_map_budget(plan: TilePlan, io: IOConfig, channels: int, opts: TrainOpti
     if io.overlap < rf // 2:
         messages.append(f"prediction tiles overlap by {io.overlap} px, less than half the context head's "
                         f"receptive field ({rf} px): tile borders may show; use an overlap of at least {rf // 2}")
+
+
+def resolution_note(mpp: float, bb: Any) -> str | None:
+    """A note when the work resolution is far (over 1.5×) from the one the backbone's weights learned H&E at."""
+    learned = getattr(bb, "learned_mpp", None)
+    if not learned or max(mpp / learned, learned / mpp) <= 1.5:
+        return None
+    return (f"working at {mpp:g} µm/px, but backbone {bb.spec} learned H&E at {learned:g} µm/px: its features "
+            f"are usually best near that. Unless you have compared both, train with --mpp {learned:g} "
+            "(images are resampled to it; README, 'Work resolution').")
 
 
 def _warn_empty_classes(cmap: ClassMap, counts: np.ndarray, messages: list[str], events: Events) -> None:
