@@ -443,6 +443,8 @@ def main() -> None:
                     help="add a row NAME: train --backbone DIR with the context head (e.g. a fine-tuned backbone)")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; quick 2)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="run seeds FIRST.. (to split one table over processes sharing --work; then --docs-only)")
     ap.add_argument("--subsets", type=int, default=None, help="random subsets per label-efficiency size (4; quick 2)")
     ap.add_argument("--no-label-efficiency", action="store_true")
     ap.add_argument("--docs-only", action="store_true", help="rewrite the docs from the finished runs; compute nothing")
@@ -458,7 +460,7 @@ def main() -> None:
     quick = args.quick
     args.work = args.work or Path(f"/work/data/accuracy-work{'-quick' if quick else ''}")
     args.work.mkdir(parents=True, exist_ok=True)
-    seeds = list(range(args.seeds or (2 if quick else 3)))
+    seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (2 if quick else 3))))
     n_subsets = args.subsets or (2 if quick else 4)
     rows = [r for r in args.rows if r != "small-context" or has_context_head()]
     for row in args.backbone_row:

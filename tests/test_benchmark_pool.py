@@ -82,3 +82,24 @@ def test_accuracy_backbone_row_and_kept_sections(tmp_path: Path) -> None:
         assert "`ft` − `small --head context` = +0.050" in text
     finally:
         del accuracy.ROWS["ft"]
+
+
+@pytest.mark.slow  # builds, saves and reloads a (tiny) backbone
+def test_checkpoint_backbone_exports_the_ema_unet_of_that_step(tmp_path: Path) -> None:
+    import torch
+    from checkpoint_backbone import export
+
+    from pdseg_qupath.backbone.model import build_backbone
+    from pdseg_qupath.backbone.spec import load_backbone
+    from pdseg_qupath.learn.pretrain import save_state
+
+    bb = build_backbone("tiny", "cpu")
+    ema = {k: v + 0.5 for k, v in bb.unet.state_dict().items()}  # differs from the live UNet
+    save_state(tmp_path / "state", {"settings": {"config": "tiny", "from_spec": None}, "stage": "unet", "step": 7,
+                                    "vq": bb.vq.state_dict(), "unet": bb.unet.state_dict(), "ema": ema,
+                                    "hist": {"unet_heldout": [[7, 0.3]]}, "info": {"seconds": {"unet": 1.0}}})
+    rec = export(tmp_path / "state", tmp_path / "bb")
+    out = load_backbone(tmp_path / "bb")
+    assert rec["step"] == 7 and rec["unet"]["heldout_eps_loss"] == 0.3 and not out.random_weights
+    assert all(torch.equal(out.unet.state_dict()[k], v) for k, v in ema.items())
+    assert all(torch.equal(out.vq.state_dict()[k], v) for k, v in bb.vq.state_dict().items())
