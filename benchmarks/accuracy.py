@@ -355,7 +355,8 @@ def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | No
          ""]
     if meta["quick"]:
         L += [("**Quick mode**: fewer seeds and subsets, fewer test images (gbm40 31–35, EBHI-Seg 24 of 120 "
-              "(4 per category), IvyGAP 8 of 40, worked at 16 µm/px instead of 8) and a smaller training budget (8 tiles per class, 1 view, ≤ 8 "
+              "(4 per category), worked at its own 1.2 µm/px instead of 0.5, IvyGAP 8 of 40, worked at 16 µm/px "
+              "instead of 8) and a smaller training budget (8 tiles per class, 1 view, ≤ 8 "
               "validation tiles) than the product's defaults (48 tiles per class, 2 views). The figures are "
               "comparable with each other, not with a full run."), ""]
     if meta.get("incomplete"):
@@ -376,6 +377,11 @@ def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | No
                f"(all test images; {om['generated']}; {om['machine']})"
                + (f"; incomplete: {om['incomplete']}" if om.get("incomplete") else "") + "."), ""]
         L += main_table(other["table"], om["rows"], om["cases"])
+        at = {}
+        for x in other["runs"]:
+            at.setdefault(x["row"], set()).add(x["mpp"])
+        L += ["", "Work resolution: " + "; ".join(f"`{r}` at {' and '.join(f'{m:g}' for m in sorted(at[r]))} µm/px"
+                                                  for r in om["rows"] if r in at) + "."]
         tapped = {tuple(x["blocks"]) for x in other["runs"] if x["row"] == "small-context" and x.get("blocks")}
         if tapped and tapped != {(0, 1, 2)}:
             L += ["", (f"In this run the `small-context` row tapped blocks {' / '.join(_span(list(b)) for b in tapped)}, "
@@ -406,7 +412,10 @@ def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | No
           ("- **gbm40** (`shared/data/gbm40`): 40 glioblastoma tiles with traced nuclei, 0.5 µm/px; train on "
           "01–30, score on 31–40 (Nucleus Dice)."),
           ("- **EBHI-Seg** (`shared/data/ebhi-seg`): colon biopsies, Gland vs Other, 8 training images, 120 "
-          "test images, 1.2 µm/px; label efficiency trains on random subsets of 1 and 3 of the 8."),
+          "test images, 224-px crops at about 1.2 µm/px. pdseg rows work at the product's default 0.5 µm/px "
+          "(the backbone's own; the crops are upsampled), the colour-texture classifier at the crops' own "
+          "1.2 µm/px, where it scores best (see *Work resolution*); quick mode works every row at 1.2. Label "
+          "efficiency trains on random subsets of 1 and 3 of the 8."),
           ("- **IvyGAP** (`/work/data/ivygap-gbm`, made by `benchmarks/prepare_ivygap_gbm.py` from the MIT-"
           "licensed GBM_WSSM repository; source, licence and citation in its README): whole glioblastoma "
           "sections, 8 anatomic regions (leading edge, infiltrating tumour, cellular tumour, perinecrotic "

@@ -91,8 +91,6 @@ def install_cache(root: Path) -> list[CachedExtractor]:
 
     def load(spec, device, t=None, blocks=None, seed=0, **kw):
         bb, inner = real(spec, device, t=t, blocks=(0, 1, 2), seed=seed, **kw)
-        if blocks is None and kw.get("from_coarsest"):  # the context head's default, as load_extractor has it
-            blocks = tuple(range(max(bb.config.default_blocks) + 1))
         sha = bb.sha256[:8] if bb.sha256 else "random"
         tag = f"{Path(str(spec)).name}-{sha}-t{'_'.join(map(str, inner.t))}-s{seed}"
         ex = CachedExtractor(inner, blocks, root / tag)

@@ -326,9 +326,9 @@ def test_class_missing_from_validation_is_warned(data, tmp_path):
     assert auto.val_images != ["plain.png"] and not any("validation images" in m for m in auto.messages)
 
 
-def test_context_head_taps_the_blocks_from_the_coarsest():
+def test_both_heads_tap_the_backbones_default_blocks():
+    """Blocks 1, 2 beat 0–2 for the context head too (docs/ACCURACY.md, "Which up blocks")."""
     from pdseg_qupath.learn.predictor import load_extractor
 
     assert load_extractor("random:small", "cpu")[1].blocks == (1, 2)
-    assert load_extractor("random:small", "cpu", from_coarsest=True)[1].blocks == (0, 1, 2)
-    assert load_extractor("random:small", "cpu", blocks=[2], from_coarsest=True)[1].blocks == (2,)
+    assert load_extractor("random:small", "cpu", blocks=[0, 1, 2])[1].blocks == (0, 1, 2)

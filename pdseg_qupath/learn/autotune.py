@@ -3,7 +3,7 @@
 The user's own annotations decide which diffusion timestep(s) and which up blocks the head sees:
 
 1. **Grid.** A few timesteps around the backbone's default and a few tap sets of the up blocks, the
-   default first (:func:`grid`; ``small``: t 5, 25, 100 × blocks 0–2 or 1–2 for the context head).
+   default first (:func:`grid`; ``small``: t 5, 25, 100 × blocks 1–2 or 0–2).
    A flag the user set is not searched: ``--t 100 --blocks auto`` searches blocks at t = 100.
 2. **Folds.** The labelled images are split into k = min(4, images) groups (:func:`group_folds`): whole
    images, never tiles, so a tile is never scored by a head that saw its image. Images are dealt to
@@ -53,9 +53,9 @@ CV_TILES_PER_CLASS = 16
 
 T_GRID = {"small": (5, 25, 100)}
 """Candidate timesteps per backbone config; others: half, once and twice the default."""
-BLOCKS_GRID = {("small", "context"): ((0, 1, 2), (1, 2)), ("small", "pixel"): ((1, 2), (0, 1, 2))}
-"""Candidate tap sets per (backbone config, head), the head's default first; others: the head's default
-and one alternative (the backbone's default, all blocks up to its last default one, or the finest)."""
+BLOCKS_GRID = {"small": ((1, 2), (0, 1, 2))}
+"""Candidate tap sets per backbone config, the default first; others: the default and one alternative
+(all blocks up to its last default one, or the finest)."""
 
 
 @dataclass
@@ -144,13 +144,11 @@ def grid(config: Any, opts: TrainOptions, n_timesteps: int) -> list[Candidate]:
     else:
         t = opts.t if opts.t is not None else d_t
         t_grid = [(int(t),) if isinstance(t, (int, np.integer)) else tuple(int(x) for x in t)]
-    head_default = (tuple(range(max(config.default_blocks) + 1)) if opts.head == "context"
-                    else tuple(config.default_blocks))
+    head_default = tuple(config.default_blocks)
     if opts.blocks == AUTO:
-        b_grid = list(BLOCKS_GRID.get((config.name, opts.head), ()))
+        b_grid = list(BLOCKS_GRID.get(config.name, ()))
         if not b_grid:
-            alternatives = [tuple(config.default_blocks), tuple(range(max(config.default_blocks) + 1)),
-                            (max(config.default_blocks),)]
+            alternatives = [tuple(range(max(config.default_blocks) + 1)), (max(config.default_blocks),)]
             b_grid = [head_default] + [next(a for a in alternatives + [head_default] if a != head_default)]
         b_grid = [head_default] + [b for b in b_grid if b != head_default]
     else:

@@ -109,9 +109,9 @@ class TrainOptions:
     """Diffusion timestep(s) of the features (default: the backbone's; ``"auto"``: chosen by image-wise
     cross-validation, :mod:`pdseg_qupath.learn.autotune`)."""
     blocks: Sequence[int] | str | None = None
-    """Up blocks to tap (0 = coarsest). Default: the backbone's (``small``: 1, 2) for the pixel head; for
-    the context head every block from 0 to the backbone's last default one (``small``: 0, 1, 2).
-    ``"auto"``: chosen by image-wise cross-validation."""
+    """Up blocks to tap (0 = coarsest). Default: the backbone's (``small``: 1, 2), for both heads (the
+    context head did better with 1, 2 than with 0–2: docs/ACCURACY.md). ``"auto"``: chosen by image-wise
+    cross-validation."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     resume: bool = True
     keep_features: bool = False

@@ -16,21 +16,16 @@ from pdseg_qupath.learn.runtime import BatchRunner, resolve_device
 
 
 def load_extractor(spec: str, device: str, t=None, blocks=None, seed: int = 0, *,
-                   allow_hub: bool = True, from_coarsest: bool = False) -> tuple[Backbone, LDMFeatures]:
-    """(backbone, feature extractor) for a ``--backbone`` spec; t and blocks default to the backbone's
-    (with ``from_coarsest``: every up block from the coarsest to the backbone's last default one, the
-    context head's default, as the coarse blocks carry the most context).
+                   allow_hub: bool = True) -> tuple[Backbone, LDMFeatures]:
+    """(backbone, feature extractor) for a ``--backbone`` spec; t and blocks default to the backbone's.
 
     ``allow_hub=False`` for specs read from a file (a model's): those never make pdseg contact the hub."""
     backbone = load_backbone(spec, device=device, allow_hub=allow_hub)
-    return backbone, features_for(backbone, device, t, blocks, seed, from_coarsest=from_coarsest)
+    return backbone, features_for(backbone, device, t, blocks, seed)
 
 
-def features_for(backbone: Backbone, device: str, t=None, blocks=None, seed: int = 0, *,
-                 from_coarsest: bool = False) -> LDMFeatures:
-    """The feature extractor of a loaded backbone (t and blocks default as in :func:`load_extractor`)."""
-    if blocks is None and from_coarsest:
-        blocks = range(max(backbone.config.default_blocks) + 1)
+def features_for(backbone: Backbone, device: str, t=None, blocks=None, seed: int = 0) -> LDMFeatures:
+    """The feature extractor of a loaded backbone (t and blocks default to the backbone's)."""
     kwargs = {}
     if t is not None:
         kwargs["t"] = t

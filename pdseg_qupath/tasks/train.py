@@ -166,8 +166,7 @@ def train(
     try:
         # 2. The backbone, and the tiles it sees.
         bb, extractor = load_extractor(backbone, dev, t=None if opts.t == AUTO else opts.t,
-                                       blocks=None if opts.blocks == AUTO else opts.blocks,
-                                       from_coarsest=opts.head == "context")
+                                       blocks=None if opts.blocks == AUTO else opts.blocks)
         io = opts.io(mpp, bb.config.tile_size, extractor.out_stride)
         bb_record = _backbone_record(backbone, bb)
         far = resolution_note(mpp, bb)
