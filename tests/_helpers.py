@@ -10,7 +10,18 @@ from pdseg_qupath.core.annotations import Annotation, ClassMap
 from pdseg_qupath.core.grid import Window
 from pdseg_qupath.core.metrics import Confusion, scores
 from pdseg_qupath.core.raster import AnnotationIndex
+from pdseg_qupath.learn.data import TrainingImage
 from pdseg_qupath.learn.stitch import Strip, StripStitcher
+
+
+def fake_images(class_sets: Sequence[set[str]]) -> list[TrainingImage]:
+    """Training images named im0, im1, … each holding one tiny annotation per class in its set."""
+    from types import SimpleNamespace
+
+    from shapely.geometry import box
+
+    return [TrainingImage(SimpleNamespace(name=f"im{i}"), [Annotation(box(0, 0, 4, 4), classification=c) for c in cs])
+            for i, cs in enumerate(class_sets)]
 
 
 def rasterize(annotations: Sequence[Annotation] | AnnotationIndex, class_map: ClassMap, window: Window) -> np.ndarray:

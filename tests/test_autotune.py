@@ -8,14 +8,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from shapely.geometry import box
 
-from pdseg_qupath.core.annotations import Annotation
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.learn import autotune
-from pdseg_qupath.learn.data import TrainingImage
 from pdseg_qupath.learn.options import TrainOptions
 
+from _helpers import fake_images
 from _loop_data import make_folder, train_tiny
 
 
@@ -31,13 +29,8 @@ def quick_cv(monkeypatch):
     monkeypatch.setattr(autotune, "CV_EPOCHS", 1)
 
 
-def _fake_images(class_sets):
-    return [TrainingImage(SimpleNamespace(name=f"im{i}"), [Annotation(box(0, 0, 4, 4), classification=c) for c in cs])
-            for i, cs in enumerate(class_sets)]
-
-
 def test_group_folds_keep_images_whole_and_spread_rare_classes():
-    imgs = _fake_images([{"Tumor", "Stroma", "Normal"}] * 3 + [{"Tumor", "Stroma"}] * 6)
+    imgs = fake_images([{"Tumor", "Stroma", "Normal"}] * 3 + [{"Tumor", "Stroma"}] * 6)
     for seed in range(10):
         folds = autotune.group_folds(imgs, list(range(9)), 4, np.random.default_rng(seed))
         flat = [i for f in folds for i in f]

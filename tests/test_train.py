@@ -16,6 +16,7 @@ from pdseg_qupath.learn.augment import AugmentConfig, augment, dihedral
 from pdseg_qupath.learn.cache import BatchRunner, pixels_per_view, stratified_pixels, uniform_pixels
 from pdseg_qupath.learn.modelio import load_model
 
+from _helpers import fake_images
 from _loop_data import feature, make_folder, make_image, small_options, train_tiny
 
 
@@ -279,36 +280,24 @@ def test_context_head_cache_budget_keeps_fewer_tiles(data, tmp_path):
         train_tiny(data, tmp_path / "n", epochs=1, head="context", cache_mb=9 * per_view / 2**20)
 
 
-def _fake_images(class_sets):
-    from types import SimpleNamespace
-
-    from shapely.geometry import box
-
-    from pdseg_qupath.core.annotations import Annotation
-    from pdseg_qupath.learn.data import TrainingImage
-
-    return [TrainingImage(SimpleNamespace(name=f"im{i}"), [Annotation(box(0, 0, 4, 4), classification=c) for c in cs])
-            for i, cs in enumerate(class_sets)]
-
-
 def test_automatic_split_is_stratified_by_class():
     from pdseg_qupath.learn.sampling import image_classes, split_images
 
     # the case: 8 images, "Normal" on 3 of them, a plain random split often held out 2 of the 3
-    imgs = _fake_images([{"Tumor", "Stroma", "Normal"}] * 3 + [{"Tumor", "Stroma"}] * 5)
+    imgs = fake_images([{"Tumor", "Stroma", "Normal"}] * 3 + [{"Tumor", "Stroma"}] * 5)
     for seed in range(20):
         train, val = split_images(imgs, None, 0.2, np.random.default_rng(seed))
         assert len(val) == 2 and sorted(train + val) == list(range(8))
         assert sum(1 for i in val if "Normal" in image_classes(imgs[i])) == 1
     # a class on one image only stays in training; every class on two or more images is validated
-    imgs = _fake_images([{"A", "B"}, {"A"}, {"A", "C"}, {"A", "C"}, {"A", "B", "D"}])
+    imgs = fake_images([{"A", "B"}, {"A"}, {"A", "C"}, {"A", "C"}, {"A", "B", "D"}])
     for seed in range(20):
         train, val = split_images(imgs, None, 0.4, np.random.default_rng(seed))
         seen = set().union(*(image_classes(imgs[i]) for i in val))
         assert set().union(*(image_classes(imgs[i]) for i in train)) == {"A", "B", "C", "D"}
         assert {"B", "C"} <= seen and 4 not in val
     # nothing can be held out without losing a class: no image split
-    assert split_images(_fake_images([{"A"}, {"B"}]), None, 0.5, np.random.default_rng(0)) == ([0, 1], [])
+    assert split_images(fake_images([{"A"}, {"B"}]), None, 0.5, np.random.default_rng(0)) == ([0, 1], [])
 
 
 def test_class_missing_from_validation_is_warned(data, tmp_path):
