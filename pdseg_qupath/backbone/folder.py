@@ -28,6 +28,7 @@ from pdseg_qupath.backbone.config import BackboneConfig
 from pdseg_qupath.backbone.model import Backbone
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.fileio import atomic_write_dir, sha256_file
+from pdseg_qupath.core.slide import MAX_MPP, MIN_MPP
 
 MANIFEST = "pdseg_backbone.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -164,7 +165,7 @@ def load_folder(folder: str | Path, device: torch.device | str = "cpu", *, spec:
     bb.folder = str(folder.resolve())  # where it was read: what a model file records for a hub backbone
     learned = ((manifest.get("record") or {}).get("settings") or {}).get("mpp")  # set by pdseg pretrain
     if not bb.random_weights and isinstance(learned, (int, float)) and not isinstance(learned, bool) \
-            and 0.01 <= learned <= 1000:
+            and MIN_MPP <= learned <= MAX_MPP:
         bb.learned_mpp = float(learned)
     return bb.to(device).eval().requires_grad_(False)
 
