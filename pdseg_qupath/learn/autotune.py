@@ -144,15 +144,14 @@ def grid(config: Any, opts: TrainOptions, n_timesteps: int) -> list[Candidate]:
     else:
         t = opts.t if opts.t is not None else d_t
         t_grid = [(int(t),) if isinstance(t, (int, np.integer)) else tuple(int(x) for x in t)]
-    head_default = tuple(config.default_blocks)
+    default = tuple(config.default_blocks)
     if opts.blocks == AUTO:
-        b_grid = list(BLOCKS_GRID.get(config.name, ()))
-        if not b_grid:
-            alternatives = [tuple(range(max(config.default_blocks) + 1)), (max(config.default_blocks),)]
-            b_grid = [head_default] + [next(a for a in alternatives + [head_default] if a != head_default)]
-        b_grid = [head_default] + [b for b in b_grid if b != head_default]
+        # a known grid, else one alternative: every block up to the last default one, or the finest alone
+        others = BLOCKS_GRID.get(config.name) or [
+            next((a for a in (tuple(range(max(default) + 1)), (max(default),)) if a != default), default)]
+        b_grid = [default] + [b for b in others if b != default]
     else:
-        b_grid = [tuple(int(b) for b in opts.blocks) if opts.blocks is not None else head_default]
+        b_grid = [tuple(int(b) for b in opts.blocks) if opts.blocks is not None else default]
     return [Candidate(t, b) for t in t_grid for b in b_grid if b != ()]
 
 
