@@ -54,7 +54,7 @@ def test_merge_equals_one_shot():
 
 def test_evaluate_report(tmp_path):
     src = make_folder(tmp_path / "src", n=2, size=(64, 64))
-    model = train_tiny(src, tmp_path / "model", epochs=2).model_dir
+    model = train_tiny(src, tmp_path / "model", epochs=2, ensemble=1).model_dir  # one head: an image held out
     from pdseg_qupath.tasks.evaluate import evaluate
 
     test = tmp_path / "test"

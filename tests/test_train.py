@@ -42,7 +42,17 @@ def test_model_folder_and_record(trained):
     assert "RANDOM WEIGHTS" in meta["backbone"]["label"]
     assert meta["features"]["channels"] == meta["head"]["in_channels"]
     assert meta["training"]["validation"] == "image"
-    assert len(meta["training"]["train_images"]) == 1 and len(meta["training"]["val_images"]) == 1
+    # the default ensemble of 3 heads: each trains on one image and stops early on the other, and the
+    # second head holds out the image the first one trained on, so between them both images are trained on
+    assert meta["head"]["members"] == 3 and meta["format_version"] == 2
+    heads = meta["training"]["ensemble"]
+    assert [h["seed"] for h in heads] == [0, 7919, 2 * 7919]
+    for h in heads:
+        assert len(h["train_images"]) == 1 and len(h["val_images"]) == 1
+        assert set(h["train_images"] + h["val_images"]) == {"img0.png", "img1.png"}
+    assert heads[0]["val_images"] != heads[1]["val_images"]
+    assert sorted(meta["training"]["train_images"]) == sorted(meta["training"]["val_images"]) == ["img0.png", "img1.png"]
+    assert (out / "training_curve_2.png").is_file() and (out / "training_curve_3.png").is_file()
     # the objects the training image's labels came from (all drawn by hand here: no predictions among them)
     assert meta["training"]["labels"]["user"] > 0
     assert meta["training"]["labels"]["corrected"] == meta["training"]["labels"]["untouched"] == 0
@@ -99,7 +109,7 @@ def test_image_without_annotations_and_moved_image_are_reported(data, tmp_path):
     text = " ".join(res.messages)
     assert "unannotated.png: no classified annotations" in text
     assert "moved" in text and "skipped" in text
-    assert sorted(res.train_images + res.val_images) == ["img0.png", "img1.png"]
+    assert set(res.train_images + res.val_images) == {"img0.png", "img1.png"}
 
 
 def test_class_without_pixels(data, tmp_path):
@@ -273,11 +283,11 @@ def test_context_head_cache_budget_keeps_fewer_tiles(data, tmp_path):
 
     per_view = bytes_per_map(load_extractor("random:tiny", "cpu")[1].channels, 32, 4)
     budget = 20 * per_view / 2**20  # 8 validation views + 6 of the 2 x 12 training views
-    res = train_tiny(data, tmp_path / "m", epochs=1, head="context", cache_mb=budget)
+    res = train_tiny(data, tmp_path / "m", epochs=1, head="context", cache_mb=budget, ensemble=1)
     assert any("holds the feature maps of 6 of 12 training tiles" in m for m in res.messages)
     assert res.cache["views_train"] == 12 and res.cache["bytes"] <= budget * 2**20
     with pytest.raises(PdsegError, match="too small for the context head"):
-        train_tiny(data, tmp_path / "n", epochs=1, head="context", cache_mb=9 * per_view / 2**20)
+        train_tiny(data, tmp_path / "n", epochs=1, head="context", cache_mb=9 * per_view / 2**20, ensemble=1)
 
 
 def test_automatic_split_is_stratified_by_class():

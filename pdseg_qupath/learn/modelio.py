@@ -2,7 +2,9 @@
 
 ``model.json`` carries everything needed to predict again: the class map, the work resolution, tile
 size and overlap, the backbone spec and the sha256 of its weights, the timesteps and feature blocks, the
-head config, the training record, and the pdseg version. It also records the sha256 of
+head config (with ``members`` > 1 for an ensemble of heads, whose weights are keyed ``members.<k>.``;
+such a folder is format 2, so an older pdseg says to upgrade instead of misreading it), the training
+record, and the pdseg version. It also records the sha256 of
 ``head.safetensors``: the weights are written first and the JSON last, each atomically, so an
 interrupted save or a truncated copy is detected on load and reported by file name, never half-used.
 """
@@ -22,20 +24,21 @@ from pdseg_qupath import __version__
 from pdseg_qupath.core.annotations import ClassMap
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.fileio import atomic_write_text, atomic_write_with, sha256_file
-from pdseg_qupath.learn.head import FCNHead, HeadConfig
+from pdseg_qupath.learn.head import FCNHead, HeadConfig, HeadEnsemble, head_members
 from pdseg_qupath.learn.options import IOConfig
 
 HEAD_FILE = "head.safetensors"
 META_FILE = "model.json"
 FORMAT = "pdseg-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format this pdseg reads: 1 (one head), 2 (an ensemble of heads)."""
 
 
 @dataclass
 class SegModel:
     """A trained head and everything needed to run it on new slides."""
 
-    head: FCNHead
+    head: FCNHead | HeadEnsemble
     class_map: ClassMap
     io: IOConfig
     """Work resolution, tile size, overlap and feature stride: how the model sees a slide."""
@@ -53,9 +56,11 @@ class SegModel:
         return self.path.name if self.path is not None else "model"
 
     def meta(self, head_sha256: str) -> dict[str, Any]:
+        members = len(head_members(self.head))
+        head = self.head.config.to_json() | ({"members": members} if members > 1 else {})
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": 2 if members > 1 else 1,
             "pdseg_version": self.pdseg_version,
             "model_id": self.model_id or head_sha256[:12],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -65,7 +70,7 @@ class SegModel:
             "overlap": self.io.overlap,
             "backbone": self.backbone,
             "features": self.features,
-            "head": self.head.config.to_json(),
+            "head": head,
             "head_file": HEAD_FILE,
             "head_sha256": head_sha256,
             "training": self.training,
@@ -123,7 +128,11 @@ def load_model(path: str | Path) -> SegModel:
         digest = sha256_file(head_path)
         expected = meta["head_sha256"]
         class_map = ClassMap.from_json(meta["class_map"])
-        config = HeadConfig.from_json(meta["head"])
+        head_meta = dict(meta["head"])
+        members = int(head_meta.pop("members", 1))
+        if members < 1 or members > 64:
+            raise ValueError(f"head members {members}")
+        config = HeadConfig.from_json(head_meta)
         backbone, features = dict(meta["backbone"]), dict(meta["features"])
         io = IOConfig(float(meta["mpp"]), int(meta["tile_size"]), int(meta["overlap"]),
                       int(features.get("out_stride", config.stride)))
@@ -140,7 +149,7 @@ def load_model(path: str | Path) -> SegModel:
         state = load_file(str(head_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise PdsegError(f"{head_path}: not a readable safetensors file ({exc}); {retrain}") from None
-    head = FCNHead(config)
+    head = FCNHead(config) if members == 1 else HeadEnsemble([FCNHead(config) for _ in range(members)])
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as exc:

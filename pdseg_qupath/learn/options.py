@@ -112,6 +112,10 @@ class TrainOptions:
     """Up blocks to tap (0 = coarsest). Default: the backbone's (``small``: 1, 2), for both heads (the
     context head did better with 1, 2 than with 0–2: docs/ACCURACY.md). ``"auto"``: chosen by image-wise
     cross-validation."""
+    ensemble: int = 3
+    """Heads trained on the same features, each early-stopped on different held-out images (and with its
+    own seed), that predict together by averaging their class probabilities (:class:`~pdseg_qupath.learn.head.HeadEnsemble`).
+    Costs the head's training time per member, a few percent of prediction time per member; 1: one head."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     resume: bool = True
     keep_features: bool = False
@@ -125,6 +129,8 @@ class TrainOptions:
             v = getattr(self, name)
             if isinstance(v, str) and v != "auto":
                 raise PdsegError(f"--{name} {v!r}: give whole numbers separated by commas, or auto")
+        if not isinstance(self.ensemble, int) or isinstance(self.ensemble, bool) or not 1 <= self.ensemble <= 16:
+            raise PdsegError(f"--ensemble {self.ensemble!r}: give the number of heads, from 1 to 16")
         _finite(self, cache_mb=(0, None), lr=(0, None), weight_decay=(0, None), dropout=(0, 1), val_fraction=(0, 1))
         if self.class_weights is not None and not isinstance(self.class_weights, str):
             w = list(self.class_weights)

@@ -9,6 +9,7 @@ gives the same result as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -29,7 +30,7 @@ from pdseg_qupath.learn.options import TrainOptions
 RESUME_DIR = ".pdseg-train"
 
 FEATURE_OPTIONS = ("tile_size", "tiles_per_class", "views", "pixels_per_tile", "cache_mb", "val_fraction",
-                   "max_val_tiles", "t", "blocks", "augment", "head")
+                   "max_val_tiles", "t", "blocks", "augment", "head", "ensemble")
 """Options that change the cached features; the others (head, optimiser, epochs) only the checkpoint."""
 RESTART_OPTIONS = ("lr", "weight_decay", "batch_pixels", "class_weights", "hidden", "dropout", "rgb_skip",
                    "prior_correction")
@@ -58,7 +59,8 @@ def fingerprints(images: Sequence[TrainingImage], cmap: ClassMap, opts: TrainOpt
 
 class Resume:
     """``OUT/.pdseg-train/``: feature shards (``features-<fp>/``) and the per-epoch head checkpoint
-    (``checkpoint-<fp>.pt``) of an unfinished run. State left by other inputs or options is removed."""
+    (``checkpoint-<fp>.pt``; ``checkpoint-<fp>-m<k>.pt`` for ensemble member k > 0, see :meth:`member`) of
+    an unfinished run. State left by other inputs or options is removed."""
 
     def __init__(self, out_dir: Path, fingerprints: tuple[str, str], enabled: bool, messages: list[str]) -> None:
         self.dir = out_dir / RESUME_DIR
@@ -74,7 +76,7 @@ class Resume:
         self.resumed = enabled and (_own(self.features_dir) or _own(self.checkpoint))
         if self.dir.exists():
             # Only what pdseg writes here is ever deleted: features-<fp>/ folders and checkpoint-<fp>.pt files.
-            stale = [p for p in self.dir.iterdir() if _own(p) and p not in (self.features_dir, self.checkpoint)]
+            stale = [p for p in self.dir.iterdir() if _own(p) and p != self.features_dir and not self._mine(p)]
             if not enabled:
                 stale = [p for p in self.dir.iterdir() if _own(p)]
             for p in stale:
@@ -85,6 +87,18 @@ class Resume:
             messages.append(f"resuming from {self.dir} (features and head checkpoint of an earlier run)")
         if enabled:
             self.features_dir.mkdir(parents=True, exist_ok=True)
+
+    def _mine(self, p: Path) -> bool:
+        """A head checkpoint of this run (of any ensemble member)."""
+        return p.name == self.checkpoint.name or p.name.startswith(self.checkpoint.stem + "-m")
+
+    def member(self, k: int) -> Resume:
+        """The same run, with ensemble member ``k``'s own head checkpoint (member 0 keeps the run's)."""
+        if k == 0:
+            return self
+        other = copy.copy(self)
+        other.checkpoint = self.dir / f"{self.checkpoint.stem}-m{k}.pt"
+        return other
 
     def shard(self, name: str, index: int) -> Path | None:
         """Where feature shard ``index`` of ``name`` lives (None when resuming is off)."""
@@ -103,8 +117,11 @@ class Resume:
             atomic_write_bytes(self.checkpoint, buf.getvalue())
 
     def finish(self, keep_features: bool) -> None:
-        """After a completed run: drop the checkpoint; keep the features only if asked (for tuning)."""
-        self.checkpoint.unlink(missing_ok=True)
+        """After a completed run: drop the checkpoints; keep the features only if asked (for tuning)."""
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                if _own(p) and self._mine(p):
+                    p.unlink(missing_ok=True)
         if not keep_features and self.dir.is_dir() and not self.dir.is_symlink():
             for p in self.dir.iterdir():
                 if _own(p):

@@ -8,7 +8,7 @@ each tile view stratified by class (training) or uniformly (validation, for unbi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 import shapely
@@ -36,7 +36,8 @@ def image_classes(image: TrainingImage) -> set[str]:
 
 
 def split_images(
-    images: list[TrainingImage], val_images: Sequence[str] | None, fraction: float, rng: np.random.Generator
+    images: list[TrainingImage], val_images: Sequence[str] | None, fraction: float, rng: np.random.Generator,
+    avoid: Collection[int] = (),
 ) -> tuple[list[int], list[int]]:
     """Train and validation image indices: the user's choice, else ~``fraction`` of images (≥ 1) when
     at least 2 are annotated, else no image split.
@@ -46,7 +47,8 @@ def split_images(
     image first, so that validation sees each class that two or more images carry; the other validation
     images are those whose classes training has most of. With few images a plain random split can hold
     out most of a rare class and early-stop on a handful of its pixels. When no image can be held out
-    without taking a class out of training, there is no image split (validation falls back to tiles)."""
+    without taking a class out of training, there is no image split (validation falls back to tiles).
+    Images in ``avoid`` (held out by an earlier ensemble member) are held out only where others will not do."""
     names = [im.record.name for im in images]
     if val_images:
         unknown = [v for v in val_images if v not in names]
@@ -61,6 +63,7 @@ def split_images(
         return list(range(len(images))), []
     n_val = max(1, int(round(fraction * len(images))))
     order = [int(i) for i in rng.permutation(len(images))]
+    order = [i for i in order if i not in avoid] + [i for i in order if i in avoid]
     classes = [image_classes(im) for im in images]
     held: list[int] = []
 

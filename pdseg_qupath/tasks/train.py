@@ -8,12 +8,15 @@ The steps, and why:
    them (:mod:`pdseg_qupath.learn.autotune`); the grid, the scores and the choice go into model.json.
 3. **Tiles.** Training tiles centred on random points inside the annotations, the same number for every
    class (:mod:`pdseg_qupath.learn.sampling`); validation on held-out images when at least two are
-   annotated, else on held-out tiles.
+   annotated, else on held-out tiles. With ``ensemble`` K > 1 the images are split K times, each split
+   holding out images the earlier ones kept, and tiles are sampled from every image some head trains on.
 4. **Features.** Each tile is seen as ``views`` versions (the tile, then flips/rotations with H&E stain
    jitter); each view's features are kept only at sampled labelled pixels for the ``pixel`` head, or as
    whole feature maps for the ``context`` head (:mod:`pdseg_qupath.learn.cache`).
-5. **Head.** Cross-entropy, AdamW, early stopping on validation mIoU, keeping the best epoch
-   (:mod:`pdseg_qupath.learn.fit`); each epoch is shown and redraws ``training_curve.png``.
+5. **Heads.** Cross-entropy, AdamW, early stopping on validation mIoU, keeping the best epoch
+   (:mod:`pdseg_qupath.learn.fit`); each epoch is shown and redraws ``training_curve.png``. One head per
+   ensemble member, on the cached features of its own training images, stopped on its own held-out
+   images; they predict together (:class:`~pdseg_qupath.learn.head.HeadEnsemble`).
 6. **Model.** ``head.safetensors`` and ``model.json`` (:mod:`pdseg_qupath.learn.modelio`).
 
 Interrupting a run loses nothing: feature shards and the per-epoch head checkpoint stay in
@@ -23,12 +26,14 @@ result as an uninterrupted run. Same seed and inputs give the same metrics on CP
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from pdseg_qupath.backbone.model import describe
 from pdseg_qupath.backbone.spec import is_hub_id
@@ -47,7 +52,7 @@ from pdseg_qupath.learn.cache import (
 )
 from pdseg_qupath.learn.data import TrainingImage, close_images, load_training_images, total_labels
 from pdseg_qupath.learn.fit import FitState, class_weights, fit_head, logit_adjustment, map_sample_counts, new_head
-from pdseg_qupath.learn.head import HeadConfig
+from pdseg_qupath.learn.head import HeadConfig, HeadEnsemble
 from pdseg_qupath.learn.modelio import SegModel, save_model
 from pdseg_qupath.learn.options import IOConfig, TrainOptions
 from pdseg_qupath.learn import autotune
@@ -73,10 +78,14 @@ class TilePlan:
     """Which images train and which validate, and the tiles of each."""
 
     train_idx: list[int]
+    """Images some head trains on (all of them, with an ensemble that holds out different images)."""
     val_idx: list[int]
+    """Images some head is validated on."""
     tiles: list[Tile]
     val_tiles: list[Tile]
     val_mode: str
+    members: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    """(training images, validation images) of each head of the ensemble."""
 
 
 @dataclass
@@ -209,27 +218,38 @@ def train(
         t1 = time.perf_counter()
         train_cache, val_cache = _extract(plan, imgs, cmap, extractor, io, opts, per_view, seed, resume, events)
         timings["features_s"] = time.perf_counter() - t1
-        if isinstance(train_cache, MapCache):
-            counts = map_sample_counts(train_cache.tensors(), opts.pixels_per_tile, len(cmap), seed)
-        else:
-            counts = train_cache.class_counts(len(cmap))
+        counts = _sampled_counts(train_cache.tensors(), train_cache, len(cmap), opts, seed)
         _warn_empty_classes(cmap, counts, messages, events)
-        prior = annotated_prior(imgs, plan.train_idx, len(cmap), mpp)
-        adjust = logit_adjustment(prior, counts.astype(np.float64)) if opts.prior_correction else None
-        del bb  # the head needs only the cached features
-        # 5. The head.
+        del bb  # the heads need only the cached features
+        # 5. The heads: one per ensemble member, on its own training images, stopped on its own held-out ones.
         t2 = time.perf_counter()
-        fit = _fit(train_cache, val_cache, cmap, io, extractor.channels, counts, adjust, opts, epochs, seed, dev,
-                   resume, out, messages, events)
+        fits, first = [], None
+        for k in range(len(plan.members)):
+            tr, va = member_data(plan, k, train_cache, val_cache)
+            c_k = counts if len(plan.members) == 1 else _sampled_counts(tr, train_cache, len(cmap), opts, seed)
+            prior = annotated_prior(imgs, plan.members[k][0], len(cmap), mpp)
+            adjust = logit_adjustment(prior, c_k.astype(np.float64)) if opts.prior_correction else None
+            if len(plan.members) > 1:
+                held = ", ".join(imgs[i].record.name for i in plan.members[k][1]) or "held-out tiles"
+                events.message(f"head {k + 1} of {len(plan.members)}: validated on {held}")
+            fits.append(_fit(tr, va, cmap, io, extractor.channels, c_k, adjust, opts, epochs, _member_seed(seed, k),
+                             dev, resume.member(k), out, messages, events, k, len(plan.members)))
+            first = first or (prior, c_k, adjust)  # member 0's, for the record
+            del tr, va
         timings["head_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
         # 6. The model folder.
+        fit = fits[0]
         cache_info = _cache_record(train_cache, val_cache, cmap, counts, extractor.channels, n_views, per_view, io, opts)
-        training = _training_record(fit, plan, imgs, cmap, cache_info, prior, counts, adjust, opts, epochs, seed,
-                                    dev, timings, messages)
+        training = _training_record(fit, plan, imgs, cmap, cache_info, *first, opts, epochs, seed, dev, timings,
+                                    messages)
+        head = fit.head
+        if len(fits) > 1:
+            head = HeadEnsemble([f.head for f in fits])
+            training["ensemble"] = [_member_record(f, plan, k, imgs, seed) for k, f in enumerate(fits)]
         if search is not None:
             training["auto"] = search.record()
-        model = SegModel(fit.head, cmap, io, bb_record, _features_record(extractor), training)
+        model = SegModel(head, cmap, io, bb_record, _features_record(extractor), training)
         save_model(model, out)
         resume.finish(opts.keep_features)
         return TrainResult(model, plan, timings, resume.resumed, messages)
@@ -302,14 +322,26 @@ def _check_arguments(out_dir: str | Path, epochs: int, mpp: float) -> Path:
 
 def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: TrainOptions,
                val_images: Sequence[str] | None, rng: np.random.Generator, messages: list[str]) -> TilePlan:
-    """Split the images, then sample the training tiles and the validation tiles."""
-    train_idx, val_idx = split_images(imgs, val_images, opts.val_fraction, rng)
-    tiles = sample_tiles(imgs, train_idx, cmap, io, opts.tiles_per_class, rng)
+    """Split the images (once per ensemble member), then sample the training tiles of every image some
+    member trains on (enough that each member sees about ``tiles_per_class`` per class) and the
+    validation tiles of every image some member holds out."""
+    splits: list[tuple[list[int], list[int]]] = []
+    held: set[int] = set()
+    for _ in range(opts.ensemble):
+        train_k, val_k = split_images(imgs, val_images, opts.val_fraction, rng, avoid=held)
+        splits.append((train_k, val_k))
+        held |= set(val_k)
+    train_idx = sorted(set().union(*(set(t) for t, _ in splits)))
+    val_idx = sorted(held)
+    per_class = math.ceil(opts.tiles_per_class * len(train_idx) / np.mean([len(t) for t, _ in splits]))
+    tiles = sample_tiles(imgs, train_idx, cmap, io, per_class, rng)
     if val_idx:
-        plan = TilePlan(train_idx, val_idx, tiles, grid_tiles(imgs, val_idx, io, opts.max_val_tiles, rng), "image")
+        n_val_sets = len({tuple(v) for _, v in splits})
+        val_tiles = grid_tiles(imgs, val_idx, io, opts.max_val_tiles * n_val_sets, rng)
+        plan = TilePlan(train_idx, val_idx, tiles, val_tiles, "image", splits)
     else:
         tiles, val_tiles = split_tiles(tiles, opts.val_fraction, rng)
-        plan = TilePlan(train_idx, val_idx, tiles, val_tiles, "tile" if val_tiles else "none")
+        plan = TilePlan(train_idx, val_idx, tiles, val_tiles, "tile" if val_tiles else "none", splits)
         if val_tiles:
             why = ("only one annotated image" if len(imgs) < 2 else
                    "no image can be held out without taking a class out of training")
@@ -318,10 +350,40 @@ def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: Tr
     for name in cmap.names:
         if not any(name in image_classes(imgs[i]) for i in train_idx):
             messages.append(f"class {name!r} has no annotation in the training images; it cannot be learnt")
-        elif val_idx and not any(name in image_classes(imgs[i]) for i in val_idx):
+            continue
+        blind = sum(1 for _, v in splits if v and not any(name in image_classes(imgs[i]) for i in v))
+        if blind and len(splits) == 1:
             messages.append(f"class {name!r} has no annotation in the validation images: early stopping cannot "
                             f"see it (annotate it on one more image, or choose --val-images)")
+        elif blind:
+            messages.append(f"class {name!r} has no annotation in the validation images of {blind} of the "
+                            f"{len(splits)} heads: their early stopping cannot see it (annotate it on more images)")
     return plan
+
+
+def member_data(plan: TilePlan, k: int, train: PixelCache | MapCache,
+                val: PixelCache | MapCache) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The cached training and validation views (or pixels) of ensemble member ``k``: training tiles off
+    its validation images, validation tiles on them (held-out tiles are shared when images are not split)."""
+    tr, va = train.tensors(), (val.tensors() if len(val) else None)
+    held = plan.members[k][1] if plan.members else []
+    if not held:
+        return tr, va
+
+    def on_held(data: dict[str, Any], tiles: list[Tile]) -> Any:
+        image = torch.tensor([t.image for t in tiles], dtype=torch.long)[data["tile"].long()]
+        return torch.isin(image, torch.tensor(held, dtype=torch.long))
+
+    keep_tr = ~on_held(tr, plan.tiles)
+    if not bool(keep_tr.all()):
+        tr = {name: v[keep_tr] for name, v in tr.items()}
+    if va is not None:
+        keep_va = on_held(va, plan.val_tiles)
+        if not bool(keep_va.any()):
+            va = None
+        elif not bool(keep_va.all()):
+            va = {name: v[keep_va] for name, v in va.items()}
+    return tr, va
 
 
 def _extract(plan: TilePlan, imgs: list[TrainingImage], cmap: ClassMap, extractor: Any, io: IOConfig,
@@ -343,25 +405,38 @@ def _extract(plan: TilePlan, imgs: list[TrainingImage], cmap: ClassMap, extracto
     return train_cache, val_cache
 
 
-def _fit(train_cache: PixelCache | MapCache, val_cache: PixelCache | MapCache, cmap: ClassMap, io: IOConfig,
+def _member_seed(seed: int, k: int) -> int:
+    """Ensemble member k's seed (member 0 has the run's, so one head trains as it always did)."""
+    return seed + 7919 * k
+
+
+def _sampled_counts(data: dict[str, Any], cache: PixelCache | MapCache, n_classes: int, opts: TrainOptions,
+                    seed: int) -> np.ndarray:
+    """Labelled pixels per class that training draws from ``data`` (cached pixels, or an epoch's sample of maps)."""
+    if isinstance(cache, MapCache):
+        return map_sample_counts(data, opts.pixels_per_tile, n_classes, seed)
+    lab = data["labels"].numpy()
+    return np.bincount(lab[lab < n_classes], minlength=n_classes)[:n_classes]
+
+
+def _fit(tr: dict[str, Any], val: dict[str, Any] | None, cmap: ClassMap, io: IOConfig,
          channels: int, counts: np.ndarray, adjust: Any, opts: TrainOptions, epochs: int, seed: int, device: str,
-         resume: Resume, out: Path, messages: list[str], events: Events):
-    tr = train_cache.tensors()
+         resume: Resume, out: Path, messages: list[str], events: Events, member: int = 0, members: int = 1):
     config = HeadConfig.build(opts.head, int(channels), len(cmap), dropout=opts.dropout,
                               hidden=tuple(opts.hidden) if opts.hidden else None,
                               stride=io.stride, rgb_skip=opts.rgb_skip)
     head = new_head(config, tr["features"], seed)
-    step = events.step("epochs", total=epochs)
+    step = events.step("epochs" if members == 1 else f"epochs, head {member + 1}/{members}", total=epochs)
     colors = [c.color for c in cmap.classes]
+    curve = out / ("training_curve.png" if member == 0 else f"training_curve_{member + 1}.png")
 
     def on_epoch(row: dict, state: FitState, new: bool) -> None:
         events.show("epoch", (cmap.names, row))
         if new:
-            plots.write_training_curve(state.history, out / "training_curve.png", cmap.names,
-                                       best_epoch=state.best_epoch, colors=colors)
+            plots.write_training_curve(state.history, curve, cmap.names, best_epoch=state.best_epoch, colors=colors)
         step.set_total(epochs, done=row["epoch"])
 
-    fit = fit_head(head, tr, val_cache.tensors() if len(val_cache) else None, cmap.names, opts, epochs=epochs,
+    fit = fit_head(head, tr, val, cmap.names, opts, epochs=epochs,
                    seed=seed, device=device, weight=class_weights(opts.class_weights, counts), adjust=adjust,
                    resume=resume, messages=messages, on_epoch=on_epoch)
     step.close()
@@ -430,6 +505,14 @@ def _training_record(fit, plan: TilePlan, imgs: list[TrainingImage], cmap: Class
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "messages": messages,
     }
+
+
+def _member_record(fit: Any, plan: TilePlan, k: int, imgs: list[TrainingImage], seed: int) -> dict[str, Any]:
+    """What model.json keeps of one head of an ensemble (its curve is training_curve[_k].png)."""
+    train_k, val_k = plan.members[k]
+    return {"seed": _member_seed(seed, k), "train_images": [imgs[i].record.name for i in train_k],
+            "val_images": [imgs[i].record.name for i in val_k], "epochs_run": len(fit.history),
+            "best_epoch": fit.best_epoch, "best": fit.best}
 
 
 def _features_record(extractor: Any) -> dict[str, Any]:
