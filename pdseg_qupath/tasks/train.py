@@ -207,7 +207,8 @@ def train(
         for m in messages:
             events.message(m, "warn")
         events.message(f"labels: {total_labels(imgs).describe()}")
-        events.message(f"backbone: {bb_record['label']} · {opts.head} head · {len(cmap)} classes "
+        heads = f"{opts.head} head" if len(plan.members) == 1 else f"{len(plan.members)} {opts.head} heads"
+        events.message(f"backbone: {bb_record['label']} · {heads} · {len(cmap)} classes "
                        f"({', '.join(cmap.names)}) · "
                        f"{mpp:g} µm/px · {len(plan.tiles)} training tiles × {opts.views} views · "
                        f"{len(plan.val_tiles)} validation tiles (split by {plan.val_mode}) · "
