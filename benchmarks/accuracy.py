@@ -104,7 +104,19 @@ ROWS: dict[str, Row] = {  # every head named explicitly: the default switched fr
     # raw pixels for the context head: its colour skip is all the untrained backbone adds that carries signal
     "raw-context": Row("raw-context", "raw pixels, context head (`random:small --head context`)", "random:small",
                        {"head": "context"}),
+    # one head instead of the default ensemble of 3 (the default until 2026-12-07)
+    "small-context-1": Row("small-context-1", "`small --head context --ensemble 1` (one head: the default until "
+                           "2026-12-07)", "small", {"head": "context", "ensemble": 1}),
+    "raw-context-1": Row("raw-context-1", "raw pixels, one context head (`random:small --ensemble 1`)", "random:small",
+                         {"head": "context", "ensemble": 1}),
 }
+
+
+def heads_of(row: Row) -> int | None:
+    """How many heads a pdseg row trains (the default ensemble unless the row sets one; None: the baseline)."""
+    from pdseg_qupath.learn.options import TrainOptions
+
+    return None if row.backbone is None else int(row.options.get("ensemble", TrainOptions().ensemble))
 
 
 KEEP_MARKER = "<!-- accuracy.py keeps everything below this line when it rewrites this file -->"
@@ -193,7 +205,7 @@ def run_cell(row: Row, case: Case, train_dir: Path, test_dir: Path, test_names, 
         rec = {"train_images": res.train_images, "val_images": res.val_images, "val_mode": res.val_mode,
                "best_epoch": res.best_epoch, "val_miou": res.best.get("miou"),
                "t": res.model.features.get("t"), "blocks": res.model.features.get("blocks"),
-               "head": getattr(res.model.head.config, "kind", "pixel")}
+               "head": getattr(res.model.head.config, "kind", "pixel"), "heads": opts.ensemble}
         auto = res.model.training.get("auto")
         if auto:
             rec["auto"] = {k: auto[k] for k in ("choice", "estimate", "seconds", "candidates", "fallback")}
@@ -208,9 +220,13 @@ def run_cell(row: Row, case: Case, train_dir: Path, test_dir: Path, test_names, 
     return rec
 
 
-def _same_resolution(rec: dict, row: str, case: str, quick: bool) -> bool:
-    """A finished run counts only if it ran at the work resolution this protocol asks for (it changed once)."""
+def _same_protocol(rec: dict, row: str, case: str, quick: bool) -> bool:
+    """A finished run counts only if it ran at the work resolution this protocol asks for (it changed once) and
+    with as many heads as the row trains today (runs from before ``--ensemble`` trained one)."""
     c = CASES[case]
+    heads = heads_of(ROWS[row])
+    if heads is not None and rec.get("heads", 1) != heads:
+        return False
     if quick and case in QUICK_MPP:
         return rec.get("mpp") == QUICK_MPP[case]
     return rec.get("mpp") == c.work_mpp(ROWS[row])
@@ -500,7 +516,7 @@ def main() -> None:
     for i, (r, c, seed, images) in enumerate(plan):
         tag = f"{c}-{r}-{'all' if images is None else '+'.join(x.split('.')[0][:24] for x in images)}-s{seed}"
         f = runs_dir / f"{tag}.json"
-        if f.is_file() and _same_resolution(json.loads(f.read_text()), r, c, quick):
+        if f.is_file() and _same_protocol(json.loads(f.read_text()), r, c, quick):
             runs.append(json.loads(f.read_text()))
             reused += 1
             continue
