@@ -125,7 +125,7 @@ def masks(
     from pdseg_qupath.sources.inputs import open_source
     from pdseg_qupath.tasks.masks import masks as run_masks
 
-    with closing(open_source(source)) as src, ui.session() as events:
+    with ui.session() as events, closing(_opening(events, source, open_source)) as src:
         result = run_masks(src, out, mpp=mpp, image_mpp=image_mpp, tile_size=tile_size,
                            classes=_classes_option(classes), overlay=overlay, events=events)
     console.print(ui.masks_table(result, mpp, out))
@@ -142,6 +142,16 @@ def masks(
     console.print(f"classes: {', '.join(result.class_map.names)} (ignore = 255) → {out / 'classes.json'}")
     if any(r.error for r in result.rows):
         raise typer.Exit(1)
+
+
+TORCH_STEP = "loading PyTorch and diffusers"
+"""The step around a command's first import of torch (seconds; more on a busy or network file system)."""
+
+
+def _opening(events: ui.ConsoleEvents, source: Path, open_fn, *args, **kwargs):
+    """``open_fn(source, ...)`` as a named step (opening a QuPath project starts its JVM: seconds)."""
+    with events.step(f"opening {source}"):
+        return open_fn(source, *args, **kwargs)
 
 
 def _open_source_or_dataset(source: Path, dataset: Optional[str], split: str):
@@ -190,28 +200,29 @@ def train(
     With --dataset bcss|glas, SOURCE is that data set's folder in its published layout (as for evaluate),
     trained at the data set's own pixel size unless --mpp is given."""
     from pdseg_qupath.learn.options import TrainOptions
-    from pdseg_qupath.tasks.train import train as run_train
 
     if (out / "model.json").exists() and not force:
         raise PdsegError(f"{out} already holds a trained model: pass --force to replace it, or choose another --out "
                          "(an interrupted run in that folder resumes by itself)")
     _on_interrupt(f"the features extracted so far are kept in {out / '.pdseg-train'}; run the same command again "
                   "to resume where it stopped")
-    src = _open_source_or_dataset(source, dataset, split)
-    if mpp is None:
-        mpp = getattr(src, "mpp", None) or 0.5
-    with closing(src), ui.session() as events:
-        result = run_train(
-            src, out, backbone=backbone, mpp=mpp, classes=_classes_option(classes), image_mpp=image_mpp,
-            epochs=epochs, device=device, val_images=_classes_option(val_images), seed=seed, events=events,
-            options=TrainOptions(
-                cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
-                head=head,
-                t=_int_list_or_auto(t, "--t"),
-                blocks=_int_list_or_auto(blocks, "--blocks"),
-                class_weights=_class_weights_option(class_weights),
-            ),
-        )
+    with ui.session() as events:
+        with events.step(TORCH_STEP):
+            from pdseg_qupath.tasks.train import train as run_train
+        with closing(_opening(events, source, _open_source_or_dataset, dataset, split)) as src:
+            if mpp is None:
+                mpp = getattr(src, "mpp", None) or 0.5
+            result = run_train(
+                src, out, backbone=backbone, mpp=mpp, classes=_classes_option(classes), image_mpp=image_mpp,
+                epochs=epochs, device=device, val_images=_classes_option(val_images), seed=seed, events=events,
+                options=TrainOptions(
+                    cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
+                    head=head,
+                    t=_int_list_or_auto(t, "--t"),
+                    blocks=_int_list_or_auto(blocks, "--blocks"),
+                    class_weights=_class_weights_option(class_weights),
+                ),
+            )
     console.print(f"[green]model saved to {result.model_dir}[/] (best epoch {result.best_epoch}; backbone {result.backbone_label})")
 
 
@@ -248,11 +259,11 @@ def predict(
                           min_area_um2=min_area, overlay=overlay or (out is not None and not batch),
                           classmap=classmap, review=review, review_size_um=review_size)
     if batch:
-        from pdseg_qupath.tasks.cohort import predict_cohort
-
         _on_interrupt(f"finished slides are in {out} (summary.csv); run the same command again to predict the rest "
                       "(finished ones are skipped)")
         with ui.session() as events:
+            with events.step(TORCH_STEP):
+                from pdseg_qupath.tasks.cohort import predict_cohort
             res = predict_cohort(sources, model, out, options=opts, force=force, devices=devices or device,
                                  workers=workers, cluster=cluster, events=events)
         console.print(f"{res.count('ok')} predicted, {res.count('skipped')} already done, {res.count('failed')} failed "
@@ -262,7 +273,6 @@ def predict(
         return
 
     from pdseg_qupath.sources.inputs import is_project, open_source
-    from pdseg_qupath.tasks.predict import predict as run_predict
 
     source = Path(sources[0])
     if source.is_file() and not is_project(source):
@@ -272,9 +282,12 @@ def predict(
     write_back = True if write_back is None else write_back
     _on_interrupt("the images finished before the interruption were written (the project's backups are in "
                   "pdseg/backups/); run predict again to do the rest (earlier predictions are replaced, not doubled)")
-    with closing(open_source(source, writable=write_back and is_project(source))) as src, ui.session() as events:
-        result = run_predict(src, model, images=_names_option(images), out_dir=out, device=device, options=opts,
-                             write_back=write_back, events=events)
+    with ui.session() as events:
+        with events.step(TORCH_STEP):
+            from pdseg_qupath.tasks.predict import predict as run_predict
+        with closing(_opening(events, source, open_source, writable=write_back and is_project(source))) as src:
+            result = run_predict(src, model, images=_names_option(images), out_dir=out, device=device, options=opts,
+                                 write_back=write_back, events=events)
     console.print(f"{result.tiles} tiles in {result.seconds:.1f} s ({result.tiles_per_second:.2f} tiles/s); backbone {result.backbone_label}")
     for line in _where_written(src, result, out):
         console.print(line)
@@ -305,15 +318,15 @@ def evaluate(
     Scores count annotated pixels inside the tissue that predict detects (all annotated pixels are in
     metrics.json as all_annotated); images the model was trained on are left out unless --include-training.
     """
-    from pdseg_qupath.tasks.evaluate import evaluate as run_evaluate
-
     if source is None:
         raise PdsegError("give SOURCE: a QuPath project, a folder with GeoJSON, or a data set folder with --dataset")
-    src = _open_source_or_dataset(source, dataset, split)
-    notes = list(getattr(src, "notes", []))
-    with closing(src), ui.session() as events:
-        metrics = run_evaluate(src, model, report, images=_names_option(images), device=device, image_mpp=image_mpp,
-                               notes=notes, include_training=include_training, events=events)
+    with ui.session() as events:
+        with events.step(TORCH_STEP):
+            from pdseg_qupath.tasks.evaluate import evaluate as run_evaluate
+        with closing(_opening(events, source, _open_source_or_dataset, dataset, split)) as src:
+            notes = list(getattr(src, "notes", []))
+            metrics = run_evaluate(src, model, report, images=_names_option(images), device=device,
+                                   image_mpp=image_mpp, notes=notes, include_training=include_training, events=events)
     console.print(f"[green]report written to {report}[/] (accuracy {metrics['accuracy']:.3f}, mIoU {metrics['miou']:.3f}, macro Dice {metrics['macro_dice']:.3f})")
 
 
@@ -326,9 +339,9 @@ def demo(
     examples: Optional[Path] = typer.Option(None, "--examples", help="The examples/ folder (default: the one in this checkout)."),
 ) -> None:
     """Train on the bundled example slide, predict it whole, evaluate on held-out polygons (a few minutes on CPU)."""
-    from pdseg_qupath.tasks.demo import run_demo
-
     with ui.session() as events:
+        with events.step(TORCH_STEP):
+            from pdseg_qupath.tasks.demo import run_demo
         result = run_demo(out, backbone=backbone, device=device, epochs=epochs, examples_dir=examples, events=events)
     console.print(f"[green]demo finished in {result.seconds:.0f} s[/] with backbone {result.backbone_label}")
 
@@ -350,9 +363,9 @@ def pretrain(
     save_dtype: str = typer.Option("float32", "--save-dtype", help="float32, or float16 to halve the folder (loads as fp32)."),
 ) -> None:
     """Pretrain (or fine-tune) the latent diffusion backbone on your own unlabelled slides."""
-    from pdseg_qupath.tasks.pretrain import pretrain as run_pretrain
-
     with ui.session() as events:
+        with events.step(TORCH_STEP):
+            from pdseg_qupath.tasks.pretrain import pretrain as run_pretrain
         record = run_pretrain(
             sources, out, config=config, from_spec=from_spec, mpp=mpp, steps_ae=steps_ae, steps_unet=steps_unet,
             batch_size=batch_size, device=device, resume=resume, seed=seed, image_mpp=image_mpp, events=events,
