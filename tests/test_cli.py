@@ -177,3 +177,48 @@ def test_predict_says_where_it_wrote(tmp_path: Path, capsys) -> None:
     assert "object(s) written to" in flat and "pdseg/predictions/" in flat and "areas per class:" in flat
     written = json.loads((src / "pdseg" / "predictions" / "img0.png.geojson").read_text())["features"]
     assert any(f["properties"].get("classification", {}).get("name") == "Review*" for f in written)
+
+
+def test_list_options_are_repeatable_and_names_with_commas_are_taken_whole(tmp_path: Path, capsys) -> None:
+    from shapely.geometry import box
+
+    from _loop_data import _feature, make_folder, make_image, train_tiny
+
+    src = make_folder(tmp_path / "src", n=2, size=(48, 48))
+    model = train_tiny(src, tmp_path / "model", epochs=1).model_dir
+    make_image(src, "Patient 3, block A", size=(48, 48), seed=5,
+               extra_features=[_feature(box(2, 2, 20, 20), "Necrosis, early", (90, 10, 10))])
+    predictions = src / "pdseg" / "predictions"
+
+    def predicted(*args: str) -> list[str]:
+        shutil.rmtree(predictions, ignore_errors=True)
+        code, text = run(["predict", str(src), "--model", str(model), "--image-mpp", "0.5", *args], capsys)
+        assert code == 0, text
+        return sorted(p.name for p in predictions.glob("*.geojson"))
+
+    # the name with a comma, alone or beside another --images; the older comma-separated form still works
+    assert predicted("--images", "Patient 3, block A.png") == ["Patient 3, block A.png.geojson"]
+    assert predicted("--images", "Patient 3, block A.png", "--images", "img1.png") == [
+        "Patient 3, block A.png.geojson", "img1.png.geojson"]
+    assert predicted("--images", "img0.png,img1.png") == ["img0.png.geojson", "img1.png.geojson"]
+    code, text = run(["predict", str(src), "--model", str(model), "--image-mpp", "0.5", "--images", "Patient 3"],
+                     capsys)
+    assert code == 2 and "Patient 3" in text and "Patient 3, block A.png" in text  # the known names are listed
+
+    # a class name with a comma, in label order with a repeated --classes
+    out = tmp_path / "masks"
+    code, text = run(["masks", str(src), "--mpp", "0.5", "--image-mpp", "0.5", "--out", str(out),
+                      "--classes", "Necrosis, early", "--classes", "Nucleus,Background"], capsys)
+    assert code == 0, text
+    classes = json.loads((out / "classes.json").read_text())
+    assert [c["name"] for c in classes["classes"]] == ["Necrosis, early", "Nucleus", "Background"]
+
+
+def test_number_lists_take_commas_and_repeats_alike() -> None:
+    assert cli._int_list_or_auto(["10", "50"], "--t") == cli._int_list_or_auto("10,50", "--t") == [10, 50]
+    assert cli._int_list_or_auto(["1,2", "3"], "--blocks") == [1, 2, 3]
+    assert cli._int_list_or_auto(["auto"], "--t") == "auto" and cli._int_list(None, "--t") is None
+    assert cli._class_weights_option(["1", "2.5"]) == cli._class_weights_option(["1,2.5"]) == [1.0, 2.5]
+    assert cli._class_weights_option(["balanced"]) == "balanced"
+    with pytest.raises(cli.PdsegError, match="--t 1,x: expected whole numbers"):
+        cli._int_list_or_auto(["1", "x"], "--t")
