@@ -165,11 +165,19 @@ def test_train_options_reach_the_model_folder(gbm_folder: Path, tmp_path: Path, 
     assert code == 2 and "--class-weights" in text
 
 
-def test_predict_says_where_it_wrote(tmp_path: Path, capsys) -> None:
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
     from _loop_data import make_folder, train_tiny
 
+    src = make_folder(tmp_path_factory.mktemp("src"), n=2, size=(48, 48))
+    return train_tiny(src, tmp_path_factory.mktemp("run") / "model", epochs=1).model_dir
+
+
+def test_predict_says_where_it_wrote(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    from _loop_data import make_folder
+
     src = make_folder(tmp_path / "src", n=2, size=(48, 48))
-    model = train_tiny(src, tmp_path / "model", epochs=1).model_dir
+    model = tiny_model
     code, text = run(["predict", str(src), "--model", str(model), "--image-mpp", "0.5", "--review", "1",
                       "--review-size", "8"], capsys)
     assert code == 0, text
@@ -179,13 +187,14 @@ def test_predict_says_where_it_wrote(tmp_path: Path, capsys) -> None:
     assert any(f["properties"].get("classification", {}).get("name") == "Review*" for f in written)
 
 
-def test_list_options_are_repeatable_and_names_with_commas_are_taken_whole(tmp_path: Path, capsys) -> None:
+def test_list_options_are_repeatable_and_names_with_commas_are_taken_whole(tiny_model: Path, tmp_path: Path,
+                                                                           capsys) -> None:
     from shapely.geometry import box
 
-    from _loop_data import _feature, make_folder, make_image, train_tiny
+    from _loop_data import _feature, make_folder, make_image
 
     src = make_folder(tmp_path / "src", n=2, size=(48, 48))
-    model = train_tiny(src, tmp_path / "model", epochs=1).model_dir
+    model = tiny_model
     make_image(src, "Patient 3, block A", size=(48, 48), seed=5,
                extra_features=[_feature(box(2, 2, 20, 20), "Necrosis, early", (90, 10, 10))])
     predictions = src / "pdseg" / "predictions"
@@ -222,3 +231,30 @@ def test_number_lists_take_commas_and_repeats_alike() -> None:
     assert cli._class_weights_option(["balanced"]) == "balanced"
     with pytest.raises(cli.PdsegError, match="--t 1,x: expected whole numbers"):
         cli._int_list_or_auto(["1", "x"], "--t")
+
+
+def test_a_silent_phase_gets_keep_alive_lines_in_a_log(tiny_model: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Output that is not a terminal (capsys, as nohup or SLURM): a slow tissue detection is named while it runs."""
+    import time
+
+    from _loop_data import make_folder
+
+    from pdseg_qupath import ui
+    from pdseg_qupath.core.tissue import TissueMap
+
+    detect = TissueMap.detect
+
+    def slow_detect(cls, *args, **kwargs):
+        time.sleep(1.0)  # a whole slide's tissue detection, shortened
+        return detect(*args, **kwargs)
+
+    monkeypatch.setattr(TissueMap, "detect", classmethod(slow_detect))
+    monkeypatch.setattr(ui, "PLAIN_EVERY", 0.2)  # 0.2 s of silence instead of 10 s
+    src = make_folder(tmp_path / "src", n=1, size=(48, 48))
+    code, text = run(["predict", str(src), "--model", str(tiny_model), "--image-mpp", "0.5"], capsys)
+    assert code == 0, text
+    lines = text.splitlines()
+    alive = [i for i, line in enumerate(lines) if line.startswith("predict (img0.png · detecting tissue): running, ")]
+    assert len(alive) >= 2, text
+    done = next(i for i, line in enumerate(lines) if line.startswith("predict (img0.png): ") and "- done" in line)
+    assert alive[-1] < done and not any("running" in line for line in lines[done:])
