@@ -139,7 +139,7 @@ def masks(
     from pdseg_qupath.sources.inputs import open_source
     from pdseg_qupath.tasks.masks import masks as run_masks
 
-    with ui.session() as events, closing(_opening(events, source, open_source)) as src:
+    with ui.session(name="masks") as events, closing(_opening(events, source, open_source)) as src:
         result = run_masks(src, out, mpp=mpp, image_mpp=image_mpp, tile_size=tile_size,
                            classes=_names_option(classes), overlay=overlay, events=events)
     console.print(ui.masks_table(result, mpp, out))
@@ -220,7 +220,7 @@ def train(
                          "(an interrupted run in that folder resumes by itself)")
     _on_interrupt(f"the features extracted so far are kept in {out / '.pdseg-train'}; run the same command again "
                   "to resume where it stopped")
-    with ui.session() as events:
+    with ui.session(name="train") as events:
         with events.step(TORCH_STEP):
             from pdseg_qupath.tasks.train import train as run_train
         with closing(_opening(events, source, _open_source_or_dataset, dataset, split)) as src:
@@ -275,7 +275,7 @@ def predict(
     if batch:
         _on_interrupt(f"finished slides are in {out} (summary.csv); run the same command again to predict the rest "
                       "(finished ones are skipped)")
-        with ui.session() as events:
+        with ui.session(name="predict") as events:
             with events.step(TORCH_STEP):
                 from pdseg_qupath.tasks.cohort import predict_cohort
             res = predict_cohort(sources, model, out, options=opts, force=force,
@@ -297,7 +297,7 @@ def predict(
     write_back = True if write_back is None else write_back
     _on_interrupt("the images finished before the interruption were written (the project's backups are in "
                   "pdseg/backups/); run predict again to do the rest (earlier predictions are replaced, not doubled)")
-    with ui.session() as events:
+    with ui.session(name="predict") as events:
         with events.step(TORCH_STEP):
             from pdseg_qupath.tasks.predict import predict as run_predict
         with closing(_opening(events, source, open_source, writable=write_back and is_project(source))) as src:
@@ -335,7 +335,7 @@ def evaluate(
     """
     if source is None:
         raise PdsegError("give SOURCE: a QuPath project, a folder with GeoJSON, or a data set folder with --dataset")
-    with ui.session() as events:
+    with ui.session(name="evaluate") as events:
         with events.step(TORCH_STEP):
             from pdseg_qupath.tasks.evaluate import evaluate as run_evaluate
         with closing(_opening(events, source, _open_source_or_dataset, dataset, split)) as src:
@@ -354,7 +354,7 @@ def demo(
     examples: Optional[Path] = typer.Option(None, "--examples", help="The examples/ folder (default: the one in this checkout)."),
 ) -> None:
     """Train on the bundled example slide, predict it whole, evaluate on held-out polygons (a few minutes on CPU)."""
-    with ui.session() as events:
+    with ui.session(name="demo") as events:
         with events.step(TORCH_STEP):
             from pdseg_qupath.tasks.demo import run_demo
         result = run_demo(out, backbone=backbone, device=device, epochs=epochs, examples_dir=examples, events=events)
@@ -378,7 +378,7 @@ def pretrain(
     save_dtype: str = typer.Option("float32", "--save-dtype", help="float32, or float16 to halve the folder (loads as fp32)."),
 ) -> None:
     """Pretrain (or fine-tune) the latent diffusion backbone on your own unlabelled slides."""
-    with ui.session() as events:
+    with ui.session(name="pretrain") as events:
         with events.step(TORCH_STEP):
             from pdseg_qupath.tasks.pretrain import pretrain as run_pretrain
         record = run_pretrain(

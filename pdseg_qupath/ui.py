@@ -8,7 +8,8 @@
 - elsewhere (a log file, nohup, SLURM, CI), plain lines: each step says how far it is at least every
   :data:`PLAIN_EVERY` seconds while it advances, and once when it ends; and a heartbeat (a timer thread)
   writes a keep-alive line for every running step whenever nothing else was printed for
-  :data:`PLAIN_EVERY` seconds, so no step is silent for longer.
+  :data:`PLAIN_EVERY` seconds (between named steps, one line saying the command is at work), so no
+  step is silent for longer.
 """
 
 from __future__ import annotations
@@ -101,10 +102,10 @@ class _PlainLog:
     """Plain output of one :class:`ConsoleEvents`: one lock for every writer (the steps, the heartbeat
     thread), when the last line went out, and the steps still running."""
 
-    def __init__(self, out: Console) -> None:
-        self.out = out
+    def __init__(self, out: Console, name: str = "") -> None:
+        self.out, self.name = out, name
         self.lock = threading.RLock()
-        self.last = time.monotonic()
+        self.t0 = self.last = time.monotonic()
         self.running: list[_PlainStep] = []
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
@@ -118,11 +119,17 @@ class _PlainLog:
             self.last = time.monotonic()
 
     def keep_alive(self, every: float) -> None:
-        """After ``every`` seconds without output, one line for each running step."""
+        """After ``every`` seconds without output, one line for each running step (or, between named steps,
+        one that says the command is still at work)."""
         with self.lock:
-            if self.running and time.monotonic() - self.last >= every:
-                for step in list(self.running):
-                    step.print_line()
+            now = time.monotonic()
+            if now - self.last < every:
+                return
+            for step in list(self.running):
+                step.print_line()
+            if not self.running:
+                self.print(f"{self.name or 'pdseg'}: working, elapsed {_duration(now - self.t0)}", markup=False,
+                           highlight=False)
 
 
 class _Heartbeat:
@@ -222,14 +229,15 @@ class ConsoleEvents(Events):
     """Events shown on a console: bars in a terminal, plain lines elsewhere. Use :func:`session`.
 
     ``every``: seconds of silence before the heartbeat writes a keep-alive line in plain mode (default
-    :data:`PLAIN_EVERY`)."""
+    :data:`PLAIN_EVERY`); ``name``: the command, for that line between named steps."""
 
-    def __init__(self, out: Console | None = None, plain: bool | None = None, every: float | None = None) -> None:
+    def __init__(self, out: Console | None = None, plain: bool | None = None, every: float | None = None,
+                 name: str = "") -> None:
         self.out = out or console
         self.plain = (not self.out.is_terminal) if plain is None else plain
         self.every = every
         self.progress: Progress | None = None
-        self.log = _PlainLog(self.out)
+        self.log = _PlainLog(self.out, name)
         self.heartbeat: _Heartbeat | None = None
         self._epochs: EpochTable | None = None
 
@@ -280,9 +288,10 @@ class ConsoleEvents(Events):
 
 
 @contextmanager
-def session(out: Console | None = None, plain: bool | None = None) -> Iterator[ConsoleEvents]:
-    """Events for one command: the progress display (or the plain heartbeat) lives as long as the ``with`` block."""
-    events = ConsoleEvents(out, plain)
+def session(out: Console | None = None, plain: bool | None = None, name: str = "") -> Iterator[ConsoleEvents]:
+    """Events for one command (``name``): the progress display (or the plain heartbeat) lives as long as the
+    ``with`` block."""
+    events = ConsoleEvents(out, plain, name=name)
     events.start()
     try:
         yield events

@@ -91,7 +91,7 @@ def _wait_for(predicate, seconds: float = 5.0) -> bool:
 
 def test_plain_heartbeat_names_a_silent_step_and_stops_with_it():
     buf = io.StringIO()
-    events = ui.ConsoleEvents(Console(file=buf, width=200), plain=True, every=0.1)  # 0.1 s instead of 10 s
+    events = ui.ConsoleEvents(Console(file=buf, width=200), plain=True, every=0.1, name="predict")  # not 10 s
     events.start()
     try:
         events.message("starting")
@@ -101,8 +101,9 @@ def test_plain_heartbeat_names_a_silent_step_and_stops_with_it():
         assert lines[0] == "starting"
         assert lines[-1].startswith("loading the model: elapsed 0:00:0") and lines[-1].endswith(" - done")
         after = len(lines)
-        time.sleep(0.5)  # nothing runs now: no more keep-alive lines
-        assert len(buf.getvalue().splitlines()) == after
+        # the step is over: no more lines about it; between steps the command says it is at work
+        assert _wait_for(lambda: "predict: working, elapsed 0:00:0" in buf.getvalue().splitlines()[-1])
+        assert not any("loading the model" in line for line in buf.getvalue().splitlines()[after:])
         step = events.step("tiles", total=10)  # a counted step that stalls: its progress so far and elapsed time
         step.describe("slide.svs · detecting tissue")
         assert _wait_for(lambda: "tiles (slide.svs · detecting tissue): 0/10 (0 %), elapsed" in buf.getvalue())
@@ -110,6 +111,9 @@ def test_plain_heartbeat_names_a_silent_step_and_stops_with_it():
     finally:
         events.stop()
     assert events.heartbeat is None
+    stopped = buf.getvalue()
+    time.sleep(0.3)  # the session is over: the heartbeat is silent
+    assert buf.getvalue() == stopped
 
 
 def test_plain_heartbeat_waits_while_other_lines_come():
