@@ -137,14 +137,15 @@ class _Heartbeat:
 
     def __init__(self, log: _PlainLog, every: float) -> None:
         self.log, self.every = log, every
-        self.tick = max(0.01, min(0.5, every / 10))
+        self.tick = max(0.01, min(0.5, every / 20))
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pdseg-heartbeat", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while not self.stopped.wait(self.tick):
-            self.log.keep_alive(self.every - self.tick)  # the tick's delay included: never past ``every``
+            # at 90 %: the tick's delay and the command's own start-up stay within ``every``
+            self.log.keep_alive(0.9 * self.every)
 
     def stop(self) -> None:
         self.stopped.set()
