@@ -41,7 +41,10 @@ _flags_without_type()
 
 app = typer.Typer(
     name="pdseg-qupath",
-    help="PathSegDiff tissue segmentation for QuPath: annotations in, masks, models and predictions out.",
+    help="PathSegDiff tissue segmentation for QuPath: annotations in, masks, models and predictions out.\n\n"
+    "Options that take several values (--images, --classes, --val-images, --timesteps, --blocks, "
+    "--class-weights, --devices): repeat the option or separate the values with commas; an image or class "
+    "name that contains a comma is taken whole.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -56,42 +59,53 @@ def _on_interrupt(note: str) -> None:
     _ON_INTERRUPT[:] = [note]
 
 
-def _classes_option(classes: Optional[str]) -> Optional[list[str]]:
-    return [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+LIST_HELP = "Several: repeat the option or separate with commas"
+"""Said in the help of every list option: one rule for all of them (README, "List options")."""
+
+
+def _parts(values: str | list[str] | None) -> list[str]:
+    """Every value of a list option given by repeating it and/or with commas (numbers, devices: never a comma
+    inside one)."""
+    if not values:
+        return []
+    return [p.strip() for v in ([values] if isinstance(values, str) else values) for p in v.split(",") if p.strip()]
 
 
 def _names_option(values: Optional[list[str]]) -> Optional[list[str]]:
-    """Image names given comma-separated, by repeating the option, or both (as --classes and --val-images)."""
-    if not values:
-        return None
-    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+    """Image or class names as given (repeated options, each may hold several names separated by commas).
+    They are split where they meet the source's names (:func:`pdseg_qupath.core.names.given_names`), so
+    that a name containing a comma can still be chosen."""
+    names = [v for v in values or [] if v.strip()]
+    return names or None
 
 
-def _class_weights_option(value: Optional[str]) -> Optional[str | list[float]]:
-    if not value or value == "balanced":
-        return value
+def _class_weights_option(value: str | list[str] | None) -> Optional[str | list[float]]:
+    parts = _parts(value)
+    if not parts or parts == ["balanced"]:
+        return parts[0] if parts else None
     try:
-        weights = [float(v) for v in value.split(",")]
+        weights = [float(v) for v in parts]
     except ValueError:
-        raise PdsegError(f"--class-weights: expected 'balanced' or numbers like 1,2.5, got {value!r}") from None
+        raise PdsegError(f"--class-weights {','.join(parts)}: expected 'balanced' or numbers like 1,2.5") from None
     if not all(math.isfinite(w) and w >= 0 for w in weights):
-        raise PdsegError(f"--class-weights {value}: each weight must be a finite number >= 0")
+        raise PdsegError(f"--class-weights {','.join(parts)}: each weight must be a finite number >= 0")
     return weights
 
 
-def _int_list(value: Optional[str], flag: str) -> Optional[list[int]]:
-    """``1,2,3`` as integers, or one clear line naming the flag."""
-    if not value:
+def _int_list(value: str | list[str] | None, flag: str) -> Optional[list[int]]:
+    """``1,2,3`` (or the option repeated) as integers, or one clear line naming the flag."""
+    parts = _parts(value)
+    if not parts:
         return None
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        return [int(v) for v in parts]
     except ValueError:
-        raise PdsegError(f"{flag} {value}: expected whole numbers separated by commas, e.g. {flag} 1,2") from None
+        raise PdsegError(f"{flag} {','.join(parts)}: expected whole numbers separated by commas, e.g. {flag} 1,2") from None
 
 
-def _int_list_or_auto(value: Optional[str], flag: str) -> Optional[list[int] | str]:
+def _int_list_or_auto(value: str | list[str] | None, flag: str) -> Optional[list[int] | str]:
     """``auto`` as is, else :func:`_int_list`."""
-    return "auto" if value is not None and value.strip().lower() == "auto" else _int_list(value, flag)
+    return "auto" if [p.lower() for p in _parts(value)] == ["auto"] else _int_list(value, flag)
 
 
 def _version(value: bool) -> None:
@@ -116,8 +130,8 @@ def masks(
         None, "--image-mpp", help="µm/px of images that record no pixel size (PNG/JPEG); never guessed."
     ),
     tile_size: int = typer.Option(4096, "--tile-size", help="Masks larger than this (px) are written as tiles."),
-    classes: Optional[str] = typer.Option(
-        None, "--classes", help="Comma-separated class names, in label order (default: all classes, sorted)."
+    classes: Optional[list[str]] = typer.Option(
+        None, "--classes", metavar="<name>", help=f"Class names, in label order (default: all classes, sorted). {LIST_HELP}."
     ),
     overlay: bool = typer.Option(False, "--overlay", help="Also write overlays/<image>.png (mask blended on the image) to check by eye."),
 ) -> None:
@@ -125,9 +139,9 @@ def masks(
     from pdseg_qupath.sources.inputs import open_source
     from pdseg_qupath.tasks.masks import masks as run_masks
 
-    with closing(open_source(source)) as src, ui.session() as events:
+    with ui.session(name="masks") as events, closing(_opening(events, source, open_source)) as src:
         result = run_masks(src, out, mpp=mpp, image_mpp=image_mpp, tile_size=tile_size,
-                           classes=_classes_option(classes), overlay=overlay, events=events)
+                           classes=_names_option(classes), overlay=overlay, events=events)
     console.print(ui.masks_table(result, mpp, out))
     for row in result.rows:
         messages = row.report.messages if row.report else []
@@ -142,6 +156,16 @@ def masks(
     console.print(f"classes: {', '.join(result.class_map.names)} (ignore = 255) → {out / 'classes.json'}")
     if any(r.error for r in result.rows):
         raise typer.Exit(1)
+
+
+TORCH_STEP = "loading PyTorch and diffusers"
+"""The step around a command's first import of torch (seconds; more on a busy or network file system)."""
+
+
+def _opening(events: ui.ConsoleEvents, source: Path, open_fn, *args, **kwargs):
+    """``open_fn(source, ...)`` as a named step (opening a QuPath project starts its JVM: seconds)."""
+    with events.step(f"opening {source}"):
+        return open_fn(source, *args, **kwargs)
 
 
 def _open_source_or_dataset(source: Path, dataset: Optional[str], split: str):
@@ -165,19 +189,19 @@ def train(
     out: Path = typer.Option(..., "--out", help="Model folder to write (head.safetensors + model.json + plots)."),
     backbone: str = typer.Option("small", "--backbone", help=BACKBONE_HELP),
     mpp: Optional[float] = typer.Option(None, "--mpp", help="Work resolution in µm/px (default 0.5 ≈ 20x, what PathSegDiff used; with --dataset the data set's own)."),
-    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes in label order (default: all, sorted)."),
+    classes: Optional[list[str]] = typer.Option(None, "--classes", metavar="<name>", help=f"Class names in label order (default: all, sorted). {LIST_HELP}."),
     image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none (PNG/JPEG)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Read SOURCE as a published data set: bcss or glas."),
     split: str = typer.Option("train", "--split", help="GlaS split to train on: train, testA, testB or test (A+B)."),
     epochs: int = typer.Option(30, "--epochs", help="Maximum epochs (early stopping on the validation split)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    val_images: Optional[str] = typer.Option(None, "--val-images", help="Comma-separated image names held out for validation."),
+    val_images: Optional[list[str]] = typer.Option(None, "--val-images", metavar="<name>", help=f"Image names held out for validation (default: chosen so every class stays in training). {LIST_HELP}."),
     seed: int = typer.Option(0, "--seed", help="Same seed and inputs → same metrics on CPU."),
     cache_mb: float = typer.Option(512.0, "--cache-mb", help="Upper bound of the in-memory feature cache, in MB."),
     tiles_per_class: int = typer.Option(48, "--tiles-per-class", help="Training tiles sampled per class (stratified, so rare classes are seen)."),
-    t: Optional[str] = typer.Option(None, "--timesteps", "--t", help="Diffusion timestep(s) the features are taken at, 0–999, comma-separated (default: the backbone's), or auto: chosen by image-wise cross-validation on your annotations. --t is the old name."),
-    blocks: Optional[str] = typer.Option(None, "--blocks", help="Decoder (up) blocks to tap, comma-separated, 0 = coarsest (default: the backbone's), or auto: chosen by image-wise cross-validation."),
-    class_weights: Optional[str] = typer.Option(None, "--class-weights", help="'balanced' (inverse frequency) or one weight per class, comma-separated."),
+    t: Optional[list[str]] = typer.Option(None, "--timesteps", "--t", metavar="<int|auto>", help=f"Diffusion timestep(s) the features are taken at, 0–999 (default: the backbone's), or auto: chosen by image-wise cross-validation on your annotations. {LIST_HELP}. --t is the old name."),
+    blocks: Optional[list[str]] = typer.Option(None, "--blocks", metavar="<int|auto>", help=f"Decoder (up) blocks to tap, 0 = coarsest (default: the backbone's), or auto: chosen by image-wise cross-validation. {LIST_HELP}."),
+    class_weights: Optional[list[str]] = typer.Option(None, "--class-weights", metavar="<weight|balanced>", help=f"'balanced' (inverse frequency) or one weight per class, in --classes order. {LIST_HELP}."),
     rgb_skip: bool = typer.Option(False, "--rgb-skip", help="Give the pixel head the RGB tile beside the features (the context head always has it)."),
     head: str = typer.Option("context", "--head", help="context (dilated 3x3 blocks: each pixel sees ~124 px around it, plus its colour) or pixel (1x1 per-pixel classifier, faster to train)."),
     keep_features: bool = typer.Option(False, "--keep-features", help="Keep the feature cache so a rerun with other head options skips extraction."),
@@ -190,28 +214,29 @@ def train(
     With --dataset bcss|glas, SOURCE is that data set's folder in its published layout (as for evaluate),
     trained at the data set's own pixel size unless --mpp is given."""
     from pdseg_qupath.learn.options import TrainOptions
-    from pdseg_qupath.tasks.train import train as run_train
 
     if (out / "model.json").exists() and not force:
         raise PdsegError(f"{out} already holds a trained model: pass --force to replace it, or choose another --out "
                          "(an interrupted run in that folder resumes by itself)")
     _on_interrupt(f"the features extracted so far are kept in {out / '.pdseg-train'}; run the same command again "
                   "to resume where it stopped")
-    src = _open_source_or_dataset(source, dataset, split)
-    if mpp is None:
-        mpp = getattr(src, "mpp", None) or 0.5
-    with closing(src), ui.session() as events:
-        result = run_train(
-            src, out, backbone=backbone, mpp=mpp, classes=_classes_option(classes), image_mpp=image_mpp,
-            epochs=epochs, device=device, val_images=_classes_option(val_images), seed=seed, events=events,
-            options=TrainOptions(
-                cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
-                head=head,
-                t=_int_list_or_auto(t, "--t"),
-                blocks=_int_list_or_auto(blocks, "--blocks"),
-                class_weights=_class_weights_option(class_weights),
-            ),
-        )
+    with ui.session(name="train") as events:
+        with events.step(TORCH_STEP):
+            from pdseg_qupath.tasks.train import train as run_train
+        with closing(_opening(events, source, _open_source_or_dataset, dataset, split)) as src:
+            if mpp is None:
+                mpp = getattr(src, "mpp", None) or 0.5
+            result = run_train(
+                src, out, backbone=backbone, mpp=mpp, classes=_names_option(classes), image_mpp=image_mpp,
+                epochs=epochs, device=device, val_images=_names_option(val_images), seed=seed, events=events,
+                options=TrainOptions(
+                    cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
+                    head=head,
+                    t=_int_list_or_auto(t, "--t"),
+                    blocks=_int_list_or_auto(blocks, "--blocks"),
+                    class_weights=_class_weights_option(class_weights),
+                ),
+            )
     console.print(f"[green]model saved to {result.model_dir}[/] (best epoch {result.best_epoch}; backbone {result.backbone_label})")
 
 
@@ -219,7 +244,7 @@ def train(
 def predict(
     sources: list[str] = typer.Argument(..., help="A QuPath project or folder (write-back), or with --out: slides, folders, globs and .qpproj files."),
     model: Path = typer.Option(..., "--model", help="Model folder written by `train`."),
-    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names: comma-separated, or the option repeated (write-back mode)."),
+    images: Optional[list[str]] = typer.Option(None, "--images", metavar="<name>", help=f"Only these images, by name (write-back mode). {LIST_HELP}; a name that contains a comma is taken whole."),
     out: Optional[Path] = typer.Option(None, "--out", help="Batch mode: <slide>.geojson per slide and summary.csv here; reruns resume."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Tiles per batch (halved automatically on GPU out-of-memory)."),
@@ -231,7 +256,7 @@ def predict(
     review_size: float = typer.Option(128.0, "--review-size", help="Side of a review region, in µm (map cells: a quarter of it)."),
     write_back: Optional[bool] = typer.Option(None, "--write-back/--no-write-back", help="Write objects into the project (a .qpproj is backed up first). Default: yes without --out."),
     force: bool = typer.Option(False, "--force", help="Batch mode: redo slides already done with this model."),
-    devices: Optional[str] = typer.Option(None, "--devices", help="Batch mode: GPUs to use, e.g. 0,1 or auto (one worker process each)."),
+    devices: Optional[list[str]] = typer.Option(None, "--devices", metavar="<gpu|cpu|auto>", help=f"Batch mode: GPUs to use, e.g. 0,1, or auto (one worker process each). {LIST_HELP}."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Batch mode: worker processes on one device (e.g. CPU)."),
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Batch mode: Dask scheduler address (tcp://host:8786); needs pdseg-qupath[distributed]."),
     overlay: bool = typer.Option(False, "--overlay", help="Batch mode: also write <slide>.overlay.png."),
@@ -248,13 +273,14 @@ def predict(
                           min_area_um2=min_area, overlay=overlay or (out is not None and not batch),
                           classmap=classmap, review=review, review_size_um=review_size)
     if batch:
-        from pdseg_qupath.tasks.cohort import predict_cohort
-
         _on_interrupt(f"finished slides are in {out} (summary.csv); run the same command again to predict the rest "
                       "(finished ones are skipped)")
-        with ui.session() as events:
-            res = predict_cohort(sources, model, out, options=opts, force=force, devices=devices or device,
-                                 workers=workers, cluster=cluster, events=events)
+        with ui.session(name="predict") as events:
+            with events.step(TORCH_STEP):
+                from pdseg_qupath.tasks.cohort import predict_cohort
+            res = predict_cohort(sources, model, out, options=opts, force=force,
+                                 devices=",".join(_parts(devices)) or device, workers=workers, cluster=cluster,
+                                 events=events)
         console.print(f"{res.count('ok')} predicted, {res.count('skipped')} already done, {res.count('failed')} failed "
                       f"· {res.tiles} tiles in {res.seconds:.1f} s ({res.tiles_per_second:.2f} tiles/s) · {res.summary}")
         if res.count("failed"):
@@ -262,7 +288,6 @@ def predict(
         return
 
     from pdseg_qupath.sources.inputs import is_project, open_source
-    from pdseg_qupath.tasks.predict import predict as run_predict
 
     source = Path(sources[0])
     if source.is_file() and not is_project(source):
@@ -272,9 +297,12 @@ def predict(
     write_back = True if write_back is None else write_back
     _on_interrupt("the images finished before the interruption were written (the project's backups are in "
                   "pdseg/backups/); run predict again to do the rest (earlier predictions are replaced, not doubled)")
-    with closing(open_source(source, writable=write_back and is_project(source))) as src, ui.session() as events:
-        result = run_predict(src, model, images=_names_option(images), out_dir=out, device=device, options=opts,
-                             write_back=write_back, events=events)
+    with ui.session(name="predict") as events:
+        with events.step(TORCH_STEP):
+            from pdseg_qupath.tasks.predict import predict as run_predict
+        with closing(_opening(events, source, open_source, writable=write_back and is_project(source))) as src:
+            result = run_predict(src, model, images=_names_option(images), out_dir=out, device=device, options=opts,
+                                 write_back=write_back, events=events)
     console.print(f"{result.tiles} tiles in {result.seconds:.1f} s ({result.tiles_per_second:.2f} tiles/s); backbone {result.backbone_label}")
     for line in _where_written(src, result, out):
         console.print(line)
@@ -293,7 +321,7 @@ def evaluate(
     report: Path = typer.Option(..., "--report", help="Report folder: metrics.json, confusion matrix, overlays."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Read SOURCE as a published data set: bcss or glas."),
     split: str = typer.Option("test", "--split", help="GlaS split: train, testA, testB or test (A+B)."),
-    images: Optional[list[str]] = typer.Option(None, "--images", help="Only these image names: comma-separated, or the option repeated."),
+    images: Optional[list[str]] = typer.Option(None, "--images", metavar="<name>", help=f"Only these images, by name. {LIST_HELP}; a name that contains a comma is taken whole."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none."),
     include_training: bool = typer.Option(
@@ -305,15 +333,15 @@ def evaluate(
     Scores count annotated pixels inside the tissue that predict detects (all annotated pixels are in
     metrics.json as all_annotated); images the model was trained on are left out unless --include-training.
     """
-    from pdseg_qupath.tasks.evaluate import evaluate as run_evaluate
-
     if source is None:
         raise PdsegError("give SOURCE: a QuPath project, a folder with GeoJSON, or a data set folder with --dataset")
-    src = _open_source_or_dataset(source, dataset, split)
-    notes = list(getattr(src, "notes", []))
-    with closing(src), ui.session() as events:
-        metrics = run_evaluate(src, model, report, images=_names_option(images), device=device, image_mpp=image_mpp,
-                               notes=notes, include_training=include_training, events=events)
+    with ui.session(name="evaluate") as events:
+        with events.step(TORCH_STEP):
+            from pdseg_qupath.tasks.evaluate import evaluate as run_evaluate
+        with closing(_opening(events, source, _open_source_or_dataset, dataset, split)) as src:
+            notes = list(getattr(src, "notes", []))
+            metrics = run_evaluate(src, model, report, images=_names_option(images), device=device,
+                                   image_mpp=image_mpp, notes=notes, include_training=include_training, events=events)
     console.print(f"[green]report written to {report}[/] (accuracy {metrics['accuracy']:.3f}, mIoU {metrics['miou']:.3f}, macro Dice {metrics['macro_dice']:.3f})")
 
 
@@ -326,9 +354,9 @@ def demo(
     examples: Optional[Path] = typer.Option(None, "--examples", help="The examples/ folder (default: the one in this checkout)."),
 ) -> None:
     """Train on the bundled example slide, predict it whole, evaluate on held-out polygons (a few minutes on CPU)."""
-    from pdseg_qupath.tasks.demo import run_demo
-
-    with ui.session() as events:
+    with ui.session(name="demo") as events:
+        with events.step(TORCH_STEP):
+            from pdseg_qupath.tasks.demo import run_demo
         result = run_demo(out, backbone=backbone, device=device, epochs=epochs, examples_dir=examples, events=events)
     console.print(f"[green]demo finished in {result.seconds:.0f} s[/] with backbone {result.backbone_label}")
 
@@ -350,9 +378,9 @@ def pretrain(
     save_dtype: str = typer.Option("float32", "--save-dtype", help="float32, or float16 to halve the folder (loads as fp32)."),
 ) -> None:
     """Pretrain (or fine-tune) the latent diffusion backbone on your own unlabelled slides."""
-    from pdseg_qupath.tasks.pretrain import pretrain as run_pretrain
-
-    with ui.session() as events:
+    with ui.session(name="pretrain") as events:
+        with events.step(TORCH_STEP):
+            from pdseg_qupath.tasks.pretrain import pretrain as run_pretrain
         record = run_pretrain(
             sources, out, config=config, from_spec=from_spec, mpp=mpp, steps_ae=steps_ae, steps_unet=steps_unet,
             batch_size=batch_size, device=device, resume=resume, seed=seed, image_mpp=image_mpp, events=events,
@@ -395,8 +423,8 @@ def bench_features_cmd(
     batch_size: int = typer.Option(4, "--batch-size", help="Tiles per batch."),
     steps: int = typer.Option(3, "--steps", help="Timed batches after warm-up."),
     compile: str = typer.Option("no", "--compile", help="no, yes, auto, or a torch.compile mode."),
-    t: Optional[str] = typer.Option(None, "--timesteps", "--t", help="Diffusion timestep(s), 0–999, comma-separated (default: the backbone's). --t is the old name."),
-    blocks: Optional[str] = typer.Option(None, "--blocks", help="Up-block indices, comma-separated, 0 = coarsest."),
+    t: Optional[list[str]] = typer.Option(None, "--timesteps", "--t", metavar="<int>", help=f"Diffusion timestep(s), 0–999 (default: the backbone's). {LIST_HELP}. --t is the old name."),
+    blocks: Optional[list[str]] = typer.Option(None, "--blocks", metavar="<int>", help=f"Up-block indices, 0 = coarsest (default: the backbone's). {LIST_HELP}."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Use the channels-last memory layout (may be faster on GPUs)."),
     reference: bool = typer.Option(False, "--reference", help="Time the reference path (diffusers modules as "

@@ -2,27 +2,33 @@
 
 :class:`ConsoleEvents` turns what tasks report (:class:`pdseg_qupath.core.events.Events`) into output:
 
-- in a terminal, live progress bars with counts, elapsed time and ETA, coloured messages and tables;
+- in a terminal, live progress bars with counts, elapsed time and ETA, coloured messages and tables; a
+  spinner and the elapsed time show that a step without a count (loading the model, detecting tissue) is
+  still running;
 - elsewhere (a log file, nohup, SLURM, CI), plain lines: each step says how far it is at least every
-  :data:`PLAIN_EVERY` seconds while it runs, and once when it ends, so no long step is silent.
+  :data:`PLAIN_EVERY` seconds while it advances, and once when it ends; and a heartbeat (a timer thread)
+  writes a keep-alive line for every running step before :data:`PLAIN_EVERY` seconds pass without
+  output (between named steps, one line saying the command is at work), so no step is silent for longer.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from pdseg_qupath.core.events import Events, Step
 
 PLAIN_EVERY = 10.0
-"""Seconds between progress lines when the output is not a terminal."""
+"""Seconds between progress lines when the output is not a terminal, and the longest silence while a step runs."""
 
 STYLES = {"info": "", "note": "cyan", "warn": "yellow", "error": "red", "done": "green"}
 
@@ -43,17 +49,39 @@ def _duration(seconds: float) -> str:
 # ------------------------------------------------------------------------------------------- steps
 
 
+class _CountColumn(ProgressColumn):
+    """``done/total``; ``done`` alone while the total is unknown; nothing for a phase without a count."""
+
+    def render(self, task: Task) -> Text:
+        if task.total is not None:
+            return Text(f"{int(task.completed)}/{int(task.total)}", style="progress.download")
+        return Text(f"{int(task.completed)}" if task.completed else "", style="progress.download")
+
+
+class _EtaColumn(ProgressColumn):
+    """``eta h:mm:ss`` once there is a total and a rate; empty otherwise (never ``-:--:--``)."""
+
+    max_refresh = 0.5
+
+    def render(self, task: Task) -> Text:
+        left = task.time_remaining if task.total is not None and not task.finished else None
+        return Text("" if left is None else f"eta {_duration(left)}", style="progress.remaining")
+
+
 class _BarStep(Step):
-    """A step drawn as a rich progress bar."""
+    """A step drawn as a rich progress bar; a phase without a count shows a spinner and leaves on close."""
 
     def __init__(self, progress: Progress, name: str, total: int | None, done: int) -> None:
         self.p, self.name = progress, name
+        self.counted = total is not None or done > 0
         self.task = progress.add_task(name, total=total, completed=done)
 
     def advance(self, n: int = 1) -> None:
+        self.counted = True
         self.p.advance(self.task, n)
 
     def set_total(self, total: int | None, done: int | None = None) -> None:
+        self.counted = self.counted or total is not None or bool(done)
         if done == 0:  # a new count (the next slide): its own elapsed time and rate, so its ETA is right
             self.p.reset(self.task, total=total, completed=0)
         else:
@@ -63,114 +91,207 @@ class _BarStep(Step):
         self.p.update(self.task, description=f"{self.name}: {text}" if text and text != self.name else self.name)
 
     def close(self) -> None:
-        self.p.stop_task(self.task)
+        if self.counted:
+            self.p.stop_task(self.task)
+        else:  # a phase (loading, detecting tissue): gone once over, as a spinner line would be
+            self.p.remove_task(self.task)
+
+
+class _PlainLog:
+    """Plain output of one :class:`ConsoleEvents`: one lock for every writer (the steps, the heartbeat
+    thread), when the last line went out, and the steps still running."""
+
+    def __init__(self, out: Console, name: str = "") -> None:
+        self.out, self.name = out, name
+        self.lock = threading.RLock()
+        self.t0 = self.last = time.monotonic()
+        self.running: list[_PlainStep] = []
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        with self.lock:
+            self.out.print(*objects, **kwargs)
+            self.last = time.monotonic()
+
+    def rule(self, title: str) -> None:
+        with self.lock:
+            self.out.rule(title)
+            self.last = time.monotonic()
+
+    def keep_alive(self, every: float) -> None:
+        """After ``every`` seconds without output, one line for each running step (or, between named steps,
+        one that says the command is still at work)."""
+        with self.lock:
+            now = time.monotonic()
+            if now - self.last < every:
+                return
+            for step in list(self.running):
+                step.print_line()
+            if not self.running:
+                self.print(f"{self.name or 'pdseg'}: working, elapsed {_duration(now - self.t0)}", markup=False,
+                           highlight=False)
+
+
+class _Heartbeat:
+    """A daemon thread that calls :meth:`_PlainLog.keep_alive` several times per interval until stopped."""
+
+    def __init__(self, log: _PlainLog, every: float) -> None:
+        self.log, self.every = log, every
+        self.tick = max(0.01, min(0.5, every / 20))
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pdseg-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.tick):
+            # at 85 %: the tick's delay and the command's own start-up (about 1 s) stay within ``every``
+            self.log.keep_alive(0.85 * self.every)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
 
 
 class _PlainStep(Step):
-    """A step written as log lines: ``name: done/total (pct) elapsed, eta`` at most every PLAIN_EVERY s."""
+    """A step written as log lines: ``name (text): done/total (pct), elapsed, eta`` at most every PLAIN_EVERY
+    s while it advances (more often never), once when it ends, and by the heartbeat while it is silent. A
+    phase without a count that ends before it was ever mentioned ends silently."""
 
-    def __init__(self, out: Console, name: str, total: int | None, done: int) -> None:
-        self.out, self.name, self.total, self.done = out, name, total, done
+    def __init__(self, log: _PlainLog, name: str, total: int | None, done: int) -> None:
+        self.log, self.name, self.total, self.done = log, name, total, done
         self.t0 = self.last = time.monotonic()
         self.start_done = done
         self.text = ""
+        self.printed = False
+        with log.lock:
+            log.running.append(self)
 
     def advance(self, n: int = 1) -> None:
-        self.done += n
-        self._maybe_print()
+        with self.log.lock:
+            self.done += n
+            self._maybe_print()
 
     def set_total(self, total: int | None, done: int | None = None) -> None:
-        self.total = total
-        if done is not None:
-            self.done = done
-        if done == 0:  # a new count (the next slide): elapsed time and rate start again, so the ETA is right
-            self.t0, self.start_done = time.monotonic(), 0
-        self._maybe_print()
+        with self.log.lock:
+            self.total = total
+            if done is not None:
+                self.done = done
+            if done == 0:  # a new count (the next slide): elapsed time and rate start again, so the ETA is right
+                self.t0, self.start_done = time.monotonic(), 0
+            self._maybe_print()
 
     def describe(self, text: str) -> None:
         self.text = text
 
-    def close(self) -> None:
-        self._print(final=True)
+    def close(self, how: str = "done") -> None:
+        with self.log.lock:
+            if self not in self.log.running:
+                return
+            self.log.running.remove(self)
+            if self.printed or self.total is not None or self.done:
+                self.print_line(final=how)
 
-    def line(self, final: bool = False) -> str:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close("stopped" if exc_type is not None else "done")
+
+    def line(self, final: str | bool = False) -> str:
+        final = "done" if final is True else final
         elapsed = time.monotonic() - self.t0
-        parts = [f"{self.name}{(' (' + self.text + ')') if self.text else ''}: {self.done}"]
+        head = f"{self.name}{(' (' + self.text + ')') if self.text else ''}: "
         if self.total:
-            parts[0] += f"/{self.total} ({100 * self.done / self.total:.0f} %)"
+            count = f"{self.done}/{self.total} ({100 * self.done / self.total:.0f} %)"
+        elif self.total is not None or self.done:
+            count = f"{self.done}"
+        else:
+            count = "" if final else "running"
+        parts = [count] if count else []
         parts.append(f"elapsed {_duration(elapsed)}")
         rate_done = self.done - self.start_done
         if not final and self.total and rate_done > 0 and self.done < self.total:
             parts.append(f"eta {_duration(elapsed / rate_done * (self.total - self.done))}")
-        return ", ".join(parts) + (" - done" if final else "")
+        return head + ", ".join(parts) + (f" - {final}" if final else "")
 
     def _maybe_print(self) -> None:
         finished = self.total is not None and self.done >= self.total  # close() says it once, as done
         if not finished and time.monotonic() - self.last >= PLAIN_EVERY:
-            self._print()
+            self.print_line()
 
-    def _print(self, final: bool = False) -> None:
-        self.last = time.monotonic()
-        self.out.print(self.line(final), markup=False, highlight=False)
+    def print_line(self, final: str | bool = False) -> None:
+        with self.log.lock:
+            self.last = time.monotonic()
+            self.printed = True
+            self.log.print(self.line(final), markup=False, highlight=False)
 
 
 # ------------------------------------------------------------------------------------------ events
 
 
 class ConsoleEvents(Events):
-    """Events shown on a console: bars in a terminal, plain lines elsewhere. Use :func:`session`."""
+    """Events shown on a console: bars in a terminal, plain lines elsewhere. Use :func:`session`.
 
-    def __init__(self, out: Console | None = None, plain: bool | None = None) -> None:
+    ``every``: seconds of silence before the heartbeat writes a keep-alive line in plain mode (default
+    :data:`PLAIN_EVERY`); ``name``: the command, for that line between named steps."""
+
+    def __init__(self, out: Console | None = None, plain: bool | None = None, every: float | None = None,
+                 name: str = "") -> None:
         self.out = out or console
         self.plain = (not self.out.is_terminal) if plain is None else plain
+        self.every = every
         self.progress: Progress | None = None
+        self.log = _PlainLog(self.out, name)
+        self.heartbeat: _Heartbeat | None = None
         self._epochs: EpochTable | None = None
 
     def start(self) -> None:
         if not self.plain:
-            self.progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            self.progress = Progress(SpinnerColumn(finished_text=" "), TextColumn("[bold blue]{task.description}"),
+                                     BarColumn(), _CountColumn(), TimeElapsedColumn(), _EtaColumn(),
                                      console=self.out, transient=False)
             self.progress.start()
+        elif self.heartbeat is None:
+            self.heartbeat = _Heartbeat(self.log, self.every if self.every is not None else PLAIN_EVERY)
 
     def stop(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
 
     def message(self, text: str, level: str = "info") -> None:
         style = STYLES.get(level, "")
-        self.out.print(text, style=style or None, markup=False, highlight=False)
+        self.log.print(text, style=style or None, markup=False, highlight=False)
 
     def step(self, name: str, total: int | None = None, done: int = 0) -> Step:
         if self.progress is not None:
             return _BarStep(self.progress, name, total, done)
-        return _PlainStep(self.out, name, total, done)
+        return _PlainStep(self.log, name, total, done)
 
     def show(self, kind: str, data: Any) -> None:
         if kind == "epoch":
             names, row = data
             if self._epochs is None or self._epochs.names != list(names):
-                self._epochs = EpochTable(names, self.out)
+                self._epochs = EpochTable(names, self.log)
             self._epochs.add(row)
         elif kind == "scores":
             title, metrics = data
-            self.out.print(scores_table(metrics, title))
+            self.log.print(scores_table(metrics, title))
         elif kind == "areas":
-            self.out.print(areas_table(data))
+            self.log.print(areas_table(data))
         elif kind == "masks":
-            self.out.print(masks_table(*data))
+            self.log.print(masks_table(*data))
         elif kind == "autotune":
-            self.out.print(autotune_table(data))
+            self.log.print(autotune_table(data))
 
     def section(self, title: str) -> None:
-        self.out.rule(f"[bold]{title}")
+        self.log.rule(f"[bold]{title}")
 
 
 @contextmanager
-def session(out: Console | None = None, plain: bool | None = None) -> Iterator[ConsoleEvents]:
-    """Events for one command: the progress display lives as long as the ``with`` block."""
-    events = ConsoleEvents(out, plain)
+def session(out: Console | None = None, plain: bool | None = None, name: str = "") -> Iterator[ConsoleEvents]:
+    """Events for one command (``name``): the progress display (or the plain heartbeat) lives as long as the
+    ``with`` block."""
+    events = ConsoleEvents(out, plain, name=name)
     events.start()
     try:
         yield events
@@ -184,7 +305,7 @@ def session(out: Console | None = None, plain: bool | None = None) -> Iterator[C
 class EpochTable:
     """A table that grows one row per epoch: the header prints once, then aligned rows."""
 
-    def __init__(self, class_names: Sequence[str], out: Console) -> None:
+    def __init__(self, class_names: Sequence[str], out: Console | _PlainLog) -> None:
         self.names = list(class_names)
         self.out = out
         self.first = True

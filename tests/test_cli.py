@@ -165,11 +165,19 @@ def test_train_options_reach_the_model_folder(gbm_folder: Path, tmp_path: Path, 
     assert code == 2 and "--class-weights" in text
 
 
-def test_predict_says_where_it_wrote(tmp_path: Path, capsys) -> None:
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
     from _loop_data import make_folder, train_tiny
 
+    src = make_folder(tmp_path_factory.mktemp("src"), n=2, size=(48, 48))
+    return train_tiny(src, tmp_path_factory.mktemp("run") / "model", epochs=1).model_dir
+
+
+def test_predict_says_where_it_wrote(tiny_model: Path, tmp_path: Path, capsys) -> None:
+    from _loop_data import make_folder
+
     src = make_folder(tmp_path / "src", n=2, size=(48, 48))
-    model = train_tiny(src, tmp_path / "model", epochs=1).model_dir
+    model = tiny_model
     code, text = run(["predict", str(src), "--model", str(model), "--image-mpp", "0.5", "--review", "1",
                       "--review-size", "8"], capsys)
     assert code == 0, text
@@ -177,3 +185,76 @@ def test_predict_says_where_it_wrote(tmp_path: Path, capsys) -> None:
     assert "object(s) written to" in flat and "pdseg/predictions/" in flat and "areas per class:" in flat
     written = json.loads((src / "pdseg" / "predictions" / "img0.png.geojson").read_text())["features"]
     assert any(f["properties"].get("classification", {}).get("name") == "Review*" for f in written)
+
+
+def test_list_options_are_repeatable_and_names_with_commas_are_taken_whole(tiny_model: Path, tmp_path: Path,
+                                                                           capsys) -> None:
+    from shapely.geometry import box
+
+    from _loop_data import _feature, make_folder, make_image
+
+    src = make_folder(tmp_path / "src", n=2, size=(48, 48))
+    model = tiny_model
+    make_image(src, "Patient 3, block A", size=(48, 48), seed=5,
+               extra_features=[_feature(box(2, 2, 20, 20), "Necrosis, early", (90, 10, 10))])
+    predictions = src / "pdseg" / "predictions"
+
+    def predicted(*args: str) -> list[str]:
+        shutil.rmtree(predictions, ignore_errors=True)
+        code, text = run(["predict", str(src), "--model", str(model), "--image-mpp", "0.5", *args], capsys)
+        assert code == 0, text
+        return sorted(p.name for p in predictions.glob("*.geojson"))
+
+    # the name with a comma, alone or beside another --images; the older comma-separated form still works
+    assert predicted("--images", "Patient 3, block A.png") == ["Patient 3, block A.png.geojson"]
+    assert predicted("--images", "Patient 3, block A.png", "--images", "img1.png") == [
+        "Patient 3, block A.png.geojson", "img1.png.geojson"]
+    assert predicted("--images", "img0.png,img1.png") == ["img0.png.geojson", "img1.png.geojson"]
+    code, text = run(["predict", str(src), "--model", str(model), "--image-mpp", "0.5", "--images", "Patient 3"],
+                     capsys)
+    assert code == 2 and "Patient 3" in text and "Patient 3, block A.png" in text  # the known names are listed
+
+    # a class name with a comma, in label order with a repeated --classes
+    out = tmp_path / "masks"
+    code, text = run(["masks", str(src), "--mpp", "0.5", "--image-mpp", "0.5", "--out", str(out),
+                      "--classes", "Necrosis, early", "--classes", "Nucleus,Background"], capsys)
+    assert code == 0, text
+    classes = json.loads((out / "classes.json").read_text())
+    assert [c["name"] for c in classes["classes"]] == ["Necrosis, early", "Nucleus", "Background"]
+
+
+def test_number_lists_take_commas_and_repeats_alike() -> None:
+    assert cli._int_list_or_auto(["10", "50"], "--t") == cli._int_list_or_auto("10,50", "--t") == [10, 50]
+    assert cli._int_list_or_auto(["1,2", "3"], "--blocks") == [1, 2, 3]
+    assert cli._int_list_or_auto(["auto"], "--t") == "auto" and cli._int_list(None, "--t") is None
+    assert cli._class_weights_option(["1", "2.5"]) == cli._class_weights_option(["1,2.5"]) == [1.0, 2.5]
+    assert cli._class_weights_option(["balanced"]) == "balanced"
+    with pytest.raises(cli.PdsegError, match="--t 1,x: expected whole numbers"):
+        cli._int_list_or_auto(["1", "x"], "--t")
+
+
+def test_a_silent_phase_gets_keep_alive_lines_in_a_log(tiny_model: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Output that is not a terminal (capsys, as nohup or SLURM): a slow tissue detection is named while it runs."""
+    import time
+
+    from _loop_data import make_folder
+
+    from pdseg_qupath import ui
+    from pdseg_qupath.core.tissue import TissueMap
+
+    detect = TissueMap.detect
+
+    def slow_detect(cls, *args, **kwargs):
+        time.sleep(1.0)  # a whole slide's tissue detection, shortened
+        return detect(*args, **kwargs)
+
+    monkeypatch.setattr(TissueMap, "detect", classmethod(slow_detect))
+    monkeypatch.setattr(ui, "PLAIN_EVERY", 0.2)  # 0.2 s of silence instead of 10 s
+    src = make_folder(tmp_path / "src", n=1, size=(48, 48))
+    code, text = run(["predict", str(src), "--model", str(tiny_model), "--image-mpp", "0.5"], capsys)
+    assert code == 0, text
+    lines = text.splitlines()
+    alive = [i for i, line in enumerate(lines) if line.startswith("predict (img0.png · detecting tissue): running, ")]
+    assert len(alive) >= 2, text
+    done = next(i for i, line in enumerate(lines) if line.startswith("predict (img0.png): ") and "- done" in line)
+    assert alive[-1] < done and not any("running" in line for line in lines[done:])

@@ -245,3 +245,14 @@ def test_batch_workers_stop_when_the_coordinator_is_killed(tmp_path: Path, model
         for w in workers:
             if _alive(w):
                 os.kill(w, signal.SIGKILL)
+
+
+def test_given_names_split_at_commas_unless_the_whole_value_is_a_name() -> None:
+    from pdseg_qupath.core.names import given_names
+
+    known = ["a.svs", "b.svs", "Patient 3, block A.svs"]
+    assert given_names(None, known) is None
+    assert given_names(["a.svs,b.svs"], known) == ["a.svs", "b.svs"]
+    assert given_names(["b.svs", "a.svs", "b.svs"], known) == ["b.svs", "a.svs"]  # order kept, repeats dropped
+    assert given_names(["Patient 3, block A.svs", " a.svs "], known) == ["Patient 3, block A.svs", "a.svs"]
+    assert given_names(["Patient 3, x.svs"], known) == ["Patient 3", "x.svs"]  # unknown: left to the caller

@@ -11,6 +11,7 @@ import pytest
 import shapely
 
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.events import Events, Step
 from pdseg_qupath.core.slide import open_slide
 from pdseg_qupath.learn.inference import AREA_MEASUREMENT, PROB_MEASUREMENT, ObjectBuilder, predict_image
 from pdseg_qupath.learn.modelio import load_model
@@ -189,6 +190,37 @@ def test_predict_writes_geojson_back_and_replaces_only_pdseg_objects(tmp_path, m
     assert csv[0] == "image,class,area_mm2,objects,mean_probability" and len(csv) == 1 + 2 * 2
     total = sum(float(line.split(",")[2]) for line in csv[1:] if line.startswith("img0.png"))
     assert total == pytest.approx(64 * 64 * 0.25 / 1e6)
+
+
+class _Recorder(Events):
+    """Which steps a task opens and what each says it is busy with, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def step(self, name, total=None, done=0):
+        log = self.log
+        log.append(f"open {name}")
+
+        class _S(Step):
+            def describe(self, text):
+                log.append(f"{name}: {text}")
+
+            def close(self):
+                log.append(f"close {name}")
+        return _S()
+
+
+def test_predict_names_every_phase_the_user_waits_on(tmp_path, model_dir):
+    src = make_folder(tmp_path / "src", n=1, size=(64, 64))
+    rec = _Recorder()
+    predict(open_source(src), model_dir, device="cpu", options=PredictOptions(image_mpp=0.5), events=rec)
+    log = rec.log
+    assert log[:2] == ["open loading the model and its backbone", "close loading the model and its backbone"]
+    phases = [e.split(": ", 1)[1] for e in log if e.startswith("predict: ")]
+    assert phases == ["img0.png", "img0.png · detecting tissue", "img0.png", "img0.png · vectorizing",
+                      "img0.png · writing back", "img0.png"]
+    assert log[-1] == "close predict"
 
 
 def test_corrupt_model_is_a_clear_error(tmp_path, model_dir):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import time
 
 from rich.console import Console
+from rich.progress import SpinnerColumn, TimeElapsedColumn
 
 from pdseg_qupath import ui
 
@@ -76,3 +78,73 @@ def test_a_terminal_gets_bars_that_live_for_the_session():
         step.advance(2)
         step.close()
     assert events.progress is None and "features" in buf.getvalue()
+
+
+def _wait_for(predicate, seconds: float = 5.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_plain_heartbeat_names_a_silent_step_and_stops_with_it():
+    buf = io.StringIO()
+    events = ui.ConsoleEvents(Console(file=buf, width=200), plain=True, every=0.1, name="predict")  # not 10 s
+    events.start()
+    try:
+        events.message("starting")
+        with events.step("loading the model"):  # a slow phase that reports nothing itself
+            assert _wait_for(lambda: buf.getvalue().count("loading the model: running, elapsed") >= 2)
+        lines = buf.getvalue().splitlines()
+        assert lines[0] == "starting"
+        assert lines[-1].startswith("loading the model: elapsed 0:00:0") and lines[-1].endswith(" - done")
+        after = len(lines)
+        # the step is over: no more lines about it; between steps the command says it is at work
+        assert _wait_for(lambda: "predict: working, elapsed 0:00:0" in buf.getvalue().splitlines()[-1])
+        assert not any("loading the model" in line for line in buf.getvalue().splitlines()[after:])
+        step = events.step("tiles", total=10)  # a counted step that stalls: its progress so far and elapsed time
+        step.describe("slide.svs · detecting tissue")
+        assert _wait_for(lambda: "tiles (slide.svs · detecting tissue): 0/10 (0 %), elapsed" in buf.getvalue())
+        step.close()
+    finally:
+        events.stop()
+    assert events.heartbeat is None
+    stopped = buf.getvalue()
+    time.sleep(0.3)  # the session is over: the heartbeat is silent
+    assert buf.getvalue() == stopped
+
+
+def test_plain_heartbeat_waits_while_other_lines_come():
+    buf = io.StringIO()
+    events = ui.ConsoleEvents(Console(file=buf, width=200), plain=True, every=0.3)
+    events.start()
+    try:
+        with events.step("epochs"):
+            for i in range(8):  # a line every 0.05 s: never 0.3 s of silence
+                events.message(f"epoch {i}")
+                time.sleep(0.05)
+    finally:
+        events.stop()
+    assert "running" not in buf.getvalue()
+
+
+def test_a_fast_phase_leaves_no_line():
+    events, buf = _events(plain=True)
+    with events.step("detecting tissue"):
+        pass
+    assert buf.getvalue() == ""
+
+
+def test_a_phase_in_a_terminal_shows_a_spinner_and_elapsed_time_then_leaves():
+    buf = io.StringIO()
+    with ui.session(Console(file=buf, width=120, force_terminal=True)) as events:
+        step = events.step("loading the model")
+        assert [t.description for t in events.progress.tasks] == ["loading the model"]
+        columns = events.progress.columns
+        assert isinstance(columns[0], SpinnerColumn) and any(isinstance(c, TimeElapsedColumn) for c in columns)
+        task = events.progress.tasks[0]
+        assert [str(c.render(task)) for c in columns if isinstance(c, (ui._CountColumn, ui._EtaColumn))] == ["", ""]
+        step.close()
+        assert events.progress.tasks == []

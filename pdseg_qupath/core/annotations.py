@@ -10,6 +10,8 @@ from typing import Iterable, Sequence
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+from pdseg_qupath.core.names import given_names
+
 RGB = tuple[int, int, int]
 IGNORE: int = 255
 """Label value for pixels that carry no label (unannotated, or QuPath class ``Ignore*``)."""
@@ -281,6 +283,8 @@ class ClassMap:
         cls, annotations: Iterable[Annotation], names: Sequence[str] | None = None
     ) -> "ClassMap":
         """Build the map from the classes used (sorted), or in the order of ``names``; colours from the data.
+        ``names`` follow :func:`~pdseg_qupath.core.names.given_names` (``"A,B"`` is two classes unless a class
+        is called that).
 
         Raises ``ValueError`` naming any requested class that no annotation uses (an unknown class).
         """
@@ -291,6 +295,7 @@ class ClassMap:
         if names is None:
             names = sorted(colors)
         else:
+            names = given_names(names, colors) or []
             ignored = [n for n in names if is_ignore_class(n)]
             if ignored:
                 raise ValueError(f"{ignored}: classes ending in '*' are ignored by QuPath and pdseg (label 255), "

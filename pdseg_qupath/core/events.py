@@ -12,7 +12,18 @@ from typing import Any
 
 
 class Step:
-    """Progress of one named step: ``advance`` by work done; ``total`` may be learnt late (or never)."""
+    """Progress of one named step: ``advance`` by work done; ``total`` may be learnt late (or never).
+
+    A step with no total is a phase the user waits on (loading the model, detecting tissue): name it so
+    the display can say what is running, e.g. ``with events.step("loading the model"): ...`` (leaving the
+    ``with`` block closes the step).
+    """
+
+    def __enter__(self) -> "Step":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def advance(self, n: int = 1) -> None:
         """``n`` more units of work are done."""

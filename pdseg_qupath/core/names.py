@@ -8,12 +8,15 @@ Two rules, each for a reason:
   the files pdseg writes.
 - :func:`qupath_export_basename`: label masks are named the way QuPath names its own exports (the image
   name without its extension, invalid characters dropped), so they line up with tiles QuPath exports.
+
+And one rule for names given in list options (``--images``, ``--val-images``, ``--classes``):
+:func:`given_names`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from pdseg_qupath.core.errors import PdsegError
 
@@ -53,6 +56,23 @@ def qupath_export_basename(image_name: str) -> str:
             name = name[: -len(ext)]
             break
     return _INVALID_CHARS.sub("", name) or "image"
+
+
+def given_names(values: Sequence[str] | None, known: Iterable[str]) -> list[str] | None:
+    """Names as given in a list option, resolved against the ``known`` names (the source's images, or the
+    classes its annotations use): each value that is exactly a known name is that name, so a name that
+    contains a comma works (``--images "Patient 3, block A.svs"``); any other value is split at commas
+    (``--images a.svs,b.svs``, as well as repeating the option). Order is kept, repeats are dropped; an
+    unknown name is left for the caller to report. None stays None."""
+    if values is None:
+        return None
+    known = set(known)
+    names: list[str] = []
+    for value in values:
+        whole = value if value in known else value.strip()
+        parts = [whole] if whole in known else [p.strip() for p in value.split(",")]
+        names.extend(p for p in parts if p and p not in names)
+    return names
 
 
 NAME_MAX = 255

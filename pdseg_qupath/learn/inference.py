@@ -259,12 +259,15 @@ def predict_image(
     keep: Callable[[int, int], bool] | None = None,
     vectorize: bool = True,
     on_total: Callable[[int], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> ImagePrediction:
     """Predict one open slide (or a ``region`` of its work grid); objects in level-0 coordinates.
 
     ``keep(x, y)`` (absolute work-grid tile origin) can restrict tiles further; ``strip_sink`` sees
     every final strip (``evaluate`` scores them); ``vectorize=False`` skips building objects;
-    ``on_total(n)`` learns how many tiles will run (after tissue detection), for progress bars.
+    ``on_total(n)`` learns how many tiles will run (after tissue detection), for progress bars;
+    ``on_phase(name)`` hears each phase as it starts (``detecting tissue``, ``tiles``, ``vectorizing``),
+    so the display can say what a silent step is doing.
     """
     opts = options or PredictOptions()
     model = predictor.model
@@ -275,6 +278,9 @@ def predict_image(
     rx, ry = region.x, region.y
     tile, k = model.io.tile, len(model.class_map)
     messages: list[str] = list(getattr(slide, "notes", []))
+    phase = on_phase or (lambda name: None)
+    if opts.tissue_only:
+        phase("detecting tissue")
     keep_fn, tissue = _tile_filter(slide, region, tile, opts, keep, messages)
     pin = predictor.device.startswith("cuda")
 
@@ -310,6 +316,7 @@ def predict_image(
         if vectorize:
             builder.add(strip)
 
+    phase("tiles")
     if on_total is not None:
         on_total(count_tiles(region.width, region.height, tile, model.io.overlap, keep_fn, opts.grid_offset))
     run_region(region.width, region.height, k, tile, model.io.overlap, read, infer, on_strip, keep=keep_fn,
@@ -317,6 +324,7 @@ def predict_image(
                io_threads=opts.io_threads, prefetch=opts.prefetch, stage_seconds=stages)
     anns, areas = [], []
     if vectorize:
+        phase("vectorizing")
         t_vec = time.perf_counter()
         anns, areas = _objects(builder.finish(), model, slide, opts)
         stages["objects"] = time.perf_counter() - t_vec

@@ -16,6 +16,7 @@ import shapely
 from pdseg_qupath.core.annotations import IGNORE, ClassMap
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.grid import Window
+from pdseg_qupath.core.names import given_names
 from pdseg_qupath.learn.data import TrainingImage
 from pdseg_qupath.learn.options import IOConfig
 
@@ -48,6 +49,7 @@ def split_images(
     out most of a rare class and early-stop on a handful of its pixels. When no image can be held out
     without taking a class out of training, there is no image split (validation falls back to tiles)."""
     names = [im.record.name for im in images]
+    val_images = given_names(val_images, names)  # "a,b" or a name with a comma, as --images
     if val_images:
         unknown = [v for v in val_images if v not in names]
         if unknown:

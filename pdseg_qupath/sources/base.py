@@ -13,6 +13,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 from pdseg_qupath.core.annotations import RGB, Annotation, ReadReport
 from pdseg_qupath.core.errors import PdsegError
+from pdseg_qupath.core.names import given_names
 
 IMAGE_SUFFIXES: tuple[str, ...] = (
     ".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff", ".png", ".jpg", ".jpeg", ".bmp",
@@ -69,10 +70,12 @@ class AnnotationSource(Protocol):
 
 
 def select_images(records: Sequence[ImageRecord], names: Sequence[str] | None) -> list[ImageRecord]:
-    """The records named in ``names`` (all when None); an unknown name is an error that lists the known ones."""
+    """The records named in ``names`` (all when None; :func:`~pdseg_qupath.core.names.given_names`, so a
+    value may list several names separated by commas); an unknown name is an error that lists the known ones."""
     if names is None:
         return list(records)
     known = {r.name for r in records}
+    names = given_names(names, known) or []
     missing = [n for n in names if n not in known]
     if missing:
         raise PdsegError(f"image(s) {missing} not in the source; it has {sorted(known)}")

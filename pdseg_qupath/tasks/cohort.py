@@ -70,11 +70,18 @@ class CohortProgress:
         self.t0 = time.perf_counter()
         self.tiles = 0
         self.current: dict[str, str] = {}
+        self.phases: dict[str, str] = {}
         self.slides: Step = events.step("slides", total=n_slides, done=done)
         self.tile_step: Step = events.step("tiles")
 
     def start(self, who: str, slide: str) -> None:
         self.current[who] = slide
+        self.phases.pop(who, None)
+        self._describe()
+
+    def phase(self, who: str, name: str) -> None:
+        """What the slide in flight on ``who`` is busy with (detecting tissue, tiles, vectorizing, …)."""
+        self.phases[who] = name
         self._describe()
 
     def add_tiles(self, n: int) -> None:
@@ -88,6 +95,7 @@ class CohortProgress:
 
     def slide_done(self, who: str) -> None:
         self.current.pop(who, None)
+        self.phases.pop(who, None)
         self.slides.advance(1)
         self._describe()
 
@@ -97,7 +105,9 @@ class CohortProgress:
 
     def _describe(self) -> None:
         rate = self.tiles / max(1e-9, time.perf_counter() - self.t0)
-        now = ", ".join(sorted(set(self.current.values()))) or "-"
+        busy = {who: f"{slide} · {self.phases[who]}" if self.phases.get(who, "tiles") != "tiles" else slide
+                for who, slide in self.current.items()}
+        now = ", ".join(sorted(set(busy.values()))) or "-"
         self.tile_step.describe(f"tiles {rate:.1f}/s · {now}")
 
 
@@ -153,10 +163,11 @@ def predict_cohort(
     except OSError as e:
         raise PdsegError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     # 1. The slides and the model.
-    jobs = collect_slides(inputs)
-    if not jobs:
-        raise PdsegError(f"no slides found in {', '.join(map(str, inputs))}")
-    _check_pixel_sizes(jobs, opts.image_mpp)
+    with events.step("finding slides and their pixel sizes"):
+        jobs = collect_slides(inputs)
+        if not jobs:
+            raise PdsegError(f"no slides found in {', '.join(map(str, inputs))}")
+        _check_pixel_sizes(jobs, opts.image_mpp)
     for j in jobs:  # before any work: a name too long to write fails now, not after predicting the slide
         check_name_length(j.name, output_name(j.name, _longest_suffix(opts)), str(out))
     m = load_model(model)
@@ -237,7 +248,8 @@ def _run(todo: list[ImageRecord], m: Any, model_path: str, out: Path, opts: Pred
             predictor = open_predictor(m, devs[0], opts.batch_size, events)
             for job in todo:
                 prog.start("main", job.name)
-                record(predict_job(job, predictor, out, opts, on_tiles=prog.add_tiles, on_total=prog.slide_total))
+                record(predict_job(job, predictor, out, opts, on_tiles=prog.add_tiles, on_total=prog.slide_total,
+                                   on_phase=lambda name: prog.phase("main", name)))
                 prog.slide_done("main")
         return "local", devs
     if todo:
@@ -271,7 +283,8 @@ def _device_worker(wid: int, device: str, model_path: str, out_dir: str, opts: d
             return
         job = ImageRecord(**item)
         results.put(("start", wid, job.name))
-        row = predict_job(job, predictor, out_dir, options, on_tiles=lambda n: results.put(("tiles", wid, n)))
+        row = predict_job(job, predictor, out_dir, options, on_tiles=lambda n: results.put(("tiles", wid, n)),
+                          on_phase=lambda name: results.put(("phase", wid, name)))
         results.put(("done", wid, row))
 
 
@@ -324,6 +337,8 @@ def _collect(procs: list, devices: list[str], results, left: set[str], record: C
             continue
         if kind == "tiles":
             prog.add_tiles(payload)
+        elif kind == "phase":
+            prog.phase(str(wid), payload)
         elif kind == "start":
             in_flight[wid] = payload
             prog.start(str(wid), payload)

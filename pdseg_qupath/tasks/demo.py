@@ -145,7 +145,8 @@ def run_demo(
                        notes=["validation polygons drawn separately from the training ones"])
     timings["evaluate_s"] = time.perf_counter() - t
 
-    qp_path, qp_msg = _qupath_project(out / "qupath-project", slide, staged, image.geojson, events)
+    with events.step("writing the QuPath project"):
+        qp_path, qp_msg = _qupath_project(out / "qupath-project", slide, staged, image.geojson, events)
     seconds = time.perf_counter() - t0
     events.section("done")
     for line in (f"backbone: {res.backbone_label}", f"QuPath GeoJSON: {image.geojson}", f"overlay: {image.overlay}",

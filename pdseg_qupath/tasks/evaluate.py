@@ -151,8 +151,9 @@ def evaluate(
         "seconds": round(time.perf_counter() - t0, 2),
         "notes": list(notes),
     })
-    write_json(out / "metrics.json", metrics)
-    write_confusion_png(np.array(metrics["confusion"]), m.class_map.names, out / "confusion.png")
+    with events.step("writing the report"):
+        write_json(out / "metrics.json", metrics)
+        write_confusion_png(np.array(metrics["confusion"]), m.class_map.names, out / "confusion.png")
     events.show("scores", (f"evaluation of {m.name} · {predictor.label}", metrics))
     for n in notes:
         events.message(n, "note")
@@ -170,6 +171,7 @@ def _score_image(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
     cmap = m.class_map
     if rec.error or rec.path is None:
         return rec.error or "not a local file"
+    step.describe(f"{rec.name} · reading annotations")
     anns, _ = source.read_annotations(rec)
     labels, _roles = label_objects(anns)  # pdseg's own untouched predictions are never ground truth
     index = AnnotationIndex(labels, cmap)
@@ -188,6 +190,7 @@ def _score_image(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
         if region is None:
             return "annotations lie outside the image"
         conf, everywhere = Confusion(len(cmap)), Confusion(len(cmap))
+        step.describe(f"{rec.name} · detecting tissue")
         tissue = TissueMap.detect(slide, d, tally.tissue_mpp, dilate=1) if tally.tissue_only else None
         canvas = LabelCanvas(region.width, region.height) if overlays else None
         truth_canvas = LabelCanvas(region.width, region.height) if overlays else None
@@ -215,9 +218,11 @@ def _score_image(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
         tally.everywhere.merge(everywhere)
         tally.per_image[rec.name] = {k: v for k, v in scores(conf, cmap.names).items() if k != "confusion"}
         if canvas is not None:
+            step.describe(f"{rec.name} · drawing the overlay")
             render_overlay(canvas.background(slide, region), canvas.labels, cmap,
                            overlays / "overlays" / output_name(rec.name, ".overlay.png"),
                            reference=truth_canvas.labels, title=f"{rec.name} · pdseg {m.name} · {predictor.label}")
+    step.describe(rec.name)
     return None
 
 

@@ -66,18 +66,20 @@ def masks(
     # 1. Every image's annotations.
     rows: dict[str, MaskRow] = {}
     loaded: list[tuple[ImageRecord, list[Annotation]]] = []
-    for rec in source.images():
-        row = rows.setdefault(rec.name, MaskRow(rec.name))
-        if rec.error:
-            row.error = rec.error
-            continue
-        try:
-            anns, row.report = source.read_annotations(rec)
-        except PdsegError as exc:
-            row.error = str(exc)
-            continue
-        anns, row.labels = label_objects(anns)
-        loaded.append((rec, anns))
+    with events.step("reading annotations") as reading:
+        for rec in source.images():
+            reading.describe(rec.name)
+            row = rows.setdefault(rec.name, MaskRow(rec.name))
+            if rec.error:
+                row.error = rec.error
+                continue
+            try:
+                anns, row.report = source.read_annotations(rec)
+            except PdsegError as exc:
+                row.error = str(exc)
+                continue
+            anns, row.labels = label_objects(anns)
+            loaded.append((rec, anns))
     # 2. One class map for the whole source.
     try:
         cmap = source_class_map([a for _, anns in loaded for a in anns], classes, source.class_colors())

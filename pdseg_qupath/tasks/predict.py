@@ -67,9 +67,11 @@ class PredictResult:
 
 def open_predictor(model: str | Path | SegModel, device: str, batch_size: int, events: Events = SILENT) -> Predictor:
     """The model (a folder, or loaded) with its backbone on ``device``; GPU memory back-off is reported."""
-    m = model if isinstance(model, SegModel) else load_model(model)
-    return Predictor(m, device, batch_size,
-                     on_backoff=lambda b: events.message(f"out of GPU memory: retrying with batch size {b}", "warn"))
+    with events.step("loading the model and its backbone"):
+        m = model if isinstance(model, SegModel) else load_model(model)
+        return Predictor(m, device, batch_size,
+                         on_backoff=lambda b: events.message(f"out of GPU memory: retrying with batch size {b}",
+                                                             "warn"))
 
 
 def predict(
@@ -146,16 +148,20 @@ def _predict_one(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
         step.describe(rec.name)
         step.set_total(None, done=0)
         pred = predict_image(slide, predictor, options=opts, on_tiles=step.advance,
-                             on_total=lambda n: step.set_total(n, done=0))
+                             on_total=lambda n: step.set_total(n, done=0),
+                             on_phase=lambda phase: step.describe(
+                                 rec.name if phase == "tiles" else f"{rec.name} · {phase}"))
         res.objects, res.tiles, res.seconds, res.areas = len(pred.annotations), pred.tiles, pred.seconds, pred.areas
         res.messages += pred.messages
         for msg in pred.messages:
             events.message(msg, "warn")
         if out is not None:
+            step.describe(f"{rec.name} · writing files")
             files = write_slide_outputs(out, rec.name, pred, slide, m.class_map, opts,
                                         title=f"{rec.name} · pdseg {m.name} · {predictor.label}")
             res.geojson, res.overlay = files.geojson, files.overlay
     if write_back:
+        step.describe(f"{rec.name} · writing back")
         try:
             res.write = source.write_predictions(rec, [*pred.annotations, *pred.review])
             for msg in res.write.messages:  # corrections kept, a wiped earlier write, where the file went
@@ -164,6 +170,7 @@ def _predict_one(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
             res.error = f"write-back failed: {exc}"  # the run goes on; the command exits non-zero
             res.messages.append(res.error)
             events.message(f"{rec.name}: predictions not written back ({exc})", "error")
+    step.describe(rec.name)
     return res
 
 
@@ -205,7 +212,8 @@ def _areas_path(source: AnnotationSource, out: Path | None, areas_csv: str | Pat
 
 def predict_job(job: ImageRecord, predictor: Predictor, out_dir: str | Path, options: PredictOptions,
                 on_tiles: Callable[[int], None] | None = None,
-                on_total: Callable[[int], None] | None = None) -> dict[str, Any]:
+                on_total: Callable[[int], None] | None = None,
+                on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Predict one slide of a cohort into ``out_dir`` and return its summary row. Never raises for a bad
     slide: the error goes into the row, so the cohort goes on."""
     m = predictor.model
@@ -221,7 +229,10 @@ def predict_job(job: ImageRecord, predictor: Predictor, out_dir: str | Path, opt
             if problem:  # batch mode: skip it, with the reason, rather than spend hours on a typo
                 row["error"] = f"skipped: {problem}"
                 return row
-            pred = predict_image(slide, predictor, options=options, on_tiles=on_tiles, on_total=on_total)
+            pred = predict_image(slide, predictor, options=options, on_tiles=on_tiles, on_total=on_total,
+                                 on_phase=on_phase)
+            if on_phase is not None:
+                on_phase("writing files")
             write_slide_outputs(out_dir, job.name, pred, slide, m.class_map, options,
                                 title=f"{job.name} - pdseg {m.name}", model_id=m.model_id)
     except PdsegError as exc:

@@ -80,11 +80,13 @@ def pretrain(
         raise PdsegError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
 
     # 2. The starting backbone and the settings.
-    plan = plan_run([str(Path(s).expanduser().resolve()) for s in sources], config=config, from_spec=from_spec,
-                    mpp=mpp, image_mpp=image_mpp, steps_ae=steps_ae, steps_unet=steps_unet, batch_size=batch_size,
-                    device=device, seed=seed, pool_size=pool_size, heldout=heldout, ae_crop=ae_crop,
-                    unet_crop=unet_crop, lr_ae=lr_ae, lr_unet=lr_unet, stain_sigma=stain_sigma, stain_bias=stain_bias)
-    ckpt = load_checkpoint(state_dir / CHECKPOINT, plan.settings) if (state_dir / CHECKPOINT).exists() else None
+    with events.step(f"loading backbone {from_spec}" if from_spec else "preparing the run"):
+        plan = plan_run([str(Path(s).expanduser().resolve()) for s in sources], config=config, from_spec=from_spec,
+                        mpp=mpp, image_mpp=image_mpp, steps_ae=steps_ae, steps_unet=steps_unet,
+                        batch_size=batch_size, device=device, seed=seed, pool_size=pool_size, heldout=heldout,
+                        ae_crop=ae_crop, unet_crop=unet_crop, lr_ae=lr_ae, lr_unet=lr_unet, stain_sigma=stain_sigma,
+                        stain_bias=stain_bias)
+        ckpt = load_checkpoint(state_dir / CHECKPOINT, plan.settings) if (state_dir / CHECKPOINT).exists() else None
     t_start = time.time()
     how = f"fine-tuning {from_spec}" if not plan.fresh else "from random weights"
     events.message(f"pretraining {plan.config.name} on {plan.device} ({how}); state in {state_dir}")
@@ -98,7 +100,9 @@ def pretrain(
     events.message(f"tile pool: {pool.summary()}")
 
     # 4. Train.
-    bb = plan.start if plan.start is not None else build_backbone(plan.config, "cpu", spec=f"pretrain:{plan.config.name}")
+    with events.step("building the backbone"):
+        bb = plan.start if plan.start is not None else build_backbone(plan.config, "cpu",
+                                                                      spec=f"pretrain:{plan.config.name}")
     run = PretrainRun(bb, pool, plan.settings, plan.device, plan.fresh, state_dir, checkpoint_every, on_step, events)
     if ckpt is not None:
         run.restore(ckpt)
@@ -106,7 +110,8 @@ def pretrain(
     run.train()
 
     # 5. Save the backbone, its record and figures.
-    record = _save(run, pool, out, save_dtype, time.time() - t_start, len(refs))
+    with events.step("saving the backbone and its figures"):
+        record = _save(run, pool, out, save_dtype, time.time() - t_start, len(refs))
     remove_state(state_dir)
     events.message(f"backbone written to {out} (sha256 {record['sha256'][:12]}); "
                    f"held-out PSNR {record['ae'].get('psnr_db')} dB", "done")

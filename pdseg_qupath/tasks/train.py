@@ -162,11 +162,14 @@ def train(
     rng = np.random.default_rng(seed)
 
     # 1. The annotated images and the class map.
-    imgs, cmap = load_training_images(source, image_mpp=image_mpp, classes=classes, messages=messages, names=images)
+    with events.step("reading the annotated images"):
+        imgs, cmap = load_training_images(source, image_mpp=image_mpp, classes=classes, messages=messages,
+                                          names=images)
     try:
         # 2. The backbone, and the tiles it sees.
-        bb, extractor = load_extractor(backbone, dev, t=None if opts.t == AUTO else opts.t,
-                                       blocks=None if opts.blocks == AUTO else opts.blocks)
+        with events.step(f"loading backbone {backbone}"):
+            bb, extractor = load_extractor(backbone, dev, t=None if opts.t == AUTO else opts.t,
+                                           blocks=None if opts.blocks == AUTO else opts.blocks)
         io = opts.io(mpp, bb.config.tile_size, extractor.out_stride)
         bb_record = _backbone_record(backbone, bb)
         far = resolution_note(mpp, bb)
