@@ -7,9 +7,8 @@
   still running;
 - elsewhere (a log file, nohup, SLURM, CI), plain lines: each step says how far it is at least every
   :data:`PLAIN_EVERY` seconds while it advances, and once when it ends; and a heartbeat (a timer thread)
-  writes a keep-alive line for every running step whenever nothing else was printed for
-  :data:`PLAIN_EVERY` seconds (between named steps, one line saying the command is at work), so no
-  step is silent for longer.
+  writes a keep-alive line for every running step before :data:`PLAIN_EVERY` seconds pass without
+  output (between named steps, one line saying the command is at work), so no step is silent for longer.
 """
 
 from __future__ import annotations
@@ -144,8 +143,8 @@ class _Heartbeat:
 
     def _run(self) -> None:
         while not self.stopped.wait(self.tick):
-            # at 90 %: the tick's delay and the command's own start-up stay within ``every``
-            self.log.keep_alive(0.9 * self.every)
+            # at 85 %: the tick's delay and the command's own start-up (about 1 s) stay within ``every``
+            self.log.keep_alive(0.85 * self.every)
 
     def stop(self) -> None:
         self.stopped.set()
