@@ -32,7 +32,7 @@ every run.
 Hand-written sections of ``docs/ACCURACY.md`` from the line ``KEEP_MARKER`` on are kept when it is rewritten.
 
 ``--quick`` uses 2 seeds, 2 subsets, fewer test images and fewer training tiles (8 per class, 1 view,
-≤ 8 validation tiles), and says so in the output; the full run uses the product's defaults.
+≤ 8 validation tiles, one head instead of the default ensemble of 3), and says so in the output; the full run uses the product's defaults.
 Benchmark-only dependencies: ``pip install scikit-learn scipy``.
 
     nice -n 10 python benchmarks/accuracy.py --quick      # data in the default places, see --help
@@ -99,8 +99,9 @@ ROWS: dict[str, Row] = {  # every head named explicitly: the default switched fr
     "raw": Row("raw", "raw pixels (`random:small --head pixel --rgb-skip`)", "random:small",
                {"head": "pixel", "rgb_skip": True}),
     "random": Row("random", "`random:small --head pixel`", "random:small", {"head": "pixel"}),
-    "small-context-012": Row("small-context-012", "`small --head context --blocks 0,1,2` (the context head's default "
-                             "until 2026-12-07)", "small", {"head": "context", "blocks": [0, 1, 2]}),
+    "small-context-012": Row("small-context-012", "`small --head context --blocks 0,1,2 --ensemble 1` (the context "
+                             "head's default blocks until 2026-12-07)", "small",
+                             {"head": "context", "blocks": [0, 1, 2], "ensemble": 1}),
     # raw pixels for the context head: its colour skip is all the untrained backbone adds that carries signal
     "raw-context": Row("raw-context", "raw pixels, context head (`random:small --head context`)", "random:small",
                        {"head": "context"}),
@@ -112,11 +113,14 @@ ROWS: dict[str, Row] = {  # every head named explicitly: the default switched fr
 }
 
 
-def heads_of(row: Row) -> int | None:
-    """How many heads a pdseg row trains (the default ensemble unless the row sets one; None: the baseline)."""
+def heads_of(row: Row, quick: bool) -> int | None:
+    """How many heads a pdseg row trains: the row's own setting, else one in quick mode (part of its smaller
+    budget) and the product's default ensemble otherwise; None for the baseline."""
     from pdseg_qupath.learn.options import TrainOptions
 
-    return None if row.backbone is None else int(row.options.get("ensemble", TrainOptions().ensemble))
+    if row.backbone is None:
+        return None
+    return int(row.options.get("ensemble", 1 if quick else TrainOptions().ensemble))
 
 
 KEEP_MARKER = "<!-- accuracy.py keeps everything below this line when it rewrites this file -->"
@@ -179,7 +183,7 @@ def run_cell(row: Row, case: Case, train_dir: Path, test_dir: Path, test_names, 
     """Train and score one (row, case, seed, training subset); returns the run's record."""
     from pdseg_qupath.learn.options import TrainOptions
 
-    extra = {"tiles_per_class": 8, "views": 1, "max_val_tiles": 8} if quick else {}
+    extra = {"tiles_per_class": 8, "views": 1, "max_val_tiles": 8, "ensemble": 1} if quick else {}
     if quick and case.key in QUICK_MPP:
         case = Case(case.key, case.title, case.image_mpp, QUICK_MPP[case.key], case.score_class, QUICK_MPP[case.key])
     t0 = time.perf_counter()
@@ -196,7 +200,7 @@ def run_cell(row: Row, case: Case, train_dir: Path, test_dir: Path, test_names, 
         from pdseg_qupath.tasks.evaluate import evaluate
         from pdseg_qupath.tasks.train import train
 
-        opts = TrainOptions(**row.options, **extra)
+        opts = TrainOptions(**{**extra, **row.options})
         res = train(open_source(train_dir), run / "model", backbone=row.backbone, mpp=case.mpp,
                     image_mpp=case.image_mpp, device="cpu", seed=seed, options=opts, images=images)
         t1 = time.perf_counter()
@@ -224,7 +228,7 @@ def _same_protocol(rec: dict, row: str, case: str, quick: bool) -> bool:
     """A finished run counts only if it ran at the work resolution this protocol asks for (it changed once) and
     with as many heads as the row trains today (runs from before ``--ensemble`` trained one)."""
     c = CASES[case]
-    heads = heads_of(ROWS[row])
+    heads = heads_of(ROWS[row], quick)
     if heads is not None and rec.get("heads", 1) != heads:
         return False
     if quick and case in QUICK_MPP:
@@ -376,7 +380,8 @@ def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | No
         L += [("**Quick mode**: fewer seeds and subsets, fewer test images (gbm40 31–35, EBHI-Seg 24 of 120 "
               "(4 per category), worked at its own 1.2 µm/px instead of 0.5, IvyGAP 8 of 40, worked at 16 µm/px "
               "instead of 8) and a smaller training budget (8 tiles per class, 1 view, ≤ 8 "
-              "validation tiles) than the product's defaults (48 tiles per class, 2 views). The figures are "
+              "validation tiles, one head) than the product's defaults (48 tiles per class, 2 views, an ensemble "
+              "of 3 heads). The figures are "
               "comparable with each other, not with a full run."), ""]
     if meta.get("incomplete"):
         L += [f"**Incomplete**: {meta['incomplete']}", ""]
