@@ -9,6 +9,10 @@ is reported per round (new tiles/s over the old of the same round) and as the me
 for wall time and for process CPU time (all threads), which depends less on the machine's load.
 
     python benchmarks/cpu_speed.py --backbone small --threads 2 --rounds 5 --out cpu_speed.json
+
+``--int8 DATA`` adds a third side, "int8": the new path with the int8 convolutions of
+``benchmarks/int8_probe.py`` (a probe, not a product option; ranges calibrated on DATA/gbm40 tiles
+01-02), timed in the same rounds, its feature error measured against the old path like the others.
 """
 
 from __future__ import annotations
@@ -30,9 +34,29 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.worker == "int8":
+        _use_int8(args.int8)
     r = bench_features(args.backbone, "cpu", args.batch_size, args.steps, reference=args.worker == "old",
                        warmup_steps=1, ref_tiles=args.batch_size)
     print("RESULT " + json.dumps(r))
+
+
+def _use_int8(data: Path) -> None:
+    """Make ``bench_features`` time the int8 probe's extractor (its fp32 reference stays fp32)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import int8_probe
+
+    from pdseg_qupath.backbone import bench
+
+    fp32 = bench.LDMFeatures
+
+    def features(backbone, *a, reference: bool = False, **kw):
+        if reference or backbone.device.type == "meta":
+            return fp32(backbone, *a, reference=reference, **kw)
+        ranges = int8_probe.calibrate(backbone, int8_probe.gbm40_tiles(data, [1, 2]))
+        return fp32(int8_probe.int8_copy(backbone, ("encoder", "unet"), ranges, True, ("unet",)), *a, **kw)
+
+    bench.LDMFeatures = features
 
 
 def _cpu_name() -> str:
@@ -53,7 +77,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed batches per measurement")
     ap.add_argument("--rounds", type=int, default=5, help="old/new pairs")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--worker", choices=("old", "new"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--int8", type=Path, default=None, metavar="DATA",
+                    help="also time the int8 probe (benchmarks/int8_probe.py), calibrated on DATA/gbm40")
+    ap.add_argument("--worker", choices=("old", "new", "int8"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -62,9 +88,13 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, __file__, "--backbone", args.backbone, "--threads", str(args.threads),
            "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
-    rows: dict[str, list[dict]] = {"old": [], "new": []}
+    sides = ("old", "new")
+    if args.int8:
+        cmd += ["--int8", str(args.int8)]
+        sides += ("int8",)
+    rows: dict[str, list[dict]] = {v: [] for v in sides}
     for r in range(args.rounds):
-        order = ("old", "new") if r % 2 == 0 else ("new", "old")
+        order = sides if r % 2 == 0 else sides[::-1]
         for variant in order:
             load = os.getloadavg()[0]
             out = subprocess.run(cmd + ["--worker", variant], env=env, capture_output=True, text=True, check=False)
@@ -78,9 +108,9 @@ def main() -> None:
                   f"{res['cpu_s_per_tile']:.3f} CPU s/tile, {res['page_faults_per_tile']:.0f} page faults/tile, "
                   f"rel. error {res['ref_rel_error']:.1e} (load {load:.1f})", file=sys.stderr, flush=True)
 
-    def ratios(key: str, invert: bool = False) -> list[float]:
+    def ratios(key: str, invert: bool = False, side: str = "new") -> list[float]:
         return [round((o[key] / n[key]) if invert else (n[key] / o[key]), 3)
-                for o, n in zip(rows["old"], rows["new"])]
+                for o, n in zip(rows["old"], rows[side])]
 
     wall, cpu = ratios("tiles_per_s"), ratios("cpu_s_per_tile", invert=True)
     summary = {
@@ -105,9 +135,20 @@ def main() -> None:
         "new_page_faults_per_tile": statistics.median(n["page_faults_per_tile"] for n in rows["new"]),
         "new_rel_error_vs_old_path": max(n["ref_rel_error"] for n in rows["new"]),
         "new_max_abs_error_vs_old_path": max(n["ref_max_abs_error"] for n in rows["new"]),
-        "load_avg_1min": [r["load_avg_1min_before"] for v in ("old", "new") for r in rows[v]],
+        "load_avg_1min": [r["load_avg_1min_before"] for v in sides for r in rows[v]],
         "runs": rows,
     }
+    if args.int8:
+        w8, c8 = ratios("tiles_per_s", side="int8"), ratios("cpu_s_per_tile", invert=True, side="int8")
+        summary.update({
+            "int8_tiles_per_s": [n["tiles_per_s"] for n in rows["int8"]],
+            "int8_speedup_wall_per_round": w8, "int8_speedup_wall_median": statistics.median(w8),
+            "int8_cpu_s_per_tile": [n["cpu_s_per_tile"] for n in rows["int8"]],
+            "int8_speedup_cpu_time_per_round": c8, "int8_speedup_cpu_time_median": statistics.median(c8),
+            "int8_over_new_wall_median": statistics.median(
+                round(i["tiles_per_s"] / n["tiles_per_s"], 3) for n, i in zip(rows["new"], rows["int8"])),
+            "int8_rel_error_vs_old_path": max(n["ref_rel_error"] for n in rows["int8"]),
+        })
     text = json.dumps(summary, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
