@@ -8,6 +8,11 @@ fp32). Training and evaluation thus both see int8 features, as an opt-in int8 mo
 ``--int8`` it is exactly ``gbm40_loop.py``, for the side-by-side fp32 run.
 
     nice -n 10 python benchmarks/int8_dice.py /path/to/gbm40 --int8 --seed 0 --out /tmp/g-int8-s0
+
+``--ebhi DIR`` runs EBHI-Seg instead (DIR/train → DIR/test, ``--image-mpp 1.2``, the default 0.5 µm/px work
+resolution, defaults otherwise; macro Dice), still calibrated on the gbm40 tiles of the first argument:
+
+    nice -n 10 python benchmarks/int8_dice.py /path/to/gbm40 --ebhi /path/to/ebhi-seg --int8 --seed 0 --out /tmp/e
 """
 
 from __future__ import annotations
@@ -26,7 +31,40 @@ def main() -> None:
     if use_int8:
         sys.argv.remove("--int8")
         _patch(Path(sys.argv[1]))
-    gbm40_loop.main()
+    if "--ebhi" in sys.argv:
+        _ebhi()
+    else:
+        gbm40_loop.main()
+
+
+def _ebhi() -> None:
+    import argparse
+    import json
+    import time
+
+    from rich.console import Console
+
+    from pdseg_qupath.sources.inputs import open_source
+    from pdseg_qupath.tasks.evaluate import evaluate
+    from pdseg_qupath.tasks.train import train
+    from pdseg_qupath.ui import ConsoleEvents
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("gbm40", type=Path)
+    ap.add_argument("--ebhi", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    events = ConsoleEvents(Console(stderr=True), plain=True)
+    t0 = time.perf_counter()
+    res = train(open_source(args.ebhi / "train"), args.out / "model", backbone="small", mpp=0.5, image_mpp=1.2,
+                device="cpu", seed=args.seed, events=events)
+    t1 = time.perf_counter()
+    m = evaluate(open_source(args.ebhi / "test"), args.out / "model", args.out / "report", image_mpp=1.2,
+                 device="cpu", events=events)
+    print(json.dumps({"backbone": res.backbone_label, "best_epoch": res.best_epoch, "macro_dice": m["macro_dice"],
+                      "miou": m["miou"], "per_class_dice": {k: v["dice"] for k, v in m["per_class"].items()},
+                      "train_s": round(t1 - t0, 1), "evaluate_s": round(time.perf_counter() - t1, 1)}, indent=1))
 
 
 def _patch(gbm40: Path) -> None:

@@ -407,11 +407,12 @@ def convert_backbone(
 
     The checkpoint is opened with torch.load(weights_only=True): pickles that need arbitrary code are refused.
     """
-    from pdseg_qupath.backbone.convert import convert_checkpoint
-
     use_ema: bool | str = {"auto": "auto", "yes": True, "no": False}.get(ema.lower(), "auto")
-    with console.status(f"converting {ckpt.name} …"):
-        record = convert_checkpoint(ckpt, config, out, use_ema=use_ema, overwrite=overwrite)
+    with ui.session(name="convert-backbone") as events:
+        with events.step(TORCH_STEP):
+            from pdseg_qupath.backbone.convert import convert_checkpoint
+        with events.step(f"converting {ckpt.name}"):  # minutes for a 400 M-parameter checkpoint
+            record = convert_checkpoint(ckpt, config, out, use_ema=use_ema, overwrite=overwrite)
     console.print_json(data=record)
     console.print(f"[green]backbone written to {out}[/] — use it with --backbone {out}")
 

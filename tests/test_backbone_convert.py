@@ -354,3 +354,15 @@ def test_zoomldm_yaml_and_embedder_keys(tmp_path: Path) -> None:
     assert {"encoder.layers.encoder_layer_11.mlp.3.weight", "encoder.pos_embedding", "pad_token",
             "mag_embedding.weight", "layer_norm.weight", "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"} <= keys
     assert len(keys) == 155
+
+
+def test_convert_backbone_command_writes_the_folder(fake: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pdseg_qupath.cli import app
+
+    out = tmp_path / "bb"
+    res = CliRunner().invoke(app, ["convert-backbone", str(fake["ckpt"]), "--config", str(fake["yaml"]),
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "pdseg_backbone.json").is_file() and "backbone written to" in res.output
