@@ -92,7 +92,7 @@ class Row:
 ROWS: dict[str, Row] = {  # every head named explicitly: the default switched from pixel to context (see docs/STATUS.md)
     "baseline": Row("baseline", "colour-texture classifier (HistGradientBoosting)", None),
     "small": Row("small", "`small --head pixel` (1×1 head, the default until the switch)", "small", {"head": "pixel"}),
-    "small-context": Row("small-context", "`small --head context` (the default now)", "small", {"head": "context"}),
+    "small-context": Row("small-context", "`small --head context` (the default now: 3 heads)", "small", {"head": "context"}),
     "small-auto": Row("small-auto", "`small --t auto --blocks auto` (context head)", "small",
                       {"head": "context", "t": "auto", "blocks": "auto"}),
     "small-rgb": Row("small-rgb", "`small --head pixel --rgb-skip`", "small", {"head": "pixel", "rgb_skip": True}),
