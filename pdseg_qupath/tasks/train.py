@@ -356,7 +356,7 @@ def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: Tr
             messages.append(f"class {name!r} has no annotation in the training images; it cannot be learnt")
             continue
         blind = sum(1 for _, v in splits if v and not any(name in image_classes(imgs[i]) for i in v))
-        if blind and len(splits) == 1:
+        if blind and len({tuple(v) for _, v in splits}) == 1:  # one head, or all validated on --val-images
             messages.append(f"class {name!r} has no annotation in the validation images: early stopping cannot "
                             f"see it (annotate it on one more image, or choose --val-images)")
         elif blind:
