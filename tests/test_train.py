@@ -356,3 +356,21 @@ def test_run_interrupted_in_a_later_head_resumes_there_and_ends_the_same(trained
     assert resumed.model.training["ensemble"] == trained.model.training["ensemble"]
     a, b = trained.model.head.state_dict(), resumed.model.head.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_head_whose_images_drew_no_tiles_gets_its_own(data, tmp_path, monkeypatch):
+    """A small annotated region next to a large one can draw none of the shared training tiles; the head that
+    trains on it alone would learn from nothing (NaN feature statistics: a model that predicts nothing)."""
+    import pdseg_qupath.tasks.train as train_mod
+
+    real = train_mod.sample_tiles
+
+    def large_image_wins(imgs, which, *a):  # the shared draw lands on img0 only
+        tiles = real(imgs, which, *a)
+        return [t for t in tiles if imgs[t.image].record.name == "img0.png"] if len(which) > 1 else tiles
+
+    monkeypatch.setattr(train_mod, "sample_tiles", large_image_wins)
+    res = train_tiny(data, tmp_path / "m", epochs=1)
+    heads = res.model.training["ensemble"]
+    assert ["img1.png"] in [h["train_images"] for h in heads]
+    assert all(torch.isfinite(v).all() for v in res.model.head.state_dict().values())
