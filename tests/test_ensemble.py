@@ -126,3 +126,17 @@ def test_ensemble_option_is_checked():
     for bad in (0, 17, 2.5, True):
         with pytest.raises(PdsegError, match="--ensemble"):
             TrainOptions(ensemble=bad)
+
+
+def test_a_head_without_pixels_of_a_class_is_warned_and_one_without_any_is_refused():
+    from pdseg_qupath.core.events import SILENT
+    from pdseg_qupath.tasks.train import _check_member
+
+    cmap = _model(_heads(1)[0]).class_map
+    messages: list[str] = []
+    _check_member(cmap, np.array([5, 3, 2]), np.array([4, 0, 1]), 1, 3, messages, SILENT)
+    assert len(messages) == 1 and "head 2 of 3" in messages[0] and "'B'" in messages[0] and "'C'" not in messages[0]
+    _check_member(cmap, np.array([5, 0, 2]), np.array([4, 0, 1]), 0, 3, messages, SILENT)  # no head has B: warned once
+    assert len(messages) == 1
+    with pytest.raises(PdsegError, match="head 3 of 3 has no labelled pixels"):
+        _check_member(cmap, np.array([5, 3, 2]), np.array([0, 0, 0]), 2, 3, messages, SILENT)

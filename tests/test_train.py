@@ -319,7 +319,9 @@ def test_class_missing_from_validation_is_warned(data, tmp_path):
     make_image(src, "plain", seed=7, n_nuclei=0)  # Background only
     res = train_model(open_source(src), tmp_path / "m", backbone="random:tiny", mpp=0.5, image_mpp=0.5, epochs=1,
                       device="cpu", val_images=["plain.png"], options=small_options())
-    assert any("'Nucleus' has no annotation in the validation images" in m for m in res.messages)
+    # every head validates on the image the user chose: one warning, with the single split's advice
+    blind = [m for m in res.messages if "'Nucleus' has no annotation in the validation images" in m]
+    assert len(blind) == 1 and "choose --val-images" in blind[0] and "heads" not in blind[0], blind
     auto = train_model(open_source(src), tmp_path / "n", backbone="random:tiny", mpp=0.5, image_mpp=0.5, epochs=1,
                        device="cpu", options=small_options(val_fraction=0.3))
     assert auto.val_images != ["plain.png"] and not any("validation images" in m for m in auto.messages)
@@ -331,3 +333,44 @@ def test_both_heads_tap_the_backbones_default_blocks():
 
     assert load_extractor("random:small", "cpu")[1].blocks == (1, 2)
     assert load_extractor("random:small", "cpu", blocks=[0, 1, 2])[1].blocks == (0, 1, 2)
+
+
+def test_run_interrupted_in_a_later_head_resumes_there_and_ends_the_same(trained, data, tmp_path, monkeypatch):
+    import pdseg_qupath.outputs.plots as report
+
+    real = report.write_training_curve
+
+    def crash_in_head_2(history, path, *a, **kw):
+        real(history, path, *a, **kw)
+        if path.name == "training_curve_2.png" and len(history) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_training_curve", crash_in_head_2)
+    out = tmp_path / "m"
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(data, out, epochs=3)
+    assert len(list((out / ".pdseg-train").glob("checkpoint-*.pt"))) == 2  # head 1 done, head 2 at epoch 2
+    monkeypatch.setattr(report, "write_training_curve", real)
+    resumed = train_tiny(data, out, epochs=3)
+    assert resumed.resumed and not (out / ".pdseg-train").exists()
+    assert resumed.model.training["ensemble"] == trained.model.training["ensemble"]
+    a, b = trained.model.head.state_dict(), resumed.model.head.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_head_whose_images_drew_no_tiles_gets_its_own(data, tmp_path, monkeypatch):
+    """A small annotated region next to a large one can draw none of the shared training tiles; the head that
+    trains on it alone would learn from nothing (NaN feature statistics: a model that predicts nothing)."""
+    import pdseg_qupath.tasks.train as train_mod
+
+    real = train_mod.sample_tiles
+
+    def large_image_wins(imgs, which, *a):  # the shared draw lands on img0 only
+        tiles = real(imgs, which, *a)
+        return [t for t in tiles if imgs[t.image].record.name == "img0.png"] if len(which) > 1 else tiles
+
+    monkeypatch.setattr(train_mod, "sample_tiles", large_image_wins)
+    res = train_tiny(data, tmp_path / "m", epochs=1)
+    heads = res.model.training["ensemble"]
+    assert ["img1.png"] in [h["train_images"] for h in heads]
+    assert all(torch.isfinite(v).all() for v in res.model.head.state_dict().values())

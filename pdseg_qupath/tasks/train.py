@@ -236,6 +236,7 @@ def train(
             if len(plan.members) > 1:
                 held = ", ".join(imgs[i].record.name for i in plan.members[k][1]) or "held-out tiles"
                 events.message(f"head {k + 1} of {len(plan.members)}: validated on {held}")
+                _check_member(cmap, counts, c_k, k, len(plan.members), messages, events)
             fits.append(_fit(tr, va, cmap, io, extractor.channels, c_k, adjust, opts, epochs, _member_seed(seed, k),
                              dev, resume.member(k), out, messages, events, k, len(plan.members)))
             first = first or (prior, c_k, adjust)  # member 0's, for the record
@@ -339,6 +340,9 @@ def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: Tr
     val_idx = sorted(held)
     per_class = math.ceil(opts.tiles_per_class * len(train_idx) / np.mean([len(t) for t, _ in splits]))
     tiles = sample_tiles(imgs, train_idx, cmap, io, per_class, rng)
+    for train_k, _ in splits:  # a head whose images are small next to the others' may draw none: its own tiles
+        if not any(t.image in train_k for t in tiles):
+            tiles += sample_tiles(imgs, train_k, cmap, io, opts.tiles_per_class, rng)
     if val_idx:
         n_val_sets = len({tuple(v) for _, v in splits})
         val_tiles = grid_tiles(imgs, val_idx, io, opts.max_val_tiles * n_val_sets, rng)
@@ -356,7 +360,7 @@ def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: Tr
             messages.append(f"class {name!r} has no annotation in the training images; it cannot be learnt")
             continue
         blind = sum(1 for _, v in splits if v and not any(name in image_classes(imgs[i]) for i in v))
-        if blind and len(splits) == 1:
+        if blind and len({tuple(v) for _, v in splits}) == 1:  # one head, or all validated on --val-images
             messages.append(f"class {name!r} has no annotation in the validation images: early stopping cannot "
                             f"see it (annotate it on one more image, or choose --val-images)")
         elif blind:
@@ -407,6 +411,19 @@ def _extract(plan: TilePlan, imgs: list[TrainingImage], cmap: ClassMap, extracto
         raise PdsegError("the sampled training tiles contain no labelled pixels; check the annotations' "
                          "classes and the image resolution (--image-mpp)")
     return train_cache, val_cache
+
+
+def _check_member(cmap: ClassMap, counts: np.ndarray, c_k: np.ndarray, k: int, members: int, messages: list[str],
+                  events: Events) -> None:
+    """Head ``k`` of an ensemble must have labelled pixels to learn from; a class it lacks is worth a warning."""
+    if c_k.sum() == 0:
+        raise PdsegError(f"head {k + 1} of {members} has no labelled pixels in its training tiles (the cache kept "
+                         "none from its training images): raise --cache-mb, or train one head (--ensemble 1)")
+    lacking = [n for n, c, c_all in zip(cmap.names, c_k, counts) if c == 0 and c_all > 0]
+    if lacking:
+        messages.append(f"head {k + 1} of {members} has no labelled pixels of {', '.join(map(repr, lacking))} in "
+                        "its training tiles: it cannot predict them, and the ensemble predicts them less often")
+        events.message(messages[-1], "warn")
 
 
 def _member_seed(seed: int, k: int) -> int:
