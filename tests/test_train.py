@@ -374,3 +374,13 @@ def test_a_head_whose_images_drew_no_tiles_gets_its_own(data, tmp_path, monkeypa
     heads = res.model.training["ensemble"]
     assert ["img1.png"] in [h["train_images"] for h in heads]
     assert all(torch.isfinite(v).all() for v in res.model.head.state_dict().values())
+
+
+def test_retraining_with_fewer_heads_leaves_no_curves_of_the_old_ones(data, tmp_path):
+    out = tmp_path / "m"
+    train_tiny(data, out, epochs=1, ensemble=3)
+    assert (out / "training_curve_3.png").is_file()
+    (out / "training_curve_notes.png").write_bytes(b"x")  # not a head's curve: left alone
+    train_tiny(data, out, epochs=1, ensemble=2)
+    assert (out / "training_curve_2.png").is_file() and not (out / "training_curve_3.png").exists()
+    assert (out / "training_curve_notes.png").is_file()

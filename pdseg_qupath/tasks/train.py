@@ -256,6 +256,9 @@ def train(
             training["auto"] = search.record()
         model = SegModel(head, cmap, io, bb_record, _features_record(extractor), training)
         save_model(model, out)
+        for p in out.glob("training_curve_*.png"):  # the curves of heads an earlier model in this folder had
+            if p.stem.rpartition("_")[2].isdigit() and int(p.stem.rpartition("_")[2]) > len(fits):
+                p.unlink(missing_ok=True)
         resume.finish(opts.keep_features)
         return TrainResult(model, plan, timings, resume.resumed, messages)
     finally:
