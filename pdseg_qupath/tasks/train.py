@@ -349,6 +349,9 @@ def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: Tr
     if val_idx:
         n_val_sets = len({tuple(v) for _, v in splits})
         val_tiles = grid_tiles(imgs, val_idx, io, opts.max_val_tiles * n_val_sets, rng)
+        for v in dict.fromkeys(tuple(v) for _, v in splits):  # a head whose images drew none validates on them
+            if not any(t.image in v for t in val_tiles):
+                val_tiles += grid_tiles(imgs, list(v), io, opts.max_val_tiles, rng)
         plan = TilePlan(train_idx, val_idx, tiles, val_tiles, "image", splits)
     else:
         tiles, val_tiles = split_tiles(tiles, opts.val_fraction, rng)
