@@ -72,10 +72,11 @@ def test_an_ensemble_model_folder_round_trips_and_says_its_format(tmp_path):
     (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
     with pytest.raises(PdsegError, match="do not fit the head"):
         load_model(tmp_path / "m")
-    meta["head"]["members"] = "three"
-    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(PdsegError, match="malformed"):
-        load_model(tmp_path / "m")
+    for bad in ("three", 2.9, True, 0, 1e400):  # never rounded or taken as 1
+        meta["head"]["members"] = bad
+        (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+        with pytest.raises(PdsegError, match="malformed"):
+            load_model(tmp_path / "m")
 
 
 def test_later_heads_hold_out_images_the_earlier_ones_trained_on():

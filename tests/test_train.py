@@ -374,3 +374,31 @@ def test_a_head_whose_images_drew_no_tiles_gets_its_own(data, tmp_path, monkeypa
     heads = res.model.training["ensemble"]
     assert ["img1.png"] in [h["train_images"] for h in heads]
     assert all(torch.isfinite(v).all() for v in res.model.head.state_dict().values())
+
+
+def test_retraining_with_fewer_heads_leaves_no_curves_of_the_old_ones(data, tmp_path):
+    out = tmp_path / "m"
+    train_tiny(data, out, epochs=1, ensemble=3)
+    assert (out / "training_curve_3.png").is_file()
+    (out / "training_curve_notes.png").write_bytes(b"x")  # not a head's curve: left alone
+    train_tiny(data, out, epochs=1, ensemble=2)
+    assert (out / "training_curve_2.png").is_file() and not (out / "training_curve_3.png").exists()
+    assert (out / "training_curve_notes.png").is_file()
+
+
+def test_a_head_whose_validation_images_drew_no_tiles_gets_its_own(data, tmp_path, monkeypatch):
+    """Validation tiles are drawn from all held-out images together: a small image next to a large one can draw
+    none, and its head would then have been 'validated' on its training tiles, without early stopping."""
+    import pdseg_qupath.tasks.train as train_mod
+
+    real = train_mod.grid_tiles
+
+    def large_image_wins(imgs, which, *a):
+        tiles = real(imgs, which, *a)
+        return [t for t in tiles if imgs[t.image].record.name == "img0.png"] if len(which) > 1 else tiles
+
+    monkeypatch.setattr(train_mod, "grid_tiles", large_image_wins)
+    res = train_tiny(data, tmp_path / "m", epochs=1)
+    heads = res.model.training["ensemble"]
+    assert ["img1.png"] in [h["val_images"] for h in heads]
+    assert all(h["best"]["val_loss"] is not None for h in heads), heads

@@ -129,9 +129,9 @@ def load_model(path: str | Path) -> SegModel:
         expected = meta["head_sha256"]
         class_map = ClassMap.from_json(meta["class_map"])
         head_meta = dict(meta["head"])
-        members = int(head_meta.pop("members", 1))
-        if members < 1 or members > 64:
-            raise ValueError(f"head members {members}")
+        members = head_meta.pop("members", 1)
+        if not isinstance(members, int) or isinstance(members, bool) or not 1 <= members <= 64:
+            raise ValueError(f"head members {members!r}")
         config = HeadConfig.from_json(head_meta)
         backbone, features = dict(meta["backbone"]), dict(meta["features"])
         io = IOConfig(float(meta["mpp"]), int(meta["tile_size"]), int(meta["overlap"]),

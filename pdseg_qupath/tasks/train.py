@@ -256,6 +256,9 @@ def train(
             training["auto"] = search.record()
         model = SegModel(head, cmap, io, bb_record, _features_record(extractor), training)
         save_model(model, out)
+        for p in out.glob("training_curve_*.png"):  # the curves of heads an earlier model in this folder had
+            if p.stem.rpartition("_")[2].isdigit() and int(p.stem.rpartition("_")[2]) > len(fits):
+                p.unlink(missing_ok=True)
         resume.finish(opts.keep_features)
         return TrainResult(model, plan, timings, resume.resumed, messages)
     finally:
@@ -346,6 +349,9 @@ def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: Tr
     if val_idx:
         n_val_sets = len({tuple(v) for _, v in splits})
         val_tiles = grid_tiles(imgs, val_idx, io, opts.max_val_tiles * n_val_sets, rng)
+        for v in dict.fromkeys(tuple(v) for _, v in splits):  # a head whose images drew none validates on them
+            if not any(t.image in v for t in val_tiles):
+                val_tiles += grid_tiles(imgs, list(v), io, opts.max_val_tiles, rng)
         plan = TilePlan(train_idx, val_idx, tiles, val_tiles, "image", splits)
     else:
         tiles, val_tiles = split_tiles(tiles, opts.val_fraction, rng)
