@@ -144,10 +144,6 @@ class PixelCache(_Cache):
             "tile": torch.cat(self.tile),
         }
 
-    def class_counts(self, n_classes: int) -> np.ndarray:
-        t = self.tensors()["labels"].numpy()
-        return np.bincount(t[t < n_classes], minlength=n_classes)
-
 
 def bytes_per_map(channels: int, tile: int, stride: int) -> int:
     """Cache cost of one whole tile view: fp16 feature map, rgb and labels at pixel resolution, tile index."""
@@ -189,13 +185,6 @@ class MapCache(_Cache):
             self.features, self.rgb = [torch.cat(self.features)], [torch.cat(self.rgb)]
             self.labels, self.tile = [torch.cat(self.labels)], [torch.cat(self.tile)]
         return {"features": self.features[0], "rgb": self.rgb[0], "labels": self.labels[0], "tile": self.tile[0]}
-
-    def class_counts(self, n_classes: int) -> np.ndarray:
-        counts = np.zeros(n_classes, dtype=np.int64)
-        for lab in self.labels:
-            a = lab.numpy().ravel()
-            counts += np.bincount(a[a < n_classes], minlength=n_classes)[:n_classes]
-        return counts
 
 
 # ------------------------------------------------------------------------------------- extraction
