@@ -162,7 +162,6 @@ class FCNHead(nn.Module):
         return self._tail(h, rgb4)[:, :, 0, 0]
 
 
-
 class HeadEnsemble(nn.Module):
     """Several heads of the same config, trained on the same features with different validation images
     and seeds, predicting together: the logits are log of the members' mean class probabilities.
@@ -188,6 +187,7 @@ class HeadEnsemble(nn.Module):
 def head_members(head: nn.Module) -> list[FCNHead]:
     """The heads a model predicts with: the members of an ensemble, else the head itself."""
     return list(head.members) if isinstance(head, HeadEnsemble) else [head]
+
 
 def pixel_sample_coords(y: torch.Tensor, x: torch.Tensor, size: tuple[int, int], stride: int):
     """Neighbours and weights that bilinear upsampling (align_corners=False) uses for pixel (y, x).

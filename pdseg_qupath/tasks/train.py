@@ -227,7 +227,7 @@ def train(
         del bb  # the heads need only the cached features
         # 5. The heads: one per ensemble member, on its own training images, stopped on its own held-out ones.
         t2 = time.perf_counter()
-        fits, first = [], None
+        fits = []
         for k in range(len(plan.members)):
             tr, va = member_data(plan, k, train_cache, val_cache)
             c_k = counts if len(plan.members) == 1 else _sampled_counts(tr, train_cache, len(cmap), opts, seed)
@@ -239,7 +239,8 @@ def train(
                 _check_member(cmap, counts, c_k, k, len(plan.members), messages, events)
             fits.append(_fit(tr, va, cmap, io, extractor.channels, c_k, adjust, opts, epochs, _member_seed(seed, k),
                              dev, resume.member(k), out, messages, events, k, len(plan.members)))
-            first = first or (prior, c_k, adjust)  # member 0's, for the record
+            if k == 0:
+                first = (prior, c_k, adjust)  # member 0's, for the record
             del tr, va
         timings["head_s"] = time.perf_counter() - t2
         timings["total_s"] = time.perf_counter() - t0
