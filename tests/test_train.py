@@ -358,18 +358,21 @@ def test_run_interrupted_in_a_later_head_resumes_there_and_ends_the_same(trained
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _large_image_wins(real):
+    """``real`` (a tile sampler) with every draw over several images landing on img0 only."""
+    def draw(imgs, which, *a):
+        tiles = real(imgs, which, *a)
+        return [t for t in tiles if imgs[t.image].record.name == "img0.png"] if len(which) > 1 else tiles
+
+    return draw
+
+
 def test_a_head_whose_images_drew_no_tiles_gets_its_own(data, tmp_path, monkeypatch):
     """A small annotated region next to a large one can draw none of the shared training tiles; the head that
     trains on it alone would learn from nothing (NaN feature statistics: a model that predicts nothing)."""
     import pdseg_qupath.tasks.train as train_mod
 
-    real = train_mod.sample_tiles
-
-    def large_image_wins(imgs, which, *a):  # the shared draw lands on img0 only
-        tiles = real(imgs, which, *a)
-        return [t for t in tiles if imgs[t.image].record.name == "img0.png"] if len(which) > 1 else tiles
-
-    monkeypatch.setattr(train_mod, "sample_tiles", large_image_wins)
+    monkeypatch.setattr(train_mod, "sample_tiles", _large_image_wins(train_mod.sample_tiles))
     res = train_tiny(data, tmp_path / "m", epochs=1)
     heads = res.model.training["ensemble"]
     assert ["img1.png"] in [h["train_images"] for h in heads]
@@ -391,13 +394,7 @@ def test_a_head_whose_validation_images_drew_no_tiles_gets_its_own(data, tmp_pat
     none, and its head would then have been 'validated' on its training tiles, without early stopping."""
     import pdseg_qupath.tasks.train as train_mod
 
-    real = train_mod.grid_tiles
-
-    def large_image_wins(imgs, which, *a):
-        tiles = real(imgs, which, *a)
-        return [t for t in tiles if imgs[t.image].record.name == "img0.png"] if len(which) > 1 else tiles
-
-    monkeypatch.setattr(train_mod, "grid_tiles", large_image_wins)
+    monkeypatch.setattr(train_mod, "grid_tiles", _large_image_wins(train_mod.grid_tiles))
     res = train_tiny(data, tmp_path / "m", epochs=1)
     heads = res.model.training["ensemble"]
     assert ["img1.png"] in [h["val_images"] for h in heads]
