@@ -259,6 +259,7 @@ def predict(
     review: int = typer.Option(0, "--review", help="Also write the N least certain regions as ranked Review* annotations and an uncertainty map (detections with 'pdseg: uncertainty')."),
     review_size: float = typer.Option(128.0, "--review-size", help="Side of a review region, in µm (map cells: a quarter of it)."),
     write_back: Optional[bool] = typer.Option(None, "--write-back/--no-write-back", help="Write objects into the project (a .qpproj is backed up first). Default: yes without --out."),
+    keep_backups: int = typer.Option(10, "--keep-backups", help="Write-back into a .qpproj: when no image failed, keep the newest N backup folders in <project>/pdseg/backups (and the newest holding each image), delete older ones; 0 = keep all."),
     force: bool = typer.Option(False, "--force", help="Batch mode: redo slides already done with this model."),
     devices: Optional[list[str]] = typer.Option(None, "--devices", metavar="<gpu|cpu|auto>", help=f"Batch mode: GPUs to use, e.g. 0,1, or auto (one worker process each). {LIST_HELP}."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Batch mode: worker processes on one device (e.g. CPU)."),
@@ -275,7 +276,8 @@ def predict(
                          "batch-mode options: give --out DIR (and leave out --write-back)")
     opts = PredictOptions(batch_size=batch_size, tissue_only=tissue_only, image_mpp=image_mpp, simplify=simplify,
                           min_area_um2=min_area, overlay=overlay or (out is not None and not batch),
-                          classmap=classmap, review=review, review_size_um=review_size)
+                          classmap=classmap, review=review, review_size_um=review_size,
+                          keep_backups=keep_backups)
     if batch:
         _on_interrupt(f"finished slides are in {out} (summary.csv); run the same command again to predict the rest "
                       "(finished ones are skipped)")

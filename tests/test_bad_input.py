@@ -163,6 +163,17 @@ def test_bad_train_options_give_one_clear_line(tmp_path: Path, capsys, flag: str
     assert len(text.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("value", ["-1", "2.5", "many"])
+def test_bad_keep_backups_gives_one_clear_line(tmp_path: Path, capsys, value: str) -> None:
+    src = tmp_path / "src"
+    make_image(src, "a", size=(48, 48))
+    code, text = run(["predict", str(src), "--model", str(tmp_path / "m"), "--keep-backups", value], capsys)
+    assert code == 2 and "--keep-backups" in text and "Traceback" not in text, text
+    for bad in (-1, True, 2.5):
+        with pytest.raises(PdsegError, match="--keep-backups .*0 to keep all"):
+            PredictOptions(keep_backups=bad)
+
+
 def test_non_finite_train_options_are_refused() -> None:
     for bad in (dict(class_weights=[1.0, float("nan")]), dict(lr=float("inf")), dict(cache_mb=float("nan")),
                 dict(class_weights=[0, 0])):

@@ -30,7 +30,13 @@ from pdseg_qupath.core.annotations import Annotation, is_pdseg_name, prediction_
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.geometry import clean_geometry
 from pdseg_qupath.core.names import UNSAFE_CHARS, output_name, safe_filename
-from pdseg_qupath.sources.qupath.backup import ProjectBackup, new_backup_dir
+from pdseg_qupath.sources.qupath.backup import (
+    ProjectBackup,
+    backup_folders,
+    latest_backup,
+    new_backup_dir,
+    prune_backups,
+)
 from pdseg_qupath.sources.qupath.qpproj import (
     missing_classes,
     mpp_from_builder,
@@ -267,6 +273,94 @@ def test_backup_failure_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("shutil.copy2", fail)
     with pytest.raises(PdsegError, match="nothing was written"):
         ProjectBackup(proj).ensure()
+
+
+def _backups(proj: Path, folders: dict[str, dict[str, str]]) -> Path:
+    """``pdseg/backups/<name>/data/<entry>/data.qpdata`` with the given texts (names as pdseg gives them)."""
+    root = proj / "pdseg" / "backups"
+    for name, entries in folders.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "project.qpproj").write_text("{}")
+        for entry, text in entries.items():
+            (root / name / "data" / entry).mkdir(parents=True)
+            (root / name / "data" / entry / "data.qpdata").write_text(text)
+    return root
+
+
+def test_prune_backups_keeps_the_newest_this_sessions_and_each_images_newest(tmp_path):
+    proj = tmp_path / "proj"
+    root = _backups(proj, {
+        "20250101-090000": {"7": "image 7, written only in this old session"},
+        "20250102-090000": {"1": "one, day 2", "3": "three, day 2"},
+        "20250103-090000": {"1": "one, day 3"},  # this session's (another run is newer)
+        "20250104-090000": {"1": "one, day 4"},
+        "20250105-090000": {"1": "one, day 5", "3": ""},  # an empty copy does not count as holding image 3
+        "20250106-090000": {"1": "one, day 6"},
+        "20250106-090000-2": {"1": "one, day 6, second"},
+        "20250106-090000-10": {"1": "one, day 6, tenth"},  # -10 sorts after -2
+    })
+    # what pdseg did not make: never touched
+    (root / "notes.txt").write_text("mine")
+    (root / "my copy").mkdir()
+    (root / "20251399-000000").mkdir()  # the pattern but no date
+    (root / "20250101-000000.zip").write_text("an archive")
+    outside = tmp_path / "outside" / "20240101-000000"
+    outside.mkdir(parents=True)
+    (outside / "keep.txt").write_text("not pdseg's")
+    (root / "20240101-000000").symlink_to(outside, target_is_directory=True)
+    (proj / "pdseg" / "writes.json").write_text("{}")
+    (proj / "pdseg" / "predictions").mkdir()
+    (proj / "pdseg" / "predictions" / "a.geojson").write_text("{}")
+    before = {e: latest_backup(proj, proj / "data" / e) for e in ("1", "3", "7")}
+    assert [f.name for f in backup_folders(proj)][-3:] == ["20250106-090000", "20250106-090000-2",
+                                                           "20250106-090000-10"]
+
+    report = prune_backups(proj, keep=2, current=root / "20250103-090000")
+
+    assert sorted(report.removed) == ["20250104-090000", "20250105-090000", "20250106-090000"]
+    assert [f.name for f in backup_folders(proj)] == ["20250101-090000", "20250102-090000", "20250103-090000",
+                                                      "20250106-090000-2", "20250106-090000-10"]
+    assert report.kept == 5 and not report.failed
+    assert {e: latest_backup(proj, proj / "data" / e) for e in ("1", "3", "7")} == before  # restores still found
+    assert before["7"].read_text() == "image 7, written only in this old session"
+    assert before["3"].read_text() == "three, day 2"
+    assert (root / "notes.txt").read_text() == "mine" and (root / "my copy").is_dir()
+    assert (root / "20251399-000000").is_dir() and (root / "20250101-000000.zip").is_file()
+    assert (outside / "keep.txt").read_text() == "not pdseg's" and (root / "20240101-000000").is_symlink()
+    assert (proj / "pdseg" / "writes.json").is_file() and (proj / "pdseg" / "predictions" / "a.geojson").is_file()
+    msg = report.message(2)
+    assert msg.startswith("pdseg/backups: deleted 3 older backup folder(s) (20250104-090000 … 20250106-090000)")
+    assert "kept 5" in msg and "--keep-backups 0 keeps all" in msg
+
+
+def test_prune_backups_zero_or_enough_keeps_all(tmp_path):
+    proj = tmp_path / "proj"
+    names = [f"2025010{d}-090000" for d in range(1, 6)]
+    _backups(proj, {n: {"1": n} for n in names})
+    for keep in (0, 5, 6):
+        report = prune_backups(proj, keep=keep, current=None)
+        assert (report.removed, report.failed, report.message(keep)) == ([], [], None)
+        assert [f.name for f in backup_folders(proj)] == names
+    assert prune_backups(proj, keep=1, current=None).removed == names[:-1]
+
+
+def test_prune_backups_warns_instead_of_failing(tmp_path, monkeypatch):
+    import shutil
+
+    proj = tmp_path / "proj"
+    _backups(proj, {f"2025010{d}-090000": {"1": str(d)} for d in range(1, 5)})
+    real = shutil.rmtree
+
+    def refuse_one(path: Any, *a: Any, **k: Any) -> None:
+        if Path(path).name == "20250102-090000":
+            raise PermissionError(13, "Permission denied")
+        real(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", refuse_one)
+    report = prune_backups(proj, keep=1, current=None)
+    assert report.removed == ["20250101-090000", "20250103-090000"]
+    assert len(report.failed) == 1 and "20250102-090000" in report.failed[0] and "Permission denied" in report.failed[0]
+    assert [f.name for f in backup_folders(proj)] == ["20250102-090000", "20250104-090000"]
 
 
 # ----------------------------------------------------------------------------- a fake of paquo 0.9
@@ -857,3 +951,82 @@ def test_rotated_view_is_an_error_for_that_image_only(project):
     slide, tile, _ = QuPathProjectSource(project).images()
     assert slide.error and "rotated" in slide.error and slide.mpp == 0.25
     assert tile.error is None
+
+
+# ------------------------------------------------------------------------- backups pruned by predict
+
+
+def _predict_with_a_stub(project: Path, monkeypatch, keep: int, fail: str | None = None) -> list[tuple[str, str]]:
+    """``predict`` into the fake project (tile.png, slide.tif) with a stand-in model; the messages it gave."""
+    from pdseg_qupath.core.events import Events
+    from pdseg_qupath.learn.inference import ImagePrediction
+    from pdseg_qupath.learn.options import IOConfig, PredictOptions
+    from pdseg_qupath.sources.qupath.project import QuPathProjectSource
+    from pdseg_qupath.tasks import predict as task
+
+    model = types.SimpleNamespace(name="stub", model_id="0123456789abcdef", io=IOConfig(0.5, 32, 8),
+                                  class_map=types.SimpleNamespace(names=["Tumor"]))
+    monkeypatch.setattr(task, "open_predictor", lambda *a, **k: types.SimpleNamespace(model=model, label="stub"))
+
+    class Slide:
+        mpp, width, height = 0.5, 64, 48
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(task, "open_slide", lambda *a, **k: Slide())
+    monkeypatch.setattr(task, "predict_image", lambda slide, predictor, **k: ImagePrediction(
+        "x", [Annotation(box(0, 0, 8, 8), "Tumor")], [], None, 1, 0.0, None))
+    messages: list[tuple[str, str]] = []
+
+    class Log(Events):
+        def message(self, text: str, level: str = "info") -> None:
+            messages.append((level, text))
+
+    with QuPathProjectSource(project, writable=True) as src:
+        if fail:
+            real = src.write_predictions
+
+            def write(image, anns):
+                if image.name == fail:
+                    raise PdsegError(f"{image.name}: refused")
+                return real(image, anns)
+
+            monkeypatch.setattr(src, "write_predictions", write)
+        task.predict(src, "stub-model", images=["slide.tif", "tile.png"],
+                     options=PredictOptions(image_mpp=0.5, keep_backups=keep), events=Log())
+    return messages
+
+
+def test_predict_prunes_old_backups_after_a_successful_write_back(project, monkeypatch):
+    old = [f"2025010{d}-090000" for d in range(1, 5)]
+    _backups(project, {name: {"1": name} for name in old[:-1]} | {old[-1]: {"1": old[-1], "3": "gone.svs"}})
+    (project / "pdseg" / "notes.txt").write_text("mine")
+
+    messages = _predict_with_a_stub(project, monkeypatch, keep=2)
+    left = [f.name for f in backup_folders(project)]
+    assert len(left) == 2 and left[0] == old[-1]  # the newest two: the last old one and this session's
+    assert (project / "pdseg" / "backups" / left[1] / "data" / "1" / "data.qpdata").read_text() == "original"
+    assert (project / "pdseg" / "notes.txt").read_text() == "mine"
+    notes = [t for lvl, t in messages if "older backup folder" in t]
+    assert notes == ["pdseg/backups: deleted 3 older backup folder(s) (20250101-090000 … 20250103-090000); kept 2: "
+                     "the newest 2 and the newest one holding each image (--keep-backups 0 keeps all)"]
+    assert [lvl for lvl, t in messages if t in notes] == ["note"]
+
+    # a later run with --keep-backups 1 still keeps the only backup of image 3 (gone.svs, never written since)
+    _predict_with_a_stub(project, monkeypatch, keep=1)
+    assert [f.name for f in backup_folders(project)][0] == old[-1] and len(backup_folders(project)) == 2
+
+
+def test_predict_keeps_every_backup_with_zero_or_after_a_failed_write_back(project, monkeypatch):
+    old = [f"2025010{d}-090000" for d in range(1, 5)]
+    _backups(project, {name: {"1": name} for name in old})
+    messages = _predict_with_a_stub(project, monkeypatch, keep=1, fail="tile.png")
+    assert [f.name for f in backup_folders(project)][:4] == old and len(backup_folders(project)) == 5
+    assert not [t for _, t in messages if "older backup folder" in t]
+    assert any(lvl == "error" and "not written back" in t for lvl, t in messages)
+    _predict_with_a_stub(project, monkeypatch, keep=0)
+    assert [f.name for f in backup_folders(project)][:4] == old and len(backup_folders(project)) == 6

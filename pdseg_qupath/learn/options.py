@@ -185,6 +185,10 @@ class PredictOptions:
     detections (0: neither)."""
     review_size_um: float = 128.0
     """Side of a review region in µm (the uncertainty map's cells are a quarter of it)."""
+    keep_backups: int = 10
+    """After a write-back into a QuPath project in which no image failed to write, keep the newest N of pdseg's
+    backup folders (``<project>/pdseg/backups/<time>``) and, for each image, the newest one holding its data;
+    delete older ones (0: keep all)."""
 
     def __post_init__(self) -> None:
         if self.image_mpp is not None:
@@ -194,6 +198,9 @@ class PredictOptions:
         _finite(self, simplify=(0, None), min_area_um2=(0, None))
         if self.batch_size < 1:
             raise PdsegError(f"--batch-size {self.batch_size}: must be at least 1")
+        if not isinstance(self.keep_backups, int) or isinstance(self.keep_backups, bool) or self.keep_backups < 0:
+            raise PdsegError(f"--keep-backups {self.keep_backups!r}: give a whole number of backup folders to keep, "
+                             "or 0 to keep all")
 
     @property
     def canvas(self) -> bool:

@@ -42,6 +42,7 @@ class ImageResult:
     seconds: float = 0.0
     areas: list[AreaRow] = field(default_factory=list)
     write: WriteReport | None = None
+    write_failed: bool = False
     geojson: Path | None = None
     overlay: Path | None = None
     messages: list[str] = field(default_factory=list)
@@ -115,7 +116,10 @@ def predict(
         results.append(_predict_one(source, rec, predictor, opts, out, write_back, step, events))
     step.close()
     seconds = time.perf_counter() - t_all
-    # 4. Areas.
+    # 4. Old backups, once every write-back of the run has succeeded.
+    if write_back and not any(r.write_failed for r in results):
+        _prune_backups(source, opts.keep_backups, events)
+    # 5. Areas.
     rows = [a for r in results for a in r.areas]
     csv_path = _areas_path(source, out, areas_csv)
     if rows and csv_path is not None:
@@ -168,10 +172,22 @@ def _predict_one(source: AnnotationSource, rec: ImageRecord, predictor: Predicto
                 events.message(msg, "warn" if "are gone" in msg else "note")
         except PdsegError as exc:
             res.error = f"write-back failed: {exc}"  # the run goes on; the command exits non-zero
+            res.write_failed = True
             res.messages.append(res.error)
             events.message(f"{rec.name}: predictions not written back ({exc})", "error")
     step.describe(rec.name)
     return res
+
+
+def _prune_backups(source: AnnotationSource, keep: int, events: Events) -> None:
+    prune = getattr(source, "prune_backups", None)  # a QuPath project keeps backups; a folder keeps <file>.bak
+    if prune is None:
+        return
+    report = prune(keep)
+    if report.message(keep):
+        events.message(report.message(keep), "note")
+    for line in report.failed:
+        events.message(line, "warn")
 
 
 def _check_output_names(source: AnnotationSource, records: Sequence[ImageRecord], out: Path | None,

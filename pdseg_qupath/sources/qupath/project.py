@@ -31,7 +31,13 @@ from pdseg_qupath.core.fileio import write_json
 from pdseg_qupath.core.geometry import clean_geometry
 from pdseg_qupath.core.names import PDSEG_DIR
 from pdseg_qupath.sources.base import ImageRecord, WriteReport
-from pdseg_qupath.sources.qupath.backup import ProjectBackup, qpdata_is_damaged, unreadable_data_message
+from pdseg_qupath.sources.qupath.backup import (
+    ProjectBackup,
+    PruneReport,
+    prune_backups,
+    qpdata_is_damaged,
+    unreadable_data_message,
+)
 from pdseg_qupath.sources.qupath.qpproj import (
     missing_classes,
     mpp_from_builder,
@@ -549,6 +555,14 @@ class QuPathProjectSource:
                 f"{self.path}: saving failed ({type(e).__name__}: {e}). The files as they were before this "
                 f"session are in {self._backup.folder}."
             ) from e
+
+    def prune_backups(self, keep: int) -> PruneReport:
+        """After a session whose write-backs all succeeded: delete older backup folders, keeping the newest
+        ``keep`` (0: all), this session's, and the newest one holding each image (:func:`.backup.prune_backups`).
+        Nothing is deleted when this session wrote nothing. Never raises."""
+        if self._backup.folder is None:
+            return PruneReport()
+        return prune_backups(self.project_dir, keep, self._backup.folder)
 
     def close(self) -> None:
         """Release the project. Nothing is left to save, and ``project.qpproj`` is never rewritten.
