@@ -20,7 +20,7 @@ Columns (each a train → test protocol, scored by ``evaluate`` on annotated pix
 - ``ebhi``: EBHI-Seg colon biopsies, Gland vs Other, 8 → 120 at 1.2 µm/px, macro Dice;
 - ``ivygap``: IvyGAP glioblastoma, 8 anatomic regions (``benchmarks/prepare_ivygap_gbm.py``), 8 sparse →
   40 dense images at about 4 µm/px, worked at 8 µm/px, macro Dice and mIoU;
-- label efficiency on EBHI-Seg: 1 and 3 of the 8 training images (several random subsets) and all 8.
+- label efficiency on EBHI-Seg: 1 and 3 of the 8 training images (several different random subsets; `--subsets 8` at 1 image is every image once) and all 8.
 
 pdseg rows go through the product's Python API (``train`` then ``evaluate``, as the CLI runs them). Only
 the backbone pass is shared between runs (``benchmarks/heads.py``'s on-disk feature cache, keyed by
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -171,6 +172,20 @@ def splits(args, quick: bool) -> dict[str, tuple[Path, Path, list[str] | None]]:
         names = sorted(p.name for p in (args.ivygap / "test").glob("*.png"))
         out["ivygap"] = (args.ivygap / "train", args.ivygap / "test", names[::5] if quick else None)  # quick: 8
     return out
+
+
+def distinct_subsets(names: list[str], n: int, count: int) -> list[list[str]]:
+    """``count`` different random subsets of ``n`` names (all of them if fewer exist): draw j is seeded with
+    (n, j), and a draw that repeats an earlier subset is skipped, so that more subsets only add new ones."""
+    total = math.comb(len(names), n)
+    picks: list[list[str]] = []
+    j = 0
+    while len(picks) < min(count, total):
+        pick = sorted(np.random.default_rng([n, j]).choice(names, size=n, replace=False).tolist())
+        if pick not in picks:
+            picks.append(pick)
+        j += 1
+    return picks
 
 
 def train_names(folder: Path) -> list[str]:
@@ -434,7 +449,7 @@ def write_docs(runs: list[dict], meta: dict, md: Path, js: Path, also: Path | No
           "test images, 224-px crops at about 1.2 µm/px. pdseg rows work at the product's default 0.5 µm/px "
           "(the backbone's own; the crops are upsampled), the colour-texture classifier at the crops' own "
           "1.2 µm/px, where it scores best (see *Work resolution*); quick mode works every row at 1.2. Label "
-          "efficiency trains on random subsets of 1 and 3 of the 8."),
+          "efficiency trains on different random subsets of 1 and 3 of the 8."),
           ("- **IvyGAP** (`/work/data/ivygap-gbm`, made by `benchmarks/prepare_ivygap_gbm.py` from the MIT-"
           "licensed GBM_WSSM repository; source, licence and citation in its README): whole glioblastoma "
           "sections, 8 anatomic regions (leading edge, infiltrating tumour, cellular tumour, perinecrotic "
@@ -473,7 +488,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; quick 2)")
     ap.add_argument("--first-seed", type=int, default=0,
                     help="run seeds FIRST.. (to split one table over processes sharing --work; then --docs-only)")
-    ap.add_argument("--subsets", type=int, default=None, help="random subsets per label-efficiency size (4; quick 2)")
+    ap.add_argument("--subsets", type=int, default=None, help="different random subsets per label-efficiency size (4; quick 2; at most all of them)")
     ap.add_argument("--no-label-efficiency", action="store_true")
     ap.add_argument("--docs-only", action="store_true", help="rewrite the docs from the finished runs; compute nothing")
     ap.add_argument("--also", type=Path, default=None,
@@ -506,8 +521,7 @@ def main() -> None:
     if "ebhi" in data and not args.no_label_efficiency:
         names = train_names(data["ebhi"][0])
         for n in (1, 3):
-            for k in range(n_subsets):
-                pick = sorted(np.random.default_rng([n, k]).choice(names, size=n, replace=False).tolist())
+            for k, pick in enumerate(distinct_subsets(names, n, n_subsets)):
                 plan += [(r, "ebhi", k, pick) for r in rows]
     runs_dir = args.work / "cells"
     runs_dir.mkdir(exist_ok=True)
