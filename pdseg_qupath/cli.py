@@ -254,7 +254,7 @@ def predict(
     batch_size: int = typer.Option(8, "--batch-size", help="Tiles per batch (halved automatically on GPU out-of-memory)."),
     tissue_only: bool = typer.Option(True, "--tissue-only/--all", help="Skip white background found on a thumbnail."),
     image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of images that record none."),
-    simplify: float = typer.Option(1.0, "--simplify", help="Polygon simplification tolerance in px at the model's resolution (1 px = the model's µm/px, e.g. 0.5 µm; 0 = exact pixel outlines)."),
+    simplify: float = typer.Option(0.5, "--simplify", help="Polygon simplification tolerance, in µm (0.5 µm = 1 px of a model at 0.5 µm/px; 0 = exact pixel outlines)."),
     min_area: float = typer.Option(0.0, "--min-area", help="Drop predicted pieces smaller than this area, in µm²."),
     review: int = typer.Option(0, "--review", help="Also write the N least certain regions as ranked Review* annotations and an uncertainty map (detections with 'pdseg: uncertainty')."),
     review_size: float = typer.Option(128.0, "--review-size", help="Side of a review region, in µm (map cells: a quarter of it)."),
@@ -274,7 +274,7 @@ def predict(
     if not batch and (len(sources) != 1 or any(v for v in (force, devices, workers, cluster, overlay, classmap))):
         raise PdsegError("several slides, --force, --devices, --workers, --cluster, --overlay and --classmap are "
                          "batch-mode options: give --out DIR (and leave out --write-back)")
-    opts = PredictOptions(batch_size=batch_size, tissue_only=tissue_only, image_mpp=image_mpp, simplify=simplify,
+    opts = PredictOptions(batch_size=batch_size, tissue_only=tissue_only, image_mpp=image_mpp, simplify_um=simplify,
                           min_area_um2=min_area, overlay=overlay or (out is not None and not batch),
                           classmap=classmap, review=review, review_size_um=review_size,
                           keep_backups=keep_backups)

@@ -163,6 +163,14 @@ def test_bad_train_options_give_one_clear_line(tmp_path: Path, capsys, flag: str
     assert len(text.strip().splitlines()) == 1
 
 
+def test_bad_simplify_gives_one_clear_line_in_um(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    make_image(src, "a", size=(48, 48))
+    code, text = run(["predict", str(src), "--model", str(tmp_path / "m"), "--simplify", "-1"], capsys)
+    assert code == 2 and "--simplify (µm) -1.0: expected a finite number >= 0" in text, text
+    assert len(text.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("value", ["-1", "2.5", "many"])
 def test_bad_keep_backups_gives_one_clear_line(tmp_path: Path, capsys, value: str) -> None:
     src = tmp_path / "src"

@@ -59,11 +59,49 @@ def test_prediction_does_not_depend_on_the_tile_grid(tmp_path, predictor):
     assert agree >= 0.95, agree
 
 
+def _staircase(step: float, n: int = 12) -> shapely.Polygon:
+    """A triangle whose hypotenuse is a staircase of ``step``-px pixels (corners ``step``/√2 off the diagonal)."""
+    return shapely.union_all([shapely.box(i * step, 0, (i + 1) * step, (i + 1) * step) for i in range(n)])
+
+
+@pytest.mark.parametrize("model_mpp,simplify_um,flattened", [
+    (0.5, 0.5, True),  # the default model and --simplify: 1 work px, as before --simplify was in µm
+    (1.0, 0.5, False),  # a coarser model: 0.5 µm is half its pixel, too little to flatten its staircase
+    (1.0, 1.0, True),
+    (0.25, 0.5, True),
+])
+def test_simplify_is_in_um_whatever_the_models_resolution(model_mpp, simplify_um, flattened):
+    from types import SimpleNamespace
+
+    from pdseg_qupath.core.annotations import ClassInfo, ClassMap
+    from pdseg_qupath.learn.inference import _objects, _Piece
+    from pdseg_qupath.learn.options import IOConfig
+
+    slide = SimpleNamespace(name="s", mpp=0.25, width=1000, height=1000)
+    model = SimpleNamespace(class_map=ClassMap((ClassInfo("Tumor", (200, 0, 0)),)), model_id="0123456789abcdef",
+                            io=IOConfig(model_mpp, 32, 8))
+    stair = _staircase(model_mpp / slide.mpp)  # one model pixel in level-0 px
+    (ann,), _ = _objects([_Piece(0, stair, 78, 70.0, False)], model, slide, PredictOptions(simplify_um=simplify_um))
+    tol = simplify_um / slide.mpp  # level-0 px
+    assert ann.geometry.equals(shapely.simplify(stair, tol, preserve_topology=True))
+    corners = len(ann.geometry.exterior.coords) - 1
+    assert corners <= 4 if flattened else corners >= 22, corners  # the staircase has 26 corners
+    if model_mpp == 0.5 and simplify_um == 0.5:  # unchanged for the default model: old default 1 px
+        assert ann.geometry.equals(shapely.simplify(stair, 1.0 * model_mpp / slide.mpp, preserve_topology=True))
+
+
+def test_simplify_option_is_checked_and_named():
+    assert PredictOptions().simplify_um == 0.5
+    for bad in (-0.5, float("nan"), "1"):
+        with pytest.raises(PdsegError, match=r"--simplify \(µm\)"):
+            PredictOptions(simplify_um=bad)
+
+
 def test_objects_match_the_stitched_labels(tmp_path, predictor):
     png = make_image(tmp_path, "scene", size=(100, 90), seed=3, n_nuclei=12)
     with open_slide(png, fallback_mpp=0.25) as slide:  # model at 0.5 µm/px: work grid is half size
         rows = []
-        pred = predict_image(slide, predictor, options=PredictOptions(tissue_only=False, simplify=0),
+        pred = predict_image(slide, predictor, options=PredictOptions(tissue_only=False, simplify_um=0),
                              strip_sink=lambda reg, s: rows.append(s.labels.copy()))
     labels = np.concatenate(rows)
     assert labels.shape == (45, 50)

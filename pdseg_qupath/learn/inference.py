@@ -195,7 +195,7 @@ def _objects(pieces: list, model: Any, slide: Any, opts: PredictOptions) -> tupl
     cmap: ClassMap = model.class_map
     px_um2 = model.io.mpp**2
     min_px = opts.min_area_um2 / px_um2 if opts.min_area_um2 > 0 else 0.0
-    tol = opts.simplify * model.io.mpp / slide.mpp  # work px → level-0 px
+    tol = opts.simplify_um / slide.mpp  # µm → level-0 px (the one place --simplify becomes pixels)
     bounds = shapely.box(0, 0, slide.width, slide.height)  # the last work pixel may reach past the image edge
     anns: list[Annotation] = []
     per_class = {i: [0, 0, 0.0] for i in range(len(cmap))}  # objects, pixels, prob sum (kept objects)

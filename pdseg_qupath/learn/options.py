@@ -167,9 +167,11 @@ class PredictOptions:
     least 2 µm/px (small slides get a detailed outline, whole slides a cheap thumbnail)."""
     image_mpp: float | None = None
     """µm/px of images that record none (PNG, JPEG); never guessed."""
-    simplify: float = 1.0
-    """Simplification tolerance in work-resolution pixels (0 keeps the pixel staircase)."""
+    simplify_um: float = 0.5
+    """Polygon simplification tolerance in µm (0 keeps the pixel staircase). The default, 0.5 µm, is one work
+    pixel of a model at the default 0.5 µm/px; for a model at 1 µm/px it is half a work pixel."""
     min_area_um2: float = 0.0
+    """Predicted pieces smaller than this, in µm², are dropped."""
     overlay: bool = False
     """Write ``<image>.overlay.png`` (classes over the tissue, with a legend) beside the GeoJSON."""
     classmap: bool = False
@@ -195,7 +197,7 @@ class PredictOptions:
             check_mpp(self.image_mpp, "--image-mpp")
         if self.tissue_mpp is not None:
             check_mpp(self.tissue_mpp, "tissue_mpp")
-        _finite(self, simplify=(0, None), min_area_um2=(0, None))
+        _finite(self, simplify_um=(0, None), min_area_um2=(0, None))
         if self.batch_size < 1:
             raise PdsegError(f"--batch-size {self.batch_size}: must be at least 1")
         if not isinstance(self.keep_backups, int) or isinstance(self.keep_backups, bool) or self.keep_backups < 0:
@@ -212,6 +214,10 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+_FLAGS = {"simplify_um": "--simplify (µm)", "min_area_um2": "--min-area (µm²)"}
+"""Options whose command-line flag is not their field name."""
+
+
 def _finite(opts: Any, **ranges: tuple[float | None, float | None]) -> None:
     """Each named option a finite number in [low, high] (``None``: unbounded); else one clear line."""
     for name, (low, high) in ranges.items():
@@ -219,4 +225,4 @@ def _finite(opts: Any, **ranges: tuple[float | None, float | None]) -> None:
         if not _is_number(v) or not math.isfinite(v) or (low is not None and v < low) or (
                 high is not None and v > high):
             bounds = f">= {low:g}" if high is None else f"from {low:g} to {high:g}"
-            raise PdsegError(f"{name.replace('_', '-')} {v!r}: expected a finite number {bounds}")
+            raise PdsegError(f"{_FLAGS.get(name, name.replace('_', '-'))} {v!r}: expected a finite number {bounds}")

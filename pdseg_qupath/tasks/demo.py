@@ -131,7 +131,7 @@ def run_demo(
     events.section("2/3 predict the whole slide")
     t = time.perf_counter()
     pred = predict(open_source(staged), out / "model", out_dir=out / "predictions", device=dev, write_back=False,
-                   options=PredictOptions(simplify=1.0, min_area_um2=50.0, overlay=True), events=events)
+                   options=PredictOptions(simplify_um=0.5, min_area_um2=50.0, overlay=True), events=events)
     timings["predict_s"] = time.perf_counter() - t
     image = pred.images[0]
     if image.error:
