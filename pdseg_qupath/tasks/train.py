@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -187,7 +188,7 @@ def train(
         search = None
         if is_auto(opts):
             # 2b. --t auto / --blocks auto: chosen by image-wise cross-validation on these annotations.
-            search = autotune.search(imgs, cmap, io, opts, bb, lambda ts, bl: features_for(bb, dev, ts, bl),
+            search = autotune.search(imgs, cmap, io, opts, bb, partial(features_for, bb, dev),  # (ts, blocks)
                                      seed=seed, device=dev, events=events)
             if search.fallback:
                 messages.append(search.fallback)  # shown with the other warnings below
