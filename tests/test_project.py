@@ -114,6 +114,23 @@ def _snapshot(project: Path, file_name: str):
     return users, [a for a in anns if a.is_pdseg]
 
 
+def test_pruning_backups_keeps_the_newest_one_of_each_image(project):
+    from pdseg_qupath.sources.qupath.backup import backup_folders, latest_backup
+
+    with QuPathProjectSource(project, writable=True) as src:  # one session writes both images
+        recs = _by_file(src.images())
+        first = src.write_predictions(recs["slide.tif"], _predictions(2)).backup
+        src.write_predictions(recs["tile.png"], _predictions(2))
+    for _ in range(2):  # then two sessions write the slide only, keeping 1 backup folder
+        with QuPathProjectSource(project, writable=True) as src:
+            last = src.write_predictions(_by_file(src.images())["slide.tif"], _predictions(2)).backup
+            report = src.prune_backups(1)
+    assert backup_folders(project) == [first, last] and len(report.removed) == 1 and not report.failed
+    entries = {p.name for p in (first / "data").iterdir()}
+    (tile_entry,) = entries - {p.name for p in (last / "data").iterdir()}
+    assert latest_backup(project, project / "data" / tile_entry).parent.parent.parent == first  # its only copy
+
+
 def test_write_predictions_replaces_only_pdseg_objects(project):
     users_before, mine_before = _snapshot(project, "slide.tif")
     assert mine_before == []

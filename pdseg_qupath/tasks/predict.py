@@ -184,10 +184,11 @@ def _prune_backups(source: AnnotationSource, keep: int, events: Events) -> None:
     if prune is None:
         return
     report = prune(keep)
-    if report.message(keep):
-        events.message(report.message(keep), "note")
-    for line in report.failed:
-        events.message(line, "warn")
+    pruned = report.message(keep)
+    if pruned:
+        events.message(pruned, "note")
+    for failed in report.failed:
+        events.message(failed, "warn")
 
 
 def _check_output_names(source: AnnotationSource, records: Sequence[ImageRecord], out: Path | None,
