@@ -80,6 +80,8 @@ CASES = {
 #: --quick works the IvyGAP sections at 16 µm/px (one 256-px tile per image) instead of 8, and EBHI-Seg at the
 #: crops' own 1.2 µm/px (one tile per crop instead of four) for every row.
 QUICK_MPP = {"ivygap": 16.0, "ebhi": 1.2}
+QUICK_BUDGET = {"tiles_per_class": 8, "views": 1, "max_val_tiles": 8, "ensemble": 1}
+"""Quick mode's training options (a row's own options win)."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def heads_of(row: Row, quick: bool) -> int | None:
 
     if row.backbone is None:
         return None
-    return int(row.options.get("ensemble", 1 if quick else TrainOptions().ensemble))
+    return int({**(QUICK_BUDGET if quick else {}), **row.options}.get("ensemble", TrainOptions().ensemble))
 
 
 KEEP_MARKER = "<!-- accuracy.py keeps everything below this line when it rewrites this file -->"
@@ -198,7 +200,7 @@ def run_cell(row: Row, case: Case, train_dir: Path, test_dir: Path, test_names, 
     """Train and score one (row, case, seed, training subset); returns the run's record."""
     from pdseg_qupath.learn.options import TrainOptions
 
-    extra = {"tiles_per_class": 8, "views": 1, "max_val_tiles": 8, "ensemble": 1} if quick else {}
+    extra = QUICK_BUDGET if quick else {}
     if quick and case.key in QUICK_MPP:
         case = Case(case.key, case.title, case.image_mpp, QUICK_MPP[case.key], case.score_class, QUICK_MPP[case.key])
     t0 = time.perf_counter()
