@@ -10,7 +10,11 @@ for wall time and for process CPU time (all threads), which depends less on the 
 
     python benchmarks/cpu_speed.py --backbone small --threads 2 --rounds 5 --out cpu_speed.json
 
-``--int8 DATA`` adds a third side, "int8": the new path with the int8 convolutions of
+"new" takes the default precision, which is bf16 on a CPU with bf16 instructions (AVX-512 BF16 or AMX)
+and fp32 elsewhere; ``--fp32`` adds a side "fp32": the new path with ``precision="fp32"``, so that on
+such a CPU the fp32 fast path and bf16 are timed in the same rounds.
+
+``--int8 DATA`` adds a side, "int8": the new path with the int8 convolutions of
 ``benchmarks/int8_probe.py`` (a probe, not a product option; ranges calibrated on DATA/gbm40 tiles
 01-02), timed in the same rounds, its feature error measured against the old path like the others.
 """
@@ -37,7 +41,8 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "int8":
         _use_int8(args.int8)
     r = bench_features(args.backbone, "cpu", args.batch_size, args.steps, reference=args.worker == "old",
-                       warmup_steps=1, ref_tiles=args.batch_size)
+                       precision="fp32" if args.worker == "fp32" else "auto", warmup_steps=1,
+                       ref_tiles=args.batch_size)
     print("RESULT " + json.dumps(r))
 
 
@@ -79,7 +84,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--int8", type=Path, default=None, metavar="DATA",
                     help="also time the int8 probe (benchmarks/int8_probe.py), calibrated on DATA/gbm40")
-    ap.add_argument("--worker", choices=("old", "new", "int8"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--fp32", action="store_true", help="also time the new path forced to fp32")
+    ap.add_argument("--worker", choices=("old", "new", "fp32", "int8"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -88,7 +94,7 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, __file__, "--backbone", args.backbone, "--threads", str(args.threads),
            "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
-    sides = ("old", "new")
+    sides: tuple[str, ...] = ("old", "new") + (("fp32",) if args.fp32 else ())
     if args.int8:
         cmd += ["--int8", str(args.int8)]
         sides += ("int8",)
@@ -124,6 +130,7 @@ def main() -> None:
         "rounds": args.rounds,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "old_tiles_per_s": [o["tiles_per_s"] for o in rows["old"]],
+        "new_precision": rows["new"][0]["precision"],
         "new_tiles_per_s": [n["tiles_per_s"] for n in rows["new"]],
         "speedup_wall_per_round": wall,
         "speedup_wall_median": statistics.median(wall),
@@ -138,6 +145,15 @@ def main() -> None:
         "load_avg_1min": [r["load_avg_1min_before"] for v in sides for r in rows[v]],
         "runs": rows,
     }
+    if args.fp32:
+        w32, c32 = ratios("tiles_per_s", side="fp32"), ratios("cpu_s_per_tile", invert=True, side="fp32")
+        summary.update({
+            "fp32_tiles_per_s": [n["tiles_per_s"] for n in rows["fp32"]],
+            "fp32_speedup_wall_per_round": w32, "fp32_speedup_wall_median": statistics.median(w32),
+            "fp32_speedup_cpu_time_per_round": c32, "fp32_speedup_cpu_time_median": statistics.median(c32),
+            "new_over_fp32_wall_median": statistics.median(
+                round(n["tiles_per_s"] / f["tiles_per_s"], 3) for n, f in zip(rows["new"], rows["fp32"])),
+        })
     if args.int8:
         w8, c8 = ratios("tiles_per_s", side="int8"), ratios("cpu_s_per_tile", invert=True, side="int8")
         summary.update({

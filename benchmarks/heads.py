@@ -92,7 +92,8 @@ def install_cache(root: Path) -> list[CachedExtractor]:
     def load(spec, device, t=None, blocks=None, seed=0, **kw):
         bb, inner = real(spec, device, t=t, blocks=(0, 1, 2), seed=seed, **kw)
         sha = bb.sha256[:8] if bb.sha256 else "random"
-        tag = f"{Path(str(spec)).name}-{sha}-t{'_'.join(map(str, inner.t))}-s{seed}"
+        prec = "" if inner.precision == "fp32" else f"-{inner.precision}"  # fp32 keeps the old folder names
+        tag = f"{Path(str(spec)).name}-{sha}-t{'_'.join(map(str, inner.t))}-s{seed}{prec}"
         ex = CachedExtractor(inner, blocks, root / tag)
         made.append(ex)
         return bb, ex

@@ -7,7 +7,10 @@ up-block outputs are bilinearly resized to latent resolution (tile / 4) and conc
 timesteps are concatenated too, timestep-major.
 
 The noise ``eps`` is keyed by absolute latent position (``noise.position_noise``), so overlapping tiles
-agree and runs are bit-identical. On CUDA the pass runs under bf16 autocast; on CPU it runs in fp32.
+agree and runs are bit-identical. Precision (:func:`resolve_precision`): on CUDA the pass runs under bf16
+autocast; on a CPU with bf16 instructions (AVX-512 BF16 or AMX) it runs a bf16 copy of the encoder and
+UNet (features within ~5e-3 relative of fp32, docs/PERFORMANCE.md); elsewhere in fp32.
+``PDSEG_PRECISION=fp32`` (or ``bf16``) overrides the automatic choice.
 Batches are cut into chunks of ``batch_size`` tiles; out-of-memory back-off belongs to the caller
 (:class:`pdseg_qupath.learn.runtime.BatchRunner`).
 
@@ -20,7 +23,9 @@ activation to the kernel, which made each new one cost fresh page faults.
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import functools
 import os
 import platform
 from contextlib import AbstractContextManager, nullcontext
@@ -42,6 +47,8 @@ from pdseg_qupath.core.errors import PdsegError
 #: a warm inductor cache cuts compile to seconds, so 20k tiles is where it starts to pay.
 AUTO_COMPILE_TILES = 20_000
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+PRECISIONS = ("auto", "bf16", "fp32")
+PRECISION_ENV = "PDSEG_PRECISION"
 
 
 class LDMFeatures:
@@ -72,18 +79,17 @@ class LDMFeatures:
         self.out_stride = cfg.vq_factor
         self.seed = int(seed)
         self.dtype = dtype or torch.float32
-        if precision not in ("auto", "bf16", "fp32"):
-            raise PdsegError(f"precision must be auto, bf16 or fp32; got {precision!r}")
-        # auto: bf16 autocast on CUDA (the measured setting), exact fp32 on CPU.
-        self.autocast = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        self.precision = "bf16" if self.autocast else "fp32"
+        # reference: diffusers' modules as shipped, NCHW, the system allocator (what bench compares with).
+        self.reference = bool(reference)
+        self.precision = resolve_precision(precision, self.device, cpu_bf16=not reference)
+        # bf16 on CUDA is autocast; on a CPU, a bf16 copy of the modules (oneDNN's bf16 kernels, in-place walk).
+        self._bf16 = _bf16_modules(self.backbone) if self.precision == "bf16" and self.device.type == "cpu" else None
+        self.autocast = self.precision == "bf16" and self._bf16 is None
         self.batch_size = int(batch_size) if batch_size else (128 if self.device.type == "cuda" else 4)
         self.channels_last = channels_last
         self.attention = attention
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        # reference: diffusers' modules as shipped, NCHW, the system allocator (what bench compares with).
-        self.reference = bool(reference)
         self._encoder_channels_last = self.device.type == "cpu" and not reference and not channels_last
         if self.device.type == "cpu" and not reference:
             keep_freed_memory()
@@ -103,23 +109,25 @@ class LDMFeatures:
 
     # ------------------------------------------------------------------ the pass (compiled as one graph)
     def _core(self, x: torch.Tensor, noise: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        vq, unet = self.backbone.vq, self.backbone.unet
-        x = x.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+        mods = self._bf16 if self._bf16 is not None else self.backbone.vq
+        unet = self._bf16.unet if self._bf16 is not None else self.backbone.unet
+        dtype = torch.bfloat16 if self._bf16 is not None else torch.float32
+        x = (x.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0).to(dtype)
         if self.channels_last or self._encoder_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        h = vq.encoder(x) if self.reference else encode(vq.encoder, x)
-        z0 = vq.quant_conv(h).float() * self._latent_scale
+        h = mods.encoder(x) if self.reference else encode(mods.encoder, x)
+        z0 = mods.quant_conv(h).float() * self._latent_scale
         if self._encoder_channels_last:
             z0 = z0.contiguous()  # the UNet stays NCHW: channels-last gains it ~3 % and costs exactness
         nt, b = len(self.t), x.shape[0]
         zt = (self._sqrt_ab.view(nt, 1, 1, 1, 1) * z0.unsqueeze(0)
               + self._sqrt_1mab.view(nt, 1, 1, 1, 1) * noise)
-        zt = zt.flatten(0, 1)
+        zt = zt.flatten(0, 1).to(dtype)
         tvec = self._t_tensor.repeat_interleave(b)
-        feats = unet_taps(unet, zt, tvec, ctx.repeat(nt, 1, 1), self.blocks)
+        feats = unet_taps(unet, zt, tvec, ctx.repeat(nt, 1, 1).to(dtype), self.blocks)
         size = z0.shape[-2:]
-        feats = [f if f.shape[-2:] == size else
-                 F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats]
+        feats = [f.float() if f.shape[-2:] == size else
+                 F.interpolate(f.float(), size=size, mode="bilinear", align_corners=False) for f in feats]
         out = torch.cat(feats, dim=1) if len(feats) > 1 else feats[0]
         if nt == 1:
             return out
@@ -190,6 +198,64 @@ class LDMFeatures:
         # Latent pixel (X, Y) covers work pixels [4X, 4X+4): origins that are multiples of 4 make
         # overlapping tiles share noise exactly.
         return torch.div(o, self.out_stride, rounding_mode="floor")
+
+
+def resolve_precision(precision: str, device: torch.device, *, cpu_bf16: bool = True) -> str:
+    """``bf16`` or ``fp32`` for a requested ``auto``/``bf16``/``fp32`` on ``device``.
+
+    ``auto`` reads ``PDSEG_PRECISION`` first; still ``auto``, it is bf16 on CUDA, bf16 on a CPU that
+    computes bf16 in hardware (unless ``cpu_bf16`` is False: the reference path), fp32 elsewhere.
+    """
+    if precision not in PRECISIONS:
+        raise PdsegError(f"precision must be auto, bf16 or fp32; got {precision!r}")
+    if precision == "auto":
+        precision = os.environ.get(PRECISION_ENV, "").strip().lower() or "auto"
+        if precision not in PRECISIONS:
+            raise PdsegError(f"{PRECISION_ENV}={precision!r}: use auto, bf16 or fp32")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" or (device.type == "cpu" and cpu_bf16 and cpu_has_bf16()):
+        return "bf16"
+    return "fp32"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (x86 ``avx512_bf16`` or ``amx_bf16``; read on Linux).
+
+    Without it oneDNN emulates bf16, which is slower than fp32 (an AVX-512 Xeon without it, PERFORMANCE.md)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+class _Bf16Modules(torch.nn.Module):
+    """bf16 copies of the modules the feature pass runs on a CPU (the backbone itself stays as loaded)."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.encoder = _bf16_copy(backbone.vq.encoder)
+        self.quant_conv = _bf16_copy(backbone.vq.quant_conv)
+        self.unet = _bf16_copy(backbone.unet)
+
+
+def _bf16_modules(backbone: Backbone) -> _Bf16Modules:
+    return _Bf16Modules(backbone).eval().requires_grad_(False)
+
+
+def _bf16_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` with its floating-point tensors in bf16, never holding a second fp32 copy."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+    for b in module.buffers():
+        memo[id(b)] = b.to(torch.bfloat16) if b.is_floating_point() else b.clone()
+    return copy.deepcopy(module, memo)
 
 
 _MALLOC_TUNED = False

@@ -206,7 +206,8 @@ def train(
         n_views = len(plan.tiles) * opts.views + len(plan.val_tiles)
         per_view = pixels_per_view(opts.cache_mb, extractor.channels, n_views, opts.pixels_per_tile)
         out.mkdir(parents=True, exist_ok=True)
-        resume = Resume(out, fingerprints(imgs, cmap, opts, backbone, bb.sha256, mpp, seed, val_images),
+        resume = Resume(out, fingerprints(imgs, cmap, opts, backbone, bb.sha256, mpp, seed, val_images,
+                                          extractor.precision),
                         opts.resume, messages)
         for m in messages:
             events.message(m, "warn")
@@ -551,4 +552,5 @@ def _features_record(extractor: Any) -> dict[str, Any]:
         "channels": int(extractor.channels),
         "out_stride": int(extractor.out_stride),
         "seed": int(extractor.seed),
+        "precision": str(extractor.precision),
     }
