@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 
 from pdseg_qupath import ui
@@ -15,9 +17,12 @@ def _no_timed_progress_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ui, "PLAIN_EVERY", 3600.0)
 
 
-@pytest.fixture(autouse=True)
-def _fp32_features(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def _fp32_features() -> Iterator[None]:
     """Features in fp32 on every machine: "auto" would be bf16 on a CPU with bf16 instructions, so results
-    would depend on the CI machine. The bf16 path has its own tests (test_backbone_cpu_fast.py), which
-    ask for it by argument or by clearing this variable."""
-    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    would depend on the CI machine. Session-wide, so that module-scoped fixtures (a model trained once per
+    module) see it too. The bf16 path has its own tests (test_backbone_cpu_fast.py), which ask for it by
+    argument or clear this variable with monkeypatch."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(PRECISION_ENV, "fp32")
+        yield

@@ -11,7 +11,8 @@ import torch
 from _helpers import fake_images
 from pdseg_qupath.core.annotations import ClassMap
 from pdseg_qupath.core.errors import PdsegError
-from pdseg_qupath.learn.cache import PixelCache
+from pdseg_qupath.learn.cache import MapCache, PixelCache, Rows
+from pdseg_qupath.learn.fit import fit_head, new_head
 from pdseg_qupath.learn.head import FCNHead, HeadConfig, HeadEnsemble, head_members
 from pdseg_qupath.learn.modelio import SegModel, load_model, save_model
 from pdseg_qupath.learn.options import IOConfig, TrainOptions
@@ -120,6 +121,48 @@ def test_each_head_trains_off_its_validation_images_and_stops_on_them():
     tile_plan = TilePlan([0], [], tiles, val_tiles, "tile", members=[([0], [])] * 2)
     tr, va = member_data(tile_plan, 1, train, val)
     assert len(tr["labels"]) == 20 and len(va["labels"]) == 10
+
+
+def test_whole_views_are_indexed_not_copied_and_train_the_same_head():
+    """A member's views of a MapCache are Rows of the shared tensors; a head fitted on them is bit-identical
+    to one fitted on a copy of those views (what member_data made before)."""
+    g = torch.Generator().manual_seed(0)
+    tiles = [Tile(i % 3, 32 * i, 0) for i in range(9)]
+    val_tiles = [Tile(0, 0, 32), Tile(1, 0, 32), Tile(2, 0, 32)]
+
+    def cache(tile_ids):
+        c = MapCache(6)
+        for t in tile_ids:
+            lab = torch.randint(0, 3, (16, 16), generator=g).to(torch.uint8).numpy()
+            lab[:4] = 255
+            rgb = torch.randint(0, 256, (16, 16, 3), generator=g).to(torch.uint8).numpy()
+            c.add_map(torch.randn(6, 4, 4, generator=g), rgb, lab, t)
+        return c
+
+    train, val = cache(range(9)), cache(range(3))
+    plan = TilePlan([0, 1, 2], [], tiles, val_tiles, "image", members=[([0, 1], [2]), ([1, 2], [0])])
+    tr, va = member_data(plan, 1, train, val)
+    assert isinstance(tr["features"], Rows) and tr["features"].base is train.tensors()["features"]  # no copy
+    keep = torch.tensor([tiles[int(t)].image != 0 for t in train.tensors()["tile"]])
+    copy_tr = {k: v[keep] for k, v in train.tensors().items()}
+    assert len(tr["labels"]) == 6 and tr["features"].shape == copy_tr["features"].shape
+    assert tr["features"].ndim == 4 and tr["features"].dtype == torch.float16
+    for i in (0, 5, slice(1, 4), [4, 0, 2]):
+        assert torch.equal(tr["features"][i], copy_tr["features"][i])
+    assert torch.equal(va["labels"][0], val.tensors()["labels"][0]) and len(va["labels"]) == 1
+    keep_va = torch.tensor([val_tiles[int(t)].image == 0 for t in val.tensors()["tile"]])
+    copy_va = {k: v[keep_va] for k, v in val.tensors().items()}
+
+    names = ["A", "B", "C"]
+    opts = TrainOptions(head="context", pixels_per_tile=64)
+    heads = []
+    for data, vdata in ((tr, va), (copy_tr, copy_va)):
+        head = new_head(HeadConfig.build("context", 6, 3, stride=4), data["features"], 3)
+        fit = fit_head(head, data, vdata, names, opts, epochs=3, seed=3, device="cpu", weight=None,
+                       adjust=None, resume=None, messages=[])
+        heads.append(fit.head.state_dict())
+    assert heads[0].keys() == heads[1].keys()
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
 
 
 def test_ensemble_option_is_checked():

@@ -41,6 +41,7 @@ def test_model_folder_and_record(trained):
     assert meta["backbone"]["spec"] == "random:tiny" and meta["backbone"]["random_weights"] is True
     assert "RANDOM WEIGHTS" in meta["backbone"]["label"]
     assert meta["features"]["channels"] == meta["head"]["in_channels"]
+    assert meta["features"]["precision"] == "fp32"  # the tests pin fp32 (conftest)
     assert meta["training"]["validation"] == "image"
     # the default ensemble of 3 heads: each trains on one image and stops early on the other, and the
     # second head holds out the image the first one trained on, so between them both images are trained on
@@ -74,6 +75,20 @@ def test_same_seed_same_metrics(trained, data, tmp_path):
     a = load_model(trained.model_dir).head.state_dict()
     b = load_model(again.model_dir).head.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_features_train_a_model_that_says_so(data, tmp_path, monkeypatch):
+    """What a CPU with bf16 instructions does by default: the model records bf16 and predicts."""
+    from pdseg_qupath.backbone.features import PRECISION_ENV
+    from pdseg_qupath.learn.predictor import Predictor
+
+    monkeypatch.setenv(PRECISION_ENV, "bf16")
+    res = train_tiny(data, tmp_path / "m", epochs=1, ensemble=1)
+    assert json.loads((res.model_dir / "model.json").read_text())["features"]["precision"] == "bf16"
+    pred = Predictor(load_model(res.model_dir), device="cpu")
+    assert pred.extractor.precision == "bf16"
+    logits = pred.logits(np.zeros((1, 32, 32, 3), dtype=np.uint8), [(0, 0)])
+    assert logits.shape == (1, 2, 32, 32) and np.isfinite(logits).all()
 
 
 def test_interrupted_run_resumes_to_the_same_result(trained, data, tmp_path, monkeypatch):

@@ -187,6 +187,39 @@ class MapCache(_Cache):
         return {"features": self.features[0], "rgb": self.rgb[0], "labels": self.labels[0], "tile": self.tile[0]}
 
 
+class Rows:
+    """Rows ``index`` of ``base`` (along its first dimension), read on demand.
+
+    An ensemble member trains on the cached views off its held-out images: indexing the one shared cache
+    instead of copying that part of it keeps ``train --ensemble K`` at one cache in memory. It offers what
+    head training reads of a cached tensor: ``len``, ``shape``, ``ndim``, ``dtype``, and one row, a slice
+    or a list of rows (which come back as tensors, as from ``base`` itself).
+    """
+
+    def __init__(self, base: torch.Tensor, index: torch.Tensor) -> None:
+        self.base, self.index = base, index.to(torch.long)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.index), *self.base.shape[1:]))
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    def __getitem__(self, i: int | slice | Sequence[int]) -> torch.Tensor:
+        if isinstance(i, (int, np.integer)):
+            return self.base[int(self.index[i])]
+        return self.base[self.index[i] if isinstance(i, slice) else self.index[torch.as_tensor(i, dtype=torch.long)]]
+
+
 # ------------------------------------------------------------------------------------- extraction
 
 

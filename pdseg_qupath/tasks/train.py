@@ -46,6 +46,7 @@ from pdseg_qupath.core.slide import check_mpp
 from pdseg_qupath.learn.cache import (
     MapCache,
     PixelCache,
+    Rows,
     bytes_per_map,
     bytes_per_pixel,
     extract_views,
@@ -381,7 +382,8 @@ def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: Tr
 def member_data(plan: TilePlan, k: int, train: PixelCache | MapCache,
                 val: PixelCache | MapCache) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The cached training and validation views (or pixels) of ensemble member ``k``: training tiles off
-    its validation images, validation tiles on them (held-out tiles are shared when images are not split)."""
+    its validation images, validation tiles on them (held-out tiles are shared when images are not split).
+    Whole views are indexed (:class:`Rows`), not copied; sampled pixels, a small cache, are copied."""
     tr, va = train.tensors(), (val.tensors() if len(val) else None)
     held = plan.members[k][1] if plan.members else []
     if not held:
@@ -391,15 +393,21 @@ def member_data(plan: TilePlan, k: int, train: PixelCache | MapCache,
         image = torch.tensor([t.image for t in tiles], dtype=torch.long)[data["tile"].long()]
         return torch.isin(image, torch.tensor(held, dtype=torch.long))
 
+    def part(data: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+        if isinstance(train, MapCache):
+            rows = keep.nonzero().squeeze(1)
+            return {name: Rows(v, rows) for name, v in data.items()}
+        return {name: v[keep] for name, v in data.items()}
+
     keep_tr = ~on_held(tr, plan.tiles)
     if not bool(keep_tr.all()):
-        tr = {name: v[keep_tr] for name, v in tr.items()}
+        tr = part(tr, keep_tr)
     if va is not None:
         keep_va = on_held(va, plan.val_tiles)
         if not bool(keep_va.any()):
             va = None
         elif not bool(keep_va.all()):
-            va = {name: v[keep_va] for name, v in va.items()}
+            va = part(va, keep_va)
     return tr, va
 
 
