@@ -7,13 +7,13 @@ import pytest
 import torch
 from diffusers import VQModel
 
+from pdseg_qupath.backbone import features as features_mod
 from pdseg_qupath.backbone.config import CONFIGS
 from pdseg_qupath.backbone.encoder import encode
-from pdseg_qupath.backbone import features as features_mod
 from pdseg_qupath.backbone.features import PRECISION_ENV, LDMFeatures, keep_freed_memory, resolve_precision
-from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.backbone.model import build_backbone
 from pdseg_qupath.backbone.spec import load_backbone
+from pdseg_qupath.core.errors import PdsegError
 
 
 def _vq(**changes) -> VQModel:
