@@ -432,7 +432,8 @@ def bench_features_cmd(
     compile: str = typer.Option("no", "--compile", help="no, yes, auto, or a torch.compile mode."),
     t: Optional[list[str]] = typer.Option(None, "--timesteps", "--t", metavar="<int>", help=f"Diffusion timestep(s), 0–999 (default: the backbone's). {LIST_HELP}. --t is the old name."),
     blocks: Optional[list[str]] = typer.Option(None, "--blocks", metavar="<int>", help=f"Up-block indices, 0 = coarsest (default: the backbone's). {LIST_HELP}."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA and on CPUs with bf16 "
+                                  "instructions, else fp32; PDSEG_PRECISION overrides), bf16 or fp32."),
     channels_last: bool = typer.Option(False, "--channels-last", help="Use the channels-last memory layout (may be faster on GPUs)."),
     reference: bool = typer.Option(False, "--reference", help="Time the reference path (diffusers modules as "
                                    "shipped, NCHW, system allocator): what ran before the CPU fast path."),
