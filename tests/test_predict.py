@@ -261,6 +261,25 @@ def test_predict_names_every_phase_the_user_waits_on(tmp_path, model_dir):
     assert log[-1] == "close predict"
 
 
+def test_predict_says_which_precision_its_features_are_in(tmp_path, model_dir, monkeypatch):
+    from pdseg_qupath.backbone.features import PRECISION_ENV
+
+    class Said(Events):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def message(self, text, level="info"):
+            self.lines.append(text)
+
+    src = make_folder(tmp_path / "src", n=1, size=(64, 64))
+    for env, want in (("fp32", "· fp32 features"), ("bf16", "· bf16 features (trained on fp32)")):
+        monkeypatch.setenv(PRECISION_ENV, env)
+        said = Said()
+        predict(open_source(src), model_dir, device="cpu", options=PredictOptions(image_mpp=0.5), events=said)
+        line = next(t for t in said.lines if t.startswith("model "))
+        assert line.endswith(want), line
+
+
 def test_corrupt_model_is_a_clear_error(tmp_path, model_dir):
     bad = tmp_path / "bad"
     shutil.copytree(model_dir, bad)

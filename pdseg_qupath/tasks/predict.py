@@ -101,8 +101,10 @@ def predict(
     require_pixel_sizes(records, opts.image_mpp)
     predictor = open_predictor(model, device, opts.batch_size, events)
     m = predictor.model
+    prec, trained = predictor.extractor.precision, m.features.get("precision")
     events.message(f"model {m.name} ({m.model_id[:8]}): {', '.join(m.class_map.names)} at {m.io.mpp:g} µm/px · "
-                   f"backbone: {predictor.label}")
+                   f"backbone: {predictor.label} · {prec} features"
+                   + (f" (trained on {trained})" if trained and trained != prec else ""))
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -219,7 +219,7 @@ def train(
                        f"{mpp:g} µm/px · {len(plan.tiles)} training tiles × {opts.views} views · "
                        f"{len(plan.val_tiles)} validation tiles (split by {plan.val_mode}) · "
                        f"{'whole feature maps' if opts.head == 'context' else f'≤ {per_view} px per view'} · "
-                       f"device {dev}")
+                       f"device {dev} ({extractor.precision} features)")
         timings["prepare_s"] = time.perf_counter() - t0
         # 4. Features at sampled labelled pixels.
         t1 = time.perf_counter()
