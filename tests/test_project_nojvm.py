@@ -965,8 +965,9 @@ def _predict_with_a_stub(project: Path, monkeypatch, keep: int, fail: str | None
     from pdseg_qupath.tasks import predict as task
 
     model = types.SimpleNamespace(name="stub", model_id="0123456789abcdef", io=IOConfig(0.5, 32, 8),
-                                  class_map=types.SimpleNamespace(names=["Tumor"]))
-    monkeypatch.setattr(task, "open_predictor", lambda *a, **k: types.SimpleNamespace(model=model, label="stub"))
+                                  class_map=types.SimpleNamespace(names=["Tumor"]), features={})
+    monkeypatch.setattr(task, "open_predictor", lambda *a, **k: types.SimpleNamespace(
+        model=model, label="stub", extractor=types.SimpleNamespace(precision="fp32")))
 
     class Slide:
         mpp, width, height = 0.5, 64, 48
