@@ -221,6 +221,9 @@ def cmd_train(a: argparse.Namespace) -> None:
     torch.manual_seed(a.seed)
     d = np.load(a.work / "train.npz")
     x_all, z_all = d["x"], d["z"]
+    if a.sources:  # e.g. only the images whose terms allow shipping weights trained on them
+        keep = np.isin(d["src"], a.sources.split(","))
+        x_all, z_all = x_all[keep], z_all[keep]
     n = len(x_all)
     perm = np.random.default_rng(1).permutation(n)
     n_val = max(32, n // 20)
@@ -293,6 +296,7 @@ def cmd_train(a: argparse.Namespace) -> None:
                train=dict(tiles=len(tr), val_tiles=len(val), minutes=a.minutes + prior.get("minutes", 0),
                           lr=a.lr, batch=a.batch, steps=step + prior.get("steps", 0), epochs=epoch,
                           best_val_rel=best, threads=a.threads, log=log, init=str(a.init) if a.init else None,
+                          sources=a.sources or "all",
                           prior=prior or None))
     (out / "student.json").write_text(json.dumps(cfg, indent=1) + "\n")
     print(json.dumps({k: v for k, v in cfg.items() if k != "train"}), "best val rel", best)
@@ -475,6 +479,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", type=Path, default=None, help="warm start from a saved student folder")
+    p.add_argument("--sources", default=None, help="train on these sources only, e.g. glas,cmu1 (default: all)")
     p = sub.add_parser("eval")
     p.add_argument("students", nargs="+")
     p = sub.add_parser("bench")
