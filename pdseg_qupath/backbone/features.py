@@ -223,7 +223,7 @@ def resolve_precision(precision: str, device: torch.device, *, cpu_bf16: bool = 
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic in hardware (x86 ``avx512_bf16`` or ``amx_bf16``; read on Linux).
 
-    Without it oneDNN emulates bf16, which is slower than fp32 (an AVX-512 Xeon without it, PERFORMANCE.md)."""
+    Without it oneDNN would emulate bf16, which was never measured to pay off, so fp32 stays the choice."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
