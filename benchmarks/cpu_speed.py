@@ -64,14 +64,38 @@ def _use_int8(data: Path) -> None:
     bench.LDMFeatures = features
 
 
-def _cpu_name() -> str:
+def machine() -> str:
+    """The CPU's model name and logical core count, for the JSON."""
+    name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} logical cores"
+
+
+def alternate(cmd: list[str], sides: tuple[str, ...], rounds: int, env: dict[str, str]) -> dict[str, list[dict]]:
+    """Run ``cmd --worker SIDE`` once per side and round, each in a fresh process, the order of the sides
+    flipped every round (so that load from other programs hits all sides alike); each side's results (the
+    worker's ``RESULT`` JSON line, plus the 1-minute load average before it), in round order."""
+    rows: dict[str, list[dict]] = {v: [] for v in sides}
+    for r in range(rounds):
+        for variant in sides if r % 2 == 0 else sides[::-1]:
+            load = os.getloadavg()[0]
+            out = subprocess.run(cmd + ["--worker", variant], env=env, capture_output=True, text=True, check=False)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if out.returncode or line is None:
+                sys.exit(f"{variant} worker failed:\n{out.stderr[-3000:]}")
+            res = json.loads(line[len("RESULT "):])
+            res["load_avg_1min_before"] = round(load, 2)
+            rows[variant].append(res)
+            print(f"round {r + 1}/{rounds} {variant}: {res['tiles_per_s']:.3f} tiles/s, "
+                  f"{res['cpu_s_per_tile']:.3f} CPU s/tile, {res['page_faults_per_tile']:.0f} page faults/tile, "
+                  f"rel. error {res['ref_rel_error']:.1e} (load {load:.1f})", file=sys.stderr, flush=True)
+    return rows
 
 
 def main() -> None:
@@ -98,21 +122,7 @@ def main() -> None:
     if args.int8:
         cmd += ["--int8", str(args.int8)]
         sides += ("int8",)
-    rows: dict[str, list[dict]] = {v: [] for v in sides}
-    for r in range(args.rounds):
-        order = sides if r % 2 == 0 else sides[::-1]
-        for variant in order:
-            load = os.getloadavg()[0]
-            out = subprocess.run(cmd + ["--worker", variant], env=env, capture_output=True, text=True, check=False)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if out.returncode or line is None:
-                sys.exit(f"{variant} worker failed:\n{out.stderr[-3000:]}")
-            res = json.loads(line[len("RESULT "):])
-            res["load_avg_1min_before"] = round(load, 2)
-            rows[variant].append(res)
-            print(f"round {r + 1}/{args.rounds} {variant}: {res['tiles_per_s']:.3f} tiles/s, "
-                  f"{res['cpu_s_per_tile']:.3f} CPU s/tile, {res['page_faults_per_tile']:.0f} page faults/tile, "
-                  f"rel. error {res['ref_rel_error']:.1e} (load {load:.1f})", file=sys.stderr, flush=True)
+    rows = alternate(cmd, sides, args.rounds, env)
 
     def ratios(key: str, invert: bool = False, side: str = "new") -> list[float]:
         return [round((o[key] / n[key]) if invert else (n[key] / o[key]), 3)
@@ -121,7 +131,7 @@ def main() -> None:
     wall, cpu = ratios("tiles_per_s"), ratios("cpu_s_per_tile", invert=True)
     summary = {
         "what": "bench features, old (reference path) against new (default path), alternating fresh processes",
-        "machine": f"{_cpu_name()}, {os.cpu_count()} logical cores",
+        "machine": machine(),
         "backbone": rows["new"][0]["backbone"],
         "threads": args.threads,
         "batch_size": args.batch_size,

@@ -11,7 +11,7 @@ Not product code and not a test. Four steps, each a subcommand:
     eval   latent and whole-pass feature errors on the held-out tiles (student swapped in for
            encoder + quant_conv, default t and blocks), fp32 and bf16; GFLOP/tile.
     bench  fresh-process, alternating speed rounds: old (reference) path, fp32 fast path, bf16 path,
-           student pass fp32 and bf16 (as ``benchmarks/cpu_speed.py``), ``uptime`` load with each.
+           student pass fp32 and bf16 (as ``benchmarks/cpu_speed.py``), the 1-minute load average with each.
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/distill_probe.py prep --threads 2
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/distill_probe.py train --name s48x3 --width 48 --blocks 3 --minutes 12
@@ -27,13 +27,13 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 # pdseg first, as the CLI does: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP.
 from pdseg_qupath.backbone.bench import gflop_per_tile  # isort: skip
+from cpu_speed import alternate, machine  # the rounds and machine line of cpu_speed.py  # isort: skip
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -385,7 +385,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(a.out.read_text()) if a.out.is_file() else {}
     prev["accuracy"] = res
-    prev["machine"] = _machine()
+    prev["machine"] = machine()
     a.out.write_text(json.dumps(prev, indent=1) + "\n")
 
 
@@ -414,35 +414,11 @@ def worker(a: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(r))
 
 
-def _machine() -> str:
-    name = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-            break
-    return f"{name}, {os.cpu_count()} logical cores"
-
-
 def cmd_bench(a: argparse.Namespace) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     cmd = [sys.executable, __file__, "bench", "--student", str(a.student), "--threads", str(a.threads),
            "--batch-size", str(a.batch_size), "--steps", str(a.steps)]
-    rows: dict[str, list[dict]] = {v: [] for v in SIDES}
-    for r in range(a.rounds):
-        order = SIDES if r % 2 == 0 else SIDES[::-1]
-        for v in order:
-            up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-            out = subprocess.run(cmd + ["--worker", v], env=env, capture_output=True, text=True, check=False)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if out.returncode or line is None:
-                sys.exit(f"{v} worker failed:\n{out.stderr[-3000:]}")
-            res = json.loads(line[len("RESULT "):])
-            keep = {k: res[k] for k in ("precision", "reference_path", "tiles_per_s", "cpu_s_per_tile",
-                                        "page_faults_per_tile", "gflop_per_tile", "ref_rel_error", "threads")}
-            keep["uptime_before"] = up
-            rows[v].append(keep)
-            print(f"round {r + 1} {v}: {res['tiles_per_s']:.2f} tiles/s, {res['cpu_s_per_tile']:.3f} CPU s/tile  [{up}]",
-                  flush=True)
+    rows = alternate(cmd, SIDES, a.rounds, env)
     med = {v: {"tiles_per_s_median": statistics.median(x["tiles_per_s"] for x in rows[v]),
                "cpu_s_per_tile_median": statistics.median(x["cpu_s_per_tile"] for x in rows[v])} for v in SIDES}
     for v in SIDES:
@@ -454,7 +430,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
     summary = {"what": "bench_features small on CPU, fresh process per side, sides alternating each round; "
                        "the student sides swap the student in for vq.encoder + quant_conv "
                        "(their ref_rel_error is against the teacher on random-noise tiles: not meaningful)",
-               "student": str(a.student), "machine": _machine(), "threads": a.threads, "batch_size": a.batch_size,
+               "student": str(a.student), "machine": machine(), "threads": a.threads, "batch_size": a.batch_size,
                "steps": a.steps, "rounds": a.rounds, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                "command": " ".join(sys.argv), "summary": med, "runs": rows}
     print(json.dumps(med, indent=1))

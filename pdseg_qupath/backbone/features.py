@@ -83,7 +83,7 @@ class LDMFeatures:
         self.reference = bool(reference)
         self.precision = resolve_precision(precision, self.device, cpu_bf16=not reference)
         # bf16 on CUDA is autocast; on a CPU, a bf16 copy of the modules (oneDNN's bf16 kernels, in-place walk).
-        self._bf16 = _bf16_modules(self.backbone) if self.precision == "bf16" and self.device.type == "cpu" else None
+        self._bf16 = _Bf16Modules(self.backbone) if self.precision == "bf16" and self.device.type == "cpu" else None
         self.autocast = self.precision == "bf16" and self._bf16 is None
         self.batch_size = int(batch_size) if batch_size else (128 if self.device.type == "cuda" else 4)
         self.channels_last = channels_last
@@ -242,10 +242,7 @@ class _Bf16Modules(torch.nn.Module):
         self.encoder = _bf16_copy(backbone.vq.encoder)
         self.quant_conv = _bf16_copy(backbone.vq.quant_conv)
         self.unet = _bf16_copy(backbone.unet)
-
-
-def _bf16_modules(backbone: Backbone) -> _Bf16Modules:
-    return _Bf16Modules(backbone).eval().requires_grad_(False)
+        self.eval()
 
 
 def _bf16_copy(module: torch.nn.Module) -> torch.nn.Module:
