@@ -12,7 +12,9 @@ for wall time and for process CPU time (all threads), which depends less on the 
 
 "new" takes the default precision, which is bf16 on a CPU with bf16 instructions (AVX-512 BF16 or AMX)
 and fp32 elsewhere; ``--fp32`` adds a side "fp32": the new path with ``precision="fp32"``, so that on
-such a CPU the fp32 fast path and bf16 are timed in the same rounds.
+such a CPU the fp32 fast path and bf16 are timed in the same rounds. "new" also takes the default
+encoder, which on a CPU is the backbone's fast encoder where it has one (``pdseg_qupath/backbone/fast_encoder.py``);
+``--vq`` adds a side "vq": the new path with the VQ encoder (what "new" was before the fast encoder).
 
 ``--int8 DATA`` adds a side, "int8": the new path with the int8 convolutions of
 ``benchmarks/int8_probe.py`` (a probe, not a product option; ranges calibrated on DATA/gbm40 tiles
@@ -42,7 +44,7 @@ def worker(args: argparse.Namespace) -> None:
         _use_int8(args.int8)
     r = bench_features(args.backbone, "cpu", args.batch_size, args.steps, reference=args.worker == "old",
                        precision="fp32" if args.worker == "fp32" else "auto", warmup_steps=1,
-                       ref_tiles=args.batch_size)
+                       ref_tiles=args.batch_size, encoder="vq" if args.worker == "vq" else "auto")
     print("RESULT " + json.dumps(r))
 
 
@@ -109,7 +111,8 @@ def main() -> None:
     ap.add_argument("--int8", type=Path, default=None, metavar="DATA",
                     help="also time the int8 probe (benchmarks/int8_probe.py), calibrated on DATA/gbm40")
     ap.add_argument("--fp32", action="store_true", help="also time the new path forced to fp32")
-    ap.add_argument("--worker", choices=("old", "new", "fp32", "int8"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--vq", action="store_true", help="also time the new path with the VQ encoder")
+    ap.add_argument("--worker", choices=("old", "new", "fp32", "vq", "int8"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -118,7 +121,7 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, __file__, "--backbone", args.backbone, "--threads", str(args.threads),
            "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
-    sides: tuple[str, ...] = ("old", "new") + (("fp32",) if args.fp32 else ())
+    sides: tuple[str, ...] = ("old", "new") + (("fp32",) if args.fp32 else ()) + (("vq",) if args.vq else ())
     if args.int8:
         cmd += ["--int8", str(args.int8)]
         sides += ("int8",)
@@ -141,6 +144,7 @@ def main() -> None:
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "old_tiles_per_s": [o["tiles_per_s"] for o in rows["old"]],
         "new_precision": rows["new"][0]["precision"],
+        "new_encoder": rows["new"][0].get("encoder", "vq"),
         "new_tiles_per_s": [n["tiles_per_s"] for n in rows["new"]],
         "speedup_wall_per_round": wall,
         "speedup_wall_median": statistics.median(wall),
@@ -163,6 +167,15 @@ def main() -> None:
             "fp32_speedup_cpu_time_per_round": c32, "fp32_speedup_cpu_time_median": statistics.median(c32),
             "new_over_fp32_wall_median": statistics.median(
                 round(n["tiles_per_s"] / f["tiles_per_s"], 3) for n, f in zip(rows["new"], rows["fp32"])),
+        })
+    if args.vq:
+        wv, cv = ratios("tiles_per_s", side="vq"), ratios("cpu_s_per_tile", invert=True, side="vq")
+        summary.update({
+            "vq_tiles_per_s": [n["tiles_per_s"] for n in rows["vq"]],
+            "vq_speedup_wall_per_round": wv, "vq_speedup_wall_median": statistics.median(wv),
+            "vq_speedup_cpu_time_per_round": cv, "vq_speedup_cpu_time_median": statistics.median(cv),
+            "new_over_vq_wall_median": statistics.median(
+                round(n["tiles_per_s"] / f["tiles_per_s"], 3) for n, f in zip(rows["new"], rows["vq"])),
         })
     if args.int8:
         w8, c8 = ratios("tiles_per_s", side="int8"), ratios("cpu_s_per_tile", invert=True, side="int8")

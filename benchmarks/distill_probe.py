@@ -22,7 +22,6 @@ Not product code and not a test. Four steps, each a subcommand:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -33,12 +32,12 @@ from pathlib import Path
 
 # pdseg first, as the CLI does: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP.
 from pdseg_qupath.backbone.bench import gflop_per_tile  # isort: skip
+from pdseg_qupath.backbone.fast_encoder import FastEncoder, save_fast_encoder  # isort: skip
 from cpu_speed import alternate, machine  # the rounds and machine line of cpu_speed.py  # isort: skip
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the test data beside a checkout; --data
 WORK = Path("distill-work")
@@ -46,53 +45,19 @@ TILE = 256
 
 
 # ----------------------------------------------------------------------------------------- student
-class Block(nn.Module):
-    def __init__(self, c: int, norm: bool) -> None:
-        super().__init__()
-        self.n1 = nn.GroupNorm(min(16, c // 4), c) if norm else nn.Identity()
-        self.c1 = nn.Conv2d(c, c, 3, padding=1)
-        self.n2 = nn.GroupNorm(min(16, c // 4), c) if norm else nn.Identity()
-        self.c2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c1(F.silu(self.n1(x)))
-        h = self.c2(F.silu(self.n2(h)))
-        return x + h
-
-
-class Student(nn.Module):
-    """uint8-scaled RGB in [-1, 1] (B, 3, H, W) -> latent (B, 3, H/4, W/4), like encoder + quant_conv."""
-
-    def __init__(self, width: int = 48, blocks: int = 3, norm: bool = True, factor: int = 4,
-                 in_ch: int = 3, out_ch: int = 3, out_scale: float = 1.0) -> None:
-        super().__init__()
-        self.config = dict(arch="pixel_unshuffle_resnet", width=width, blocks=blocks, norm=norm,
-                           factor=factor, in_ch=in_ch, out_ch=out_ch, out_scale=out_scale)
-        self.factor = factor
-        self.stem = nn.Conv2d(in_ch * factor * factor, width, 3, padding=1)
-        self.body = nn.Sequential(*[Block(width, norm) for _ in range(blocks)])
-        self.norm_out = nn.GroupNorm(min(16, width // 4), width) if norm else nn.Identity()
-        self.head = nn.Conv2d(width, out_ch, 3, padding=1)
-        self.out_scale = out_scale  # multiplies the output (1/latent scale when it replaces encoder+quant_conv)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(F.pixel_unshuffle(x, self.factor))
-        h = self.body(h)
-        y = self.head(F.silu(self.norm_out(h)))
-        return y * self.out_scale if self.out_scale != 1.0 else y
-
-
-def load_student(folder: Path) -> Student:
+# The student is the product's FastEncoder (pdseg_qupath/backbone/fast_encoder.py): pixel-unshuffle to latent
+# resolution, residual 3x3 blocks, a conv to the latent channels; it outputs z0 itself.
+def load_student(folder: Path) -> FastEncoder:
+    """A student saved by ``train`` (student.json + student.safetensors)."""
     from safetensors.torch import load_file
 
     cfg = json.loads((folder / "student.json").read_text())
-    kw = {k: cfg[k] for k in ("width", "blocks", "norm", "factor", "in_ch", "out_ch")}
-    s = Student(**kw)
+    s = FastEncoder(**{k: cfg[k] for k in ("width", "blocks", "factor", "in_ch", "out_ch")})
     s.load_state_dict(load_file(str(folder / "student.safetensors")))
     return s.eval().requires_grad_(False)
 
 
-def student_gflop(s: Student) -> float:
+def student_gflop(s: FastEncoder) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as c:
@@ -136,7 +101,7 @@ def _crops(img: np.ndarray, n: int, rng: np.random.Generator, skip_white: bool =
     return out
 
 
-def train_tiles(rng: np.random.Generator, scale: float = 1.0) -> tuple[np.ndarray, list[str]]:
+def train_tiles(rng: np.random.Generator, scale: float = 1.0, pool: Path | None = None) -> tuple[np.ndarray, list[str]]:
     tiles: list[np.ndarray] = []
     src: list[str] = []
 
@@ -156,6 +121,9 @@ def train_tiles(rng: np.random.Generator, scale: float = 1.0) -> tuple[np.ndarra
         add("gbm40", _crops(_rgb(DATA / f"gbm40/{i:02d}.png"), round(22 * scale), rng))
     for p in sorted((DATA / "ebhi-seg/train").glob("*.png")):  # train/ only: test/ is held out
         add("ebhi_train", _crops(_resize(_rgb(p), 1.2 / 0.5), round(40 * scale), rng))
+    if pool is not None:  # benchmarks/prepare_ebhi_pool.py: unlabelled EBHI-Seg without any test image or patient
+        for p in sorted(pool.glob("*.png")):
+            add("ebhi_pool", _crops(_resize(_rgb(p), 1.2 / 0.5), round(2 * scale), rng))
     return np.stack(tiles), src
 
 
@@ -200,7 +168,7 @@ def cmd_prep(a: argparse.Namespace) -> None:
     bb = load_backbone("small", torch.device("cpu"))
     rng = np.random.default_rng(0)
     t0 = time.time()
-    tiles, src = train_tiles(rng, a.scale)
+    tiles, src = train_tiles(rng, a.scale, a.pool)
     print(f"{len(tiles)} training tiles ({ {s: src.count(s) for s in sorted(set(src))} }) in {time.time() - t0:.0f} s",
           flush=True)
     t0 = time.time()
@@ -228,7 +196,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     perm = np.random.default_rng(1).permutation(n)
     n_val = max(32, n // 20)
     val, tr = perm[:n_val], perm[n_val:]
-    s = Student(a.width, a.blocks, not a.no_norm)
+    s = FastEncoder(a.width, a.blocks)
     prior: dict = {}
     if a.init:  # warm start: continue training a saved student (same architecture)
         from safetensors.torch import load_file
@@ -289,7 +257,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         if v < best:
             best = v
             save_file({k: t.contiguous() for k, t in s.state_dict().items()}, str(out / "student.safetensors"))
-    cfg = dict(s.config, name=a.name, params=n_params, gflop_per_256_tile=round(gf, 4),
+    cfg = dict(s.arch, name=a.name, params=n_params, gflop_per_256_tile=round(gf, 4),
                replaces="small: vq.encoder + vq.quant_conv, output = z0 (times latent scale 1.0)",
                input="RGB uint8 / 127.5 - 1, (B, 3, H, W), H and W multiples of 4",
                output="(B, 3, H/4, W/4) latent z0 as LDMFeatures._core computes it",
@@ -303,36 +271,8 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------- eval
-def student_backbone(bb, student: Student):
-    """A copy of ``bb`` whose vq.encoder is the student and quant_conv the identity (latent scale folded)."""
-    scale = float(bb.vq.config.get("scaling_factor", 1.0) or 1.0)
-    s = copy.deepcopy(student)
-    s.out_scale = 1.0 / scale
-    enc, qc = bb.vq.encoder, bb.vq.quant_conv
-    bb.vq.encoder, bb.vq.quant_conv = None, None
-    try:
-        sb = copy.deepcopy(bb)
-    finally:
-        bb.vq.encoder, bb.vq.quant_conv = enc, qc
-    sb.vq.encoder, sb.vq.quant_conv = s, nn.Identity()
-    return sb
-
-
-def pass_gflop(bb, student: Student) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pdseg_qupath.backbone.features import LDMFeatures
-    from pdseg_qupath.backbone.model import build_backbone
-
-    meta = build_backbone(bb.config, "meta")
-    s = Student(**{k: student.config[k] for k in ("width", "blocks", "norm", "factor", "in_ch", "out_ch")}).to("meta")
-    meta.vq.encoder, meta.vq.quant_conv = s, nn.Identity()
-    f = LDMFeatures(meta, device="meta", precision="fp32")
-    x = torch.zeros(1, TILE, TILE, 3, dtype=torch.uint8, device="meta")
-    noise = torch.zeros(len(f.t), 1, bb.config.latent_channels, TILE // 4, TILE // 4, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as c:
-        f._core(x, noise, meta.null_context(1, "meta"))
-    return c.get_total_flops() / 1e9
+def pass_gflop(bb, student: FastEncoder) -> float:
+    return gflop_per_tile(bb, (bb.config.default_t,), bb.config.default_blocks, TILE, fast=student)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -347,7 +287,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     bb = load_backbone("small", torch.device("cpu"))
     ho = np.load(a.work / "heldout.npz")
     sets = [k[2:] for k in ho.files if k.startswith("x_")]
-    res: dict = {"heldout": {k: int(len(ho[f"x_{k}"])) for k in sets}, "students": {},
+    res: dict = {"heldout": {k: len(ho[f"x_{k}"]) for k in sets}, "students": {},
                  "teacher_gflop_per_tile_pass": round(gflop_per_tile(bb, (bb.config.default_t,),
                                                                      bb.config.default_blocks, TILE), 3),
                  "t": bb.config.default_t, "blocks": list(bb.config.default_blocks)}
@@ -364,9 +304,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
         folder = a.work / name if not Path(name).is_dir() else Path(name)
         s = load_student(folder)
         cfg = json.loads((folder / "student.json").read_text())
-        sb = student_backbone(bb, s)
         r = {"params": cfg["params"], "student_gflop_per_tile": round(student_gflop(s), 4),
-             "pass_gflop_per_tile": round(pass_gflop(bb, s), 3), "config": {k: cfg[k] for k in ("width", "blocks", "norm")},
+             "pass_gflop_per_tile": round(pass_gflop(bb, s), 3), "config": {k: cfg[k] for k in ("width", "blocks")},
              "train_minutes": cfg["train"]["minutes"], "train_steps": cfg["train"]["steps"],
              "best_val_rel_latent": cfg["train"]["best_val_rel"]}
         for k in sets:
@@ -378,7 +317,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
             r.setdefault("latent_rel_error", {})[k] = _rel(zs, zt)
             r.setdefault("latent_rel_error_per_tile_median_max", {})[k] = [statistics.median(per), max(per)]
             for prec in ("fp32", "bf16"):
-                fs = LDMFeatures(sb, device="cpu", precision=prec).extract(x, origins=org)
+                fs = LDMFeatures(bb, device="cpu", precision=prec, encoder=s).extract(x, origins=org)
                 r.setdefault(f"feature_rel_error_{prec}", {})[k] = _rel(fs, f32)
         res["students"][name] = r
         print(name, json.dumps(r), flush=True)
@@ -398,19 +337,10 @@ def worker(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     v = a.worker
-    if v.startswith("student"):
-        student = load_student(a.student)
-        orig = bench.LDMFeatures
-
-        def features(backbone, *args, reference: bool = False, **kw):
-            if reference or backbone.device.type == "meta":
-                return orig(backbone, *args, reference=reference, **kw)
-            return orig(student_backbone(backbone, student), *args, **kw)
-
-        bench.LDMFeatures = features
+    encoder = load_student(a.student) if v.startswith("student") else "vq"
     prec = {"old": "fp32", "fp32": "fp32", "bf16": "bf16", "student_fp32": "fp32", "student_bf16": "bf16"}[v]
     r = bench.bench_features("small", "cpu", a.batch_size, a.steps, reference=v == "old", precision=prec,
-                             warmup_steps=1, ref_tiles=a.batch_size)
+                             warmup_steps=1, ref_tiles=a.batch_size, encoder=encoder)
     print("RESULT " + json.dumps(r))
 
 
@@ -439,23 +369,44 @@ def cmd_bench(a: argparse.Namespace) -> None:
     a.out.write_text(json.dumps(prev, indent=1) + "\n")
 
 
+# ----------------------------------------------------------------------------------------- export
+def cmd_export(a: argparse.Namespace) -> None:
+    """Write a trained student as the backbone's ``fast_encoder/`` (what the product loads and verifies)."""
+    from pdseg_qupath.backbone.spec import load_backbone
+
+    bb = load_backbone(a.backbone_folder)
+    cfg = json.loads((a.student / "student.json").read_text())
+    train = {k: v for k, v in cfg["train"].items() if k not in ("log", "prior")}
+    record = {"made_by": "benchmarks/distill_probe.py train + export", "name": cfg["name"],
+              "params": cfg["params"], "gflop_per_256_tile": cfg["gflop_per_256_tile"], "train": train,
+              "data": "random 256-px crops at 0.5 um/px with flips/rotations; targets from this backbone's fp32 "
+                      "fast path (prep)"}
+    out = save_fast_encoder(load_student(a.student), bb, a.backbone_folder, record)
+    print(f"wrote {out}: {json.dumps(record)}")
+
+
 def main() -> None:
     global DATA
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prep")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the number of crops per source")
+    p.add_argument("--pool", type=Path, default=None,
+                   help="also 2 crops of each image of this unlabelled EBHI-Seg pool (benchmarks/prepare_ebhi_pool.py)")
     p = sub.add_parser("train")
     p.add_argument("--name", required=True)
     p.add_argument("--width", type=int, default=48)
     p.add_argument("--blocks", type=int, default=3)
-    p.add_argument("--no-norm", action="store_true")
     p.add_argument("--minutes", type=float, default=12)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", type=Path, default=None, help="warm start from a saved student folder")
     p.add_argument("--sources", default=None, help="train on these sources only, e.g. glas,cmu1 (default: all)")
+    p = sub.add_parser("export")
+    p.add_argument("student", type=Path, help="a student folder written by train")
+    p.add_argument("--backbone-folder", type=Path, default=Path(__file__).resolve().parents[1] / "pdseg_qupath/weights/small",
+                   help="the backbone folder it was distilled from; fast_encoder/ is written inside it")
     p = sub.add_parser("eval")
     p.add_argument("students", nargs="+")
     p = sub.add_parser("bench")
@@ -465,7 +416,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--worker", choices=SIDES, default=None, help=argparse.SUPPRESS)
     for p in sub.choices.values():
-        p.add_argument("--threads", type=int, default={"prep": 2, "train": 1, "eval": 2, "bench": 2}[p.prog.split()[-1]])
+        p.add_argument("--threads", type=int, default={"prep": 2, "train": 1, "eval": 2, "bench": 2, "export": 1}[p.prog.split()[-1]])
         p.add_argument("--data", type=Path, default=DATA, help="the test data folder (gbm40/, ebhi-seg/, he-unlabeled/, wsi/)")
         p.add_argument("--work", type=Path, default=WORK, help="where targets and students are kept")
         p.add_argument("--out", type=Path, default=Path("distill.json"))
@@ -474,7 +425,7 @@ def main() -> None:
     if a.cmd == "bench" and a.worker:
         worker(a)
         return
-    {"prep": cmd_prep, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}[a.cmd](a)
+    {"prep": cmd_prep, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_export}[a.cmd](a)
 
 
 if __name__ == "__main__":

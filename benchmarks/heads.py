@@ -49,7 +49,11 @@ class CachedExtractor:
         self.blocks, self.t = want, inner.t
         self.channels = len(inner.t) * sum(up[b] for b in want)
         self.out_stride, self.seed, self.backbone = inner.out_stride, inner.seed, inner.backbone
+        self.precision, self.encoder = inner.precision, inner.encoder  # what train records and prints
         self.hits = self.misses = 0
+
+    def summary(self) -> str:
+        return self.inner.summary() + " (cached)"
 
     def _key(self, tile: np.ndarray, origin) -> Path:
         h = hashlib.sha1(np.ascontiguousarray(tile).tobytes())
@@ -93,7 +97,8 @@ def install_cache(root: Path) -> list[CachedExtractor]:
         bb, inner = real(spec, device, t=t, blocks=(0, 1, 2), seed=seed, **kw)
         sha = bb.sha256[:8] if bb.sha256 else "random"
         prec = "" if inner.precision == "fp32" else f"-{inner.precision}"  # fp32 keeps the old folder names
-        tag = f"{Path(str(spec)).name}-{sha}-t{'_'.join(map(str, inner.t))}-s{seed}{prec}"
+        enc = "" if inner.encoder == "vq" else f"-{inner.encoder}"  # so do VQ-encoder features
+        tag = f"{Path(str(spec)).name}-{sha}-t{'_'.join(map(str, inner.t))}-s{seed}{prec}{enc}"
         ex = CachedExtractor(inner, blocks, root / tag)
         made.append(ex)
         return bb, ex

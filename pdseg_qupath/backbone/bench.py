@@ -18,17 +18,24 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from pdseg_qupath.backbone.fast_encoder import FastEncoder
 from pdseg_qupath.backbone.features import LDMFeatures
 from pdseg_qupath.backbone.model import Backbone, build_backbone, describe
 from pdseg_qupath.backbone.spec import load_backbone
 
 
-def gflop_per_tile(backbone: Backbone, t: Sequence[int], blocks: Sequence[int], tile_size: int) -> float:
-    """Forward GFLOP for one tile (VQ encoder + UNet up to the last tap + resizing), by shape only."""
+def gflop_per_tile(backbone: Backbone, t: Sequence[int], blocks: Sequence[int], tile_size: int,
+                   fast: FastEncoder | None = None) -> float:
+    """Forward GFLOP for one tile (VQ encoder, or the fast encoder ``fast`` is shaped like, + UNet up to the
+    last tap + resizing), by shape only."""
     from torch.utils.flop_counter import FlopCounterMode
 
     meta = build_backbone(backbone.config, "meta")
-    f = LDMFeatures(meta, t=list(t), blocks=blocks, device="meta", precision="fp32")
+    encoder: str | FastEncoder = "vq"
+    if fast is not None:
+        with torch.device("meta"):
+            encoder = FastEncoder(**fast.arch)
+    f = LDMFeatures(meta, t=list(t), blocks=blocks, device="meta", precision="fp32", encoder=encoder)
     lat = tile_size // f.out_stride
     x = torch.zeros(1, tile_size, tile_size, 3, dtype=torch.uint8, device="meta")
     noise = torch.zeros(len(f.t), 1, backbone.config.latent_channels, lat, lat, device="meta")
@@ -42,13 +49,15 @@ def bench_features(spec: str = "pathsegdiff-brca-20x", device: str = "cpu", batc
                    steps: int = 5, compile: bool | str = False, *, t: int | Sequence[int] | None = None,
                    blocks: Sequence[int] | None = None, tile_size: int | None = None,
                    channels_last: bool = False, attention: str | None = None, precision: str = "auto",
-                   warmup_steps: int = 1, ref_tiles: int = 2, reference: bool = False) -> dict[str, Any]:
+                   warmup_steps: int = 1, ref_tiles: int = 2, reference: bool = False,
+                   encoder: str | FastEncoder = "auto") -> dict[str, Any]:
     """Time ``LDMFeatures.extract`` on random tiles; returns a JSON-ready dict (see docs/PERFORMANCE.md)."""
     dev = torch.device(device)
     bb = load_backbone(spec, dev)
     size = tile_size or bb.config.tile_size
     feats = LDMFeatures(bb, t=t, blocks=blocks, device=dev, batch_size=batch_size, compile=compile,
-                        channels_last=channels_last, attention=attention, precision=precision, reference=reference)
+                        channels_last=channels_last, attention=attention, precision=precision, reference=reference,
+                        encoder=encoder)
     rng = np.random.default_rng(0)
     tiles = torch.from_numpy(rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8))
     origins = np.stack([np.arange(batch_size) * size, np.zeros(batch_size, dtype=np.int64)], 1)
@@ -80,7 +89,7 @@ def bench_features(spec: str = "pathsegdiff-brca-20x", device: str = "cpu", batc
     ref = _eager_fp32_reference(bb, feats, tiles[:n_ref], origins[:n_ref])
     got = y[:n_ref].float()
     rel = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
-    gflop = gflop_per_tile(bb, feats.t, feats.blocks, size)
+    gflop = gflop_per_tile(bb, feats.t, feats.blocks, size, feats._fast)
     return {
         "backbone": describe(bb),
         "spec": spec,
@@ -88,6 +97,7 @@ def bench_features(spec: str = "pathsegdiff-brca-20x", device: str = "cpu", batc
         "device": _device_name(dev),
         "torch": torch.__version__,
         "precision": feats.precision,
+        "encoder": feats.encoder,
         "compile": feats.compile_mode,
         "channels_last": channels_last,
         "reference_path": feats.reference,
@@ -121,7 +131,7 @@ def _eager_fp32_reference(bb: Backbone, feats: LDMFeatures, tiles: torch.Tensor,
         ref_f = feats
     else:
         ref_f = LDMFeatures(bb, t=list(feats.t), blocks=feats.blocks, device=feats.device,
-                            batch_size=len(tiles), precision="fp32", seed=feats.seed, reference=True)
+                            batch_size=len(tiles), precision="fp32", seed=feats.seed, reference=True, encoder="vq")
     cuda = feats.device.type == "cuda"
     if cuda:
         saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)

@@ -10,7 +10,9 @@ The noise ``eps`` is keyed by absolute latent position (``noise.position_noise``
 agree and runs are bit-identical. Precision (:func:`resolve_precision`): on CUDA the pass runs under bf16
 autocast; on a CPU with bf16 instructions (AVX-512 BF16 or AMX) it runs a bf16 copy of the encoder and
 UNet (features within ~5e-3 relative of fp32, docs/PERFORMANCE.md); elsewhere in fp32.
-``PDSEG_PRECISION=fp32`` (or ``bf16``) overrides the automatic choice.
+``PDSEG_PRECISION=fp32`` (or ``bf16``) overrides the automatic choice. ``encoder="fast"`` replaces the
+VQ encoder with the backbone's distilled fast encoder (:mod:`pdseg_qupath.backbone.fast_encoder`; ``auto``
+picks it on a CPU when the backbone has one, ``PDSEG_ENCODER`` overrides).
 Batches are cut into chunks of ``batch_size`` tiles; out-of-memory back-off belongs to the caller
 (:class:`pdseg_qupath.learn.runtime.BatchRunner`).
 
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from pdseg_qupath.backbone.encoder import encode
+from pdseg_qupath.backbone.fast_encoder import FastEncoder, load_fast_encoder, resolve_encoder
 from pdseg_qupath.backbone.model import Backbone
 from pdseg_qupath.backbone.noise import position_noise
 from pdseg_qupath.backbone.taps import check_supported, unet_taps
@@ -59,7 +62,7 @@ class LDMFeatures:
                  dtype: torch.dtype | None = None, *, seed: int = 0, batch_size: int | None = None,
                  compile: bool | str = False, expected_tiles: int | None = None,
                  channels_last: bool = False, attention: str | None = None,
-                 precision: str = "auto", reference: bool = False) -> None:
+                 precision: str = "auto", reference: bool = False, encoder: str | FastEncoder = "vq") -> None:
         cfg = backbone.config
         self.device = torch.device(device) if device is not None else backbone.device
         self.backbone = backbone.to(self.device).eval().requires_grad_(False)
@@ -85,6 +88,14 @@ class LDMFeatures:
         # bf16 on CUDA is autocast; on a CPU, a bf16 copy of the modules (oneDNN's bf16 kernels, in-place walk).
         self._bf16 = _Bf16Modules(self.backbone) if self.precision == "bf16" and self.device.type == "cpu" else None
         self.autocast = self.precision == "bf16" and self._bf16 is None
+        # The encoder: the VQ first stage's, or the backbone's fast encoder (or one given, for benchmarks).
+        if isinstance(encoder, FastEncoder):
+            self.encoder, fast = "fast", encoder.to(self.device).eval().requires_grad_(False)
+        else:
+            # the reference path is the VQ encoder's unless a fast one is asked for by name
+            self.encoder = resolve_encoder("vq" if reference and encoder == "auto" else encoder, self.device, backbone)
+            fast = load_fast_encoder(backbone, self.device) if self.encoder == "fast" else None
+        self._fast = _bf16_copy(fast) if fast is not None and self._bf16 is not None else fast
         self.batch_size = int(batch_size) if batch_size else (128 if self.device.type == "cuda" else 4)
         self.channels_last = channels_last
         self.attention = attention
@@ -115,8 +126,11 @@ class LDMFeatures:
         x = (x.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0).to(dtype)
         if self.channels_last or self._encoder_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        h = mods.encoder(x) if self.reference else encode(mods.encoder, x)
-        z0 = mods.quant_conv(h).float() * self._latent_scale
+        if self._fast is not None:
+            z0 = self._fast(x).float()  # trained to give the scaled latent itself
+        else:
+            h = mods.encoder(x) if self.reference else encode(mods.encoder, x)
+            z0 = mods.quant_conv(h).float() * self._latent_scale
         if self._encoder_channels_last:
             z0 = z0.contiguous()  # the UNet stays NCHW: channels-last gains it ~3 % and costs exactness
         nt, b = len(self.t), x.shape[0]
@@ -135,6 +149,10 @@ class LDMFeatures:
         return out.view(nt, b, c, *size).transpose(0, 1).reshape(b, nt * c, *size)
 
     # ------------------------------------------------------------------------------------ public API
+    def summary(self) -> str:
+        """How the pass runs, for the line train and predict print: ``bf16 features, fast encoder``."""
+        return f"{self.precision} features" + (", fast encoder" if self.encoder == "fast" else "")
+
     @torch.no_grad()
     def extract(self, tiles: np.ndarray | torch.Tensor, cond: Any = None,
                 origins: np.ndarray | torch.Tensor | Sequence[Sequence[int]] | None = None) -> torch.Tensor:

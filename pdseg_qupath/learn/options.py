@@ -116,6 +116,10 @@ class TrainOptions:
     """Heads trained on the same features, each early-stopped on different held-out images (and with its
     own seed), that predict together by averaging their class probabilities (:class:`~pdseg_qupath.learn.head.HeadEnsemble`).
     Costs the head's training time per member, a few percent of prediction time per member; 1: one head."""
+    encoder: str = "auto"
+    """``vq`` (the backbone's VQ encoder), ``fast`` (its distilled fast encoder, several times cheaper on a
+    CPU: :mod:`pdseg_qupath.backbone.fast_encoder`) or ``auto``: fast on a CPU when the backbone has one.
+    The choice is recorded in model.json (``features.encoder``) and ``predict`` follows it on any device."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     resume: bool = True
     keep_features: bool = False
@@ -129,6 +133,8 @@ class TrainOptions:
             v = getattr(self, name)
             if isinstance(v, str) and v != "auto":
                 raise PdsegError(f"--{name} {v!r}: give whole numbers separated by commas, or auto")
+        if self.encoder not in ("auto", "vq", "fast"):
+            raise PdsegError(f"--encoder {self.encoder!r}: use auto, vq or fast")
         if not isinstance(self.ensemble, int) or isinstance(self.ensemble, bool) or not 1 <= self.ensemble <= 16:
             raise PdsegError(f"--ensemble {self.ensemble!r}: give the number of heads, from 1 to 16")
         _finite(self, cache_mb=(0, None), lr=(0, None), weight_decay=(0, None), dropout=(0, 1), val_fraction=(0, 1))

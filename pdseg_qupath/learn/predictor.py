@@ -16,22 +16,24 @@ from pdseg_qupath.learn.runtime import BatchRunner, resolve_device
 
 
 def load_extractor(spec: str, device: str, t=None, blocks=None, seed: int = 0, *,
-                   allow_hub: bool = True) -> tuple[Backbone, LDMFeatures]:
+                   allow_hub: bool = True, encoder: str = "auto") -> tuple[Backbone, LDMFeatures]:
     """(backbone, feature extractor) for a ``--backbone`` spec; t and blocks default to the backbone's.
 
-    ``allow_hub=False`` for specs read from a file (a model's): those never make pdseg contact the hub."""
+    ``allow_hub=False`` for specs read from a file (a model's): those never make pdseg contact the hub.
+    ``encoder``: auto, vq or fast (:func:`pdseg_qupath.backbone.fast_encoder.resolve_encoder`)."""
     backbone = load_backbone(spec, device=device, allow_hub=allow_hub)
-    return backbone, features_for(backbone, device, t, blocks, seed)
+    return backbone, features_for(backbone, device, t, blocks, seed, encoder=encoder)
 
 
-def features_for(backbone: Backbone, device: str, t=None, blocks=None, seed: int = 0) -> LDMFeatures:
+def features_for(backbone: Backbone, device: str, t=None, blocks=None, seed: int = 0, *,
+                 encoder: str = "auto") -> LDMFeatures:
     """The feature extractor of a loaded backbone (t and blocks default to the backbone's)."""
     kwargs = {}
     if t is not None:
         kwargs["t"] = t
     if blocks is not None:
         kwargs["blocks"] = tuple(blocks)
-    return LDMFeatures(backbone, device=device, seed=seed, **kwargs)
+    return LDMFeatures(backbone, device=device, seed=seed, encoder=encoder, **kwargs)
 
 
 class Predictor:
@@ -46,8 +48,10 @@ class Predictor:
             raise PdsegError(f"{model.path}: model.json names no backbone spec")
         f = model.features
         try:
+            # The encoder the model was trained with (models from before the fast encoder used the VQ one).
             bb, self.extractor = load_extractor(spec, self.device, t=f.get("t"), blocks=f.get("blocks"),
-                                                seed=int(f.get("seed", 0)), allow_hub=False)
+                                                seed=int(f.get("seed", 0)), allow_hub=False,
+                                                encoder=str(f.get("encoder", "vq")))
         except PdsegError as e:
             raise PdsegError(f"{model.path}: {e}") from None
         want, have = model.backbone.get("sha256"), getattr(bb, "sha256", None)

@@ -39,14 +39,16 @@ RESTART_OPTIONS = ("lr", "weight_decay", "batch_pixels", "class_weights", "hidde
 
 def fingerprints(images: Sequence[TrainingImage], cmap: ClassMap, opts: TrainOptions, spec: str,
                  bb_sha: str | None, mpp: float, seed: int, val_images: Sequence[str] | None,
-                 precision: str = "fp32") -> tuple[str, str]:
+                 precision: str = "fp32", encoder: str = "vq") -> tuple[str, str]:
     """(features, head) fingerprints: what the cached features depend on, and that plus the head options.
 
-    ``precision`` is the feature pass's (bf16 or fp32): a run resumed on another machine must not mix them."""
+    ``precision`` is the feature pass's (bf16 or fp32) and ``encoder`` its encoder (vq or fast): a run resumed
+    on another machine must not mix them."""
     o = opts.to_json()
     h = hashlib.sha256()
     h.update(json.dumps({"opts": {k: o[k] for k in FEATURE_OPTIONS}, "spec": spec, "sha": bb_sha, "mpp": mpp,
                          **({"precision": precision} if precision != "fp32" else {}),
+                         **({"encoder": encoder} if encoder != "vq" else {}),
                          "seed": seed, "classes": cmap.to_json(), "val": list(val_images or []), "v": __version__},
                         sort_keys=True, default=str).encode())
     for im in images:

@@ -103,7 +103,7 @@ def predict(
     m = predictor.model
     prec, trained = predictor.extractor.precision, m.features.get("precision")
     events.message(f"model {m.name} ({m.model_id[:8]}): {', '.join(m.class_map.names)} at {m.io.mpp:g} µm/px · "
-                   f"backbone: {predictor.label} · {prec} features"
+                   f"backbone: {predictor.label} · {predictor.extractor.summary()}"
                    + (f" (trained on {trained})" if trained and trained != prec else ""))
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:

@@ -180,7 +180,7 @@ def train(
         # 2. The backbone, and the tiles it sees.
         with events.step(f"loading backbone {backbone}"):
             bb, extractor = load_extractor(backbone, dev, t=None if opts.t == AUTO else opts.t,
-                                           blocks=None if opts.blocks == AUTO else opts.blocks)
+                                           blocks=None if opts.blocks == AUTO else opts.blocks, encoder=opts.encoder)
         io = opts.io(mpp, bb.config.tile_size, extractor.out_stride)
         bb_record = _backbone_record(backbone, bb)
         far = resolution_note(mpp, bb)
@@ -189,7 +189,7 @@ def train(
         search = None
         if is_auto(opts):
             # 2b. --t auto / --blocks auto: chosen by image-wise cross-validation on these annotations.
-            search = autotune.search(imgs, cmap, io, opts, bb, partial(features_for, bb, dev),  # (ts, blocks)
+            search = autotune.search(imgs, cmap, io, opts, bb, partial(features_for, bb, dev, encoder=extractor.encoder),  # (ts, blocks)
                                      seed=seed, device=dev, events=events)
             if search.fallback:
                 messages.append(search.fallback)  # shown with the other warnings below
@@ -199,7 +199,7 @@ def train(
             timings["auto_s"] = search.seconds
             opts = replace(opts, t=list(search.chosen.t), blocks=list(search.chosen.blocks))
             if (tuple(extractor.t), tuple(extractor.blocks)) != (search.chosen.t, search.chosen.blocks):
-                extractor = features_for(bb, dev, search.chosen.t, search.chosen.blocks)
+                extractor = features_for(bb, dev, search.chosen.t, search.chosen.blocks, encoder=extractor.encoder)
         # 3. Train and validation tiles.
         plan = plan_tiles(imgs, cmap, io, opts, val_images, rng, messages)
         if opts.head == "context":
@@ -208,7 +208,7 @@ def train(
         per_view = pixels_per_view(opts.cache_mb, extractor.channels, n_views, opts.pixels_per_tile)
         out.mkdir(parents=True, exist_ok=True)
         resume = Resume(out, fingerprints(imgs, cmap, opts, backbone, bb.sha256, mpp, seed, val_images,
-                                          extractor.precision),
+                                          extractor.precision, extractor.encoder),
                         opts.resume, messages)
         for m in messages:
             events.message(m, "warn")
@@ -219,7 +219,7 @@ def train(
                        f"{mpp:g} µm/px · {len(plan.tiles)} training tiles × {opts.views} views · "
                        f"{len(plan.val_tiles)} validation tiles (split by {plan.val_mode}) · "
                        f"{'whole feature maps' if opts.head == 'context' else f'≤ {per_view} px per view'} · "
-                       f"device {dev} ({extractor.precision} features)")
+                       f"device {dev} ({extractor.summary()})")
         timings["prepare_s"] = time.perf_counter() - t0
         # 4. Features at sampled labelled pixels.
         t1 = time.perf_counter()
@@ -561,4 +561,5 @@ def _features_record(extractor: Any) -> dict[str, Any]:
         "out_stride": int(extractor.out_stride),
         "seed": int(extractor.seed),
         "precision": str(extractor.precision),
+        "encoder": str(extractor.encoder),
     }
