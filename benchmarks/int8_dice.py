@@ -9,6 +9,7 @@ fp32). Training and evaluation thus both see int8 features, as an opt-in int8 mo
 
     nice -n 10 python benchmarks/int8_dice.py /path/to/gbm40 --int8 --seed 0 --out /tmp/g-int8-s0
 
+``--ivygap DIR`` runs the IvyGAP set the same way (4 µm/px images worked at 8 µm/px, as ``accuracy.py``).
 ``--ebhi DIR`` runs EBHI-Seg instead (DIR/train → DIR/test, ``--image-mpp 1.2``, the default 0.5 µm/px work
 resolution, defaults otherwise; macro Dice), still calibrated on the gbm40 tiles of the first argument:
 
@@ -31,13 +32,17 @@ def main() -> None:
     if use_int8:
         sys.argv.remove("--int8")
         _patch(Path(sys.argv[1]))
-    if "--ebhi" in sys.argv:
-        _ebhi()
+    if "--ebhi" in sys.argv or "--ivygap" in sys.argv:
+        _tissue()
     else:
         gbm40_loop.main()
 
 
-def _ebhi() -> None:
+#: tissue sets: (image µm/px, work µm/px), as benchmarks/accuracy.py runs them
+TISSUE = {"ebhi": (1.2, 0.5), "ivygap": (4.0, 8.0)}
+
+
+def _tissue() -> None:
     import argparse
     import json
     import time
@@ -51,16 +56,20 @@ def _ebhi() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("gbm40", type=Path)
-    ap.add_argument("--ebhi", type=Path, required=True)
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--ebhi", type=Path)
+    group.add_argument("--ivygap", type=Path, help="benchmarks/prepare_ivygap_gbm.py's folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    key = "ebhi" if args.ebhi else "ivygap"
+    root, (image_mpp, mpp) = getattr(args, key), TISSUE[key]
     events = ConsoleEvents(Console(stderr=True), plain=True)
     t0 = time.perf_counter()
-    res = train(open_source(args.ebhi / "train"), args.out / "model", backbone="small", mpp=0.5, image_mpp=1.2,
+    res = train(open_source(root / "train"), args.out / "model", backbone="small", mpp=mpp, image_mpp=image_mpp,
                 device="cpu", seed=args.seed, events=events)
     t1 = time.perf_counter()
-    m = evaluate(open_source(args.ebhi / "test"), args.out / "model", args.out / "report", image_mpp=1.2,
+    m = evaluate(open_source(root / "test"), args.out / "model", args.out / "report", image_mpp=image_mpp,
                  device="cpu", events=events)
     print(json.dumps({"backbone": res.backbone_label, "best_epoch": res.best_epoch, "macro_dice": m["macro_dice"],
                       "miou": m["miou"], "per_class_dice": {k: v["dice"] for k, v in m["per_class"].items()},

@@ -86,8 +86,9 @@ def resolve_encoder(encoder: str, device: torch.device, backbone: Any) -> str:
     if encoder == "auto":
         return "fast" if device.type == "cpu" and fast_encoder_folder(backbone) is not None else "vq"
     if encoder == "fast" and fast_encoder_folder(backbone) is None:
-        raise PdsegError(f"backbone {backbone.config.name} ({backbone.spec}) has no fast encoder "
-                         f"(a {FOLDER}/ folder beside its weights); use the VQ encoder (--encoder vq)")
+        raise PdsegError(f"backbone {backbone.config.name} ({backbone.spec}) has no fast encoder (a {FOLDER}/ "
+                         "folder beside its weights): train with --encoder vq, or use the backbone folder "
+                         "that has one")
     return encoder
 
 
@@ -124,6 +125,8 @@ def load_fast_encoder(backbone: Any, device: torch.device | str = "cpu") -> Fast
         model.load_state_dict(load_file(str(weights)))
     except (SafetensorError, RuntimeError) as e:
         raise PdsegError(f"{weights}: not the weights of the fast encoder {CONFIG_NAME} describes ({e})") from None
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise PdsegError(f"{weights}: holds NaN or infinite weights")
     return model.to(device).eval().requires_grad_(False)
 
 
