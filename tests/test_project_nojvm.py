@@ -967,7 +967,7 @@ def _predict_with_a_stub(project: Path, monkeypatch, keep: int, fail: str | None
     model = types.SimpleNamespace(name="stub", model_id="0123456789abcdef", io=IOConfig(0.5, 32, 8),
                                   class_map=types.SimpleNamespace(names=["Tumor"]), features={})
     monkeypatch.setattr(task, "open_predictor", lambda *a, **k: types.SimpleNamespace(
-        model=model, label="stub", extractor=types.SimpleNamespace(precision="fp32")))
+        model=model, label="stub", extractor=types.SimpleNamespace(precision="fp32", summary=lambda: "fp32 features")))
 
     class Slide:
         mpp, width, height = 0.5, 64, 48
