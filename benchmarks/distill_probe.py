@@ -1,22 +1,29 @@
-"""Probe: can a cheap student network replace the VQ-f4 encoder (+ quant_conv) of ``small`` on CPU?
+"""Distil ``small``'s VQ-f4 encoder (+ quant_conv) into the fast encoder (``pdseg_qupath/backbone/fast_encoder.py``).
 
-Not product code and not a test. Four steps, each a subcommand:
+Not product code and not a test: how the shipped ``pdseg_qupath/weights/small/fast_encoder/`` was made and
+checked. Five steps, each a subcommand:
 
     prep   teacher targets z0 = quant_conv(encoder(x)) * scale (the fp32 path of ``LDMFeatures._core``)
            on 256-px tiles at 0.5 um/px from unlabelled H&E (GlaS, CMU-1-Small-Region, gbm40 01-30,
-           EBHI-Seg train/), random crops with flips / 90-degree rotations; held-out tiles from gbm40
-           31-40 and 24 EBHI-Seg test images (never trained on); cached as .npz under --work.
-    train  one student (pixel-unshuffle to 64x64, 3x3 residual conv blocks, a conv to the 3 latent
-           channels), MSE on z0, 1 thread, wall-clock budget; saves safetensors + JSON config.
-    eval   latent and whole-pass feature errors on the held-out tiles (student swapped in for
-           encoder + quant_conv, default t and blocks), fp32 and bf16; GFLOP/tile.
+           EBHI-Seg train/, and with --pool the unlabelled EBHI-Seg pool of prepare_ebhi_pool.py), random
+           crops with flips / 90-degree rotations; held-out tiles from gbm40 31-40 and 24 EBHI-Seg test
+           images (never trained on); cached as .npz under --work. ``train --sources`` picks the sources.
+    train  one student (the product's FastEncoder: pixel-unshuffle to 64x64, 3x3 residual conv blocks, a conv
+           to the 3 latent channels), MSE on z0, wall-clock budget, optional warm start; safetensors + JSON.
+    eval   latent and whole-pass feature errors on the held-out tiles (the student as the extractor's
+           encoder, default t and blocks), fp32 and bf16; GFLOP/tile.
     bench  fresh-process, alternating speed rounds: old (reference) path, fp32 fast path, bf16 path,
            student pass fp32 and bf16 (as ``benchmarks/cpu_speed.py``), the 1-minute load average with each.
+    export write a student as a backbone folder's fast_encoder/ (sha256 and the backbone's sha256 recorded).
 
-    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/distill_probe.py prep --threads 2
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/distill_probe.py train --name s48x3 --width 48 --blocks 3 --minutes 12
-    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/distill_probe.py eval s48x3 s64x2 ...
-    python benchmarks/distill_probe.py bench --student distill-work/s48x3 --rounds 3
+The shipped one (docs/PERFORMANCE.md, "The fast encoder"):
+
+    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/distill_probe.py prep --pool /work/data/ebhi-pool --work W
+    python benchmarks/distill_probe.py train --work W --threads 2 --name ship48x3 --sources glas,cmu1 --minutes 20
+    python benchmarks/distill_probe.py train --work W --threads 2 --name pool48x3 --init W/ship48x3 \
+        --sources glas,cmu1,ebhi_pool,ebhi_train --minutes 20
+    python benchmarks/distill_probe.py eval --work W W/ship48x3 pool48x3 --out fast_encoder_eval.json
+    python benchmarks/distill_probe.py export W/pool48x3      # into pdseg_qupath/weights/small/fast_encoder/
 """
 
 from __future__ import annotations

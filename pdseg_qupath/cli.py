@@ -205,7 +205,7 @@ def train(
     rgb_skip: bool = typer.Option(False, "--rgb-skip", help="Give the pixel head the RGB tile beside the features (the context head always has it)."),
     head: str = typer.Option("context", "--head", help="context (dilated 3x3 blocks: each pixel sees ~124 px around it, plus its colour) or pixel (1x1 per-pixel classifier, faster to train)."),
     ensemble: int = typer.Option(3, "--ensemble", help="Heads trained on the same features, each validated on different held-out images, averaged when predicting (steadier with few images; each costs the head's training time again). 1: one head."),
-    encoder: str = typer.Option("auto", "--encoder", help="Encoder of the feature pass: vq (the backbone's own), fast (its distilled fast encoder: several times cheaper on a CPU, scores within 0.005 Dice; docs/PERFORMANCE.md) or auto (fast on a CPU when the backbone has one). Recorded in the model; predict follows it."),
+    encoder: str = typer.Option("auto", "--encoder", help="Encoder of the feature pass: vq (the backbone's own), fast (its distilled fast encoder: 1.7-2x faster on a CPU, scores -0.005 to +0.013 Dice of vq on three test sets; docs/PERFORMANCE.md) or auto (fast on a CPU when the backbone has one). Recorded in the model; predict follows it."),
     keep_features: bool = typer.Option(False, "--keep-features", help="Keep the feature cache so a rerun with other head options skips extraction."),
     force: bool = typer.Option(False, "--force", help="Replace the model already in --out (otherwise refused)."),
 ) -> None:

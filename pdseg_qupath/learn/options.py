@@ -117,8 +117,8 @@ class TrainOptions:
     own seed), that predict together by averaging their class probabilities (:class:`~pdseg_qupath.learn.head.HeadEnsemble`).
     Costs the head's training time per member, a few percent of prediction time per member; 1: one head."""
     encoder: str = "auto"
-    """``vq`` (the backbone's VQ encoder), ``fast`` (its distilled fast encoder, several times cheaper on a
-    CPU: :mod:`pdseg_qupath.backbone.fast_encoder`) or ``auto``: fast on a CPU when the backbone has one.
+    """``vq`` (the backbone's VQ encoder), ``fast`` (its distilled fast encoder, 1.7–2× faster features on
+    a CPU: :mod:`pdseg_qupath.backbone.fast_encoder`) or ``auto``: fast on a CPU when the backbone has one.
     The choice is recorded in model.json (``features.encoder``) and ``predict`` follows it on any device."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     resume: bool = True
