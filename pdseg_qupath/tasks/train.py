@@ -189,8 +189,8 @@ def train(
         search = None
         if is_auto(opts):
             # 2b. --t auto / --blocks auto: chosen by image-wise cross-validation on these annotations.
-            search = autotune.search(imgs, cmap, io, opts, bb, partial(features_for, bb, dev, encoder=extractor.encoder),  # (ts, blocks)
-                                     seed=seed, device=dev, events=events)
+            extract_for = partial(features_for, bb, dev, encoder=extractor.encoder)  # (ts, blocks) -> extractor
+            search = autotune.search(imgs, cmap, io, opts, bb, extract_for, seed=seed, device=dev, events=events)
             if search.fallback:
                 messages.append(search.fallback)  # shown with the other warnings below
             else:
@@ -199,7 +199,7 @@ def train(
             timings["auto_s"] = search.seconds
             opts = replace(opts, t=list(search.chosen.t), blocks=list(search.chosen.blocks))
             if (tuple(extractor.t), tuple(extractor.blocks)) != (search.chosen.t, search.chosen.blocks):
-                extractor = features_for(bb, dev, search.chosen.t, search.chosen.blocks, encoder=extractor.encoder)
+                extractor = extract_for(search.chosen.t, search.chosen.blocks)
         # 3. Train and validation tiles.
         plan = plan_tiles(imgs, cmap, io, opts, val_images, rng, messages)
         if opts.head == "context":
