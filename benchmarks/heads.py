@@ -77,7 +77,7 @@ class CachedExtractor:
                 f = self.inner.extract(arr[todo], origins=[origins[i] for i in todo]).float().cpu()
             for j, i in enumerate(todo):
                 out[i] = f[j].to(torch.float16)
-                tmp = keys[i].with_suffix(".tmp")
+                tmp = keys[i].with_name(f"{keys[i].stem}.{os.getpid()}.tmp")  # processes may share the cache
                 save_file({"f": out[i].contiguous()}, str(tmp))
                 os.replace(tmp, keys[i])
             self.misses += len(todo)
