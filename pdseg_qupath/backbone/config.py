@@ -8,6 +8,7 @@ the kwargs in diffusers' own vocabulary means ``from_pretrained`` can rebuild an
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -233,3 +234,16 @@ def get_config(name: str) -> BackboneConfig:
         raise PdsegError(
             f"unknown backbone config {name!r}; choose one of: {', '.join(sorted(CONFIGS))}"
         ) from None
+
+
+def requested_choice(value: str, choices: tuple[str, ...], env: str, what: str) -> str:
+    """``value`` checked against ``choices``; ``"auto"`` is replaced by the environment variable ``env`` when
+    that is set (and checked too). Returns a choice, possibly still ``"auto"`` for the caller to decide."""
+    if value not in choices:
+        raise PdsegError(f"{what} must be {', '.join(choices[:-1])} or {choices[-1]}; got {value!r}")
+    if value == "auto":
+        value = os.environ.get(env, "").strip().lower() or "auto"
+        if value not in choices:
+            raise PdsegError(f"{env}={value!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
+    return value
+

@@ -21,7 +21,6 @@ without the field used the VQ encoder) and followed by ``predict``; ``train`` ch
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdseg_qupath.backbone.config import requested_choice
 from pdseg_qupath.core.errors import PdsegError
 from pdseg_qupath.core.fileio import atomic_write_dir, sha256_file
 
@@ -77,12 +77,7 @@ def resolve_encoder(encoder: str, device: torch.device, backbone: Any) -> str:
     carries a fast encoder (see the module docstring) and ``vq`` elsewhere: on a GPU the VQ encoder is cheap.
     ``fast`` for a backbone without one is an error that says so.
     """
-    if encoder not in ENCODERS:
-        raise PdsegError(f"encoder must be auto, vq or fast; got {encoder!r}")
-    if encoder == "auto":
-        encoder = os.environ.get(ENCODER_ENV, "").strip().lower() or "auto"
-        if encoder not in ENCODERS:
-            raise PdsegError(f"{ENCODER_ENV}={encoder!r}: use auto, vq or fast")
+    encoder = requested_choice(encoder, ENCODERS, ENCODER_ENV, "encoder")
     if encoder == "auto":
         return "fast" if device.type == "cpu" and fast_encoder_folder(backbone) is not None else "vq"
     if encoder == "fast" and fast_encoder_folder(backbone) is None:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pdseg_qupath.backbone.config import requested_choice
 from pdseg_qupath.backbone.encoder import encode
 from pdseg_qupath.backbone.fast_encoder import FastEncoder, load_fast_encoder, resolve_encoder
 from pdseg_qupath.backbone.model import Backbone
@@ -224,12 +225,7 @@ def resolve_precision(precision: str, device: torch.device, *, cpu_bf16: bool = 
     ``auto`` reads ``PDSEG_PRECISION`` first; still ``auto``, it is bf16 on CUDA, bf16 on a CPU that
     computes bf16 in hardware (unless ``cpu_bf16`` is False: the reference path), fp32 elsewhere.
     """
-    if precision not in PRECISIONS:
-        raise PdsegError(f"precision must be auto, bf16 or fp32; got {precision!r}")
-    if precision == "auto":
-        precision = os.environ.get(PRECISION_ENV, "").strip().lower() or "auto"
-        if precision not in PRECISIONS:
-            raise PdsegError(f"{PRECISION_ENV}={precision!r}: use auto, bf16 or fp32")
+    precision = requested_choice(precision, PRECISIONS, PRECISION_ENV, "precision")
     if precision != "auto":
         return precision
     if device.type == "cuda" or (device.type == "cpu" and cpu_bf16 and cpu_has_bf16()):
