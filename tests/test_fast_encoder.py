@@ -93,7 +93,16 @@ def test_corrupt_or_foreign_weights_are_refused(tiny_with_fast, tmp_path):
     root = _copy(tiny_with_fast, tmp_path / "bb2")
     cfg_path = root / fe.FOLDER / fe.CONFIG_NAME
     cfg = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps(dict(cfg, backbone_sha256="0" * 64)))
+    cfg_path.write_text(json.dumps(dict(cfg, teacher_sha256="0" * 64)))
+    with pytest.raises(PdsegError, match="distilled from a VQ encoder with weights 000000000000"):
+        LDMFeatures(load_backbone(root), device="cpu", encoder="fast")
+    cfg_path.write_text(json.dumps(dict(cfg, scaling_factor=0.5)))
+    with pytest.raises(PdsegError, match="latent scaling factor 0.5"):
+        LDMFeatures(load_backbone(root), device="cpu", encoder="fast")
+    first = {k: v for k, v in cfg.items() if k not in ("teacher_sha256", "scaling_factor")}  # the first format
+    cfg_path.write_text(json.dumps(first))
+    assert LDMFeatures(load_backbone(root), device="cpu", encoder="fast").encoder == "fast"
+    cfg_path.write_text(json.dumps(dict(first, backbone_sha256="0" * 64)))
     with pytest.raises(PdsegError, match="distilled from backbone weights 000000000000"):
         LDMFeatures(load_backbone(root), device="cpu", encoder="fast")
 
@@ -103,6 +112,37 @@ def test_corrupt_or_foreign_weights_are_refused(tiny_with_fast, tmp_path):
     cfg_path.write_text("{not json")
     with pytest.raises(PdsegError, match="unreadable"):
         LDMFeatures(load_backbone(root), device="cpu", encoder="fast")
+
+
+def _nudged(bb, part: str):
+    """A copy of ``bb`` with one weight of its ``unet`` or ``vq`` changed."""
+    import copy
+
+    out = copy.deepcopy(bb)
+    with torch.no_grad():
+        next(getattr(out, part).parameters()).add_(0.01)
+    return out
+
+
+def test_it_belongs_to_the_first_stage_not_to_the_unet(tiny_with_fast, tmp_path):
+    """Another UNet over the same VQ weights (a fine-tune with --steps-ae 0) may use it; other VQ weights may not."""
+    import shutil
+
+    bb = load_backbone(tiny_with_fast)
+    save_backbone(_nudged(bb, "unet"), tmp_path / "ft", {"trained_on": "test"}, random_weights=False)
+    ft = load_backbone(tmp_path / "ft")
+    assert ft.sha256 != bb.sha256 and fe.teacher_digest(ft) == fe.teacher_digest(bb)
+    assert fe.carry_fast_encoder(bb, tmp_path / "ft").startswith("kept")
+    assert LDMFeatures(load_backbone(tmp_path / "ft"), device="cpu", encoder="auto").encoder == "fast"
+
+    save_backbone(_nudged(bb, "vq"), tmp_path / "ae", {"trained_on": "test"}, random_weights=False)
+    msg = fe.carry_fast_encoder(bb, tmp_path / "ae")
+    assert msg.startswith("no fast encoder: the autoencoder changed") and "--steps-ae 0" in msg
+    assert fe.fast_encoder_folder(load_backbone(tmp_path / "ae")) is None
+    shutil.copytree(tiny_with_fast / fe.FOLDER, tmp_path / "ae" / fe.FOLDER)  # copied in by hand: refused
+    with pytest.raises(PdsegError, match="distilled from a VQ encoder with weights"):
+        LDMFeatures(load_backbone(tmp_path / "ae"), device="cpu", encoder="fast")
+    assert "no fast encoder" in fe.carry_fast_encoder(build_backbone("tiny"), tmp_path / "ae")
 
 
 def test_train_records_the_encoder_and_predict_follows_it(tiny_with_fast, tmp_path, monkeypatch):

@@ -110,6 +110,38 @@ def test_fine_tune_from_existing_backbone_keeps_its_latent_space(tiny_run: tuple
         pretrain([FIXTURE], tmp_path / "x", from_spec=str(src), **{**kw, "config": "small"})
 
 
+def test_a_fine_tune_that_keeps_the_autoencoder_keeps_its_fast_encoder(tiny_run: tuple[Path, dict],
+                                                                      tmp_path: Path) -> None:
+    import shutil
+
+    from pdseg_qupath.backbone import fast_encoder as fe
+
+    src = tmp_path / "with-fast"
+    shutil.copytree(tiny_run[0], src)
+    start = load_backbone(src)
+    torch.manual_seed(0)
+    fe.save_fast_encoder(fe.FastEncoder(width=16, blocks=1, factor=start.config.vq_factor,
+                                        out_ch=start.config.latent_channels), start, src, {"note": "test"})
+    kw = {**TINY, "steps_ae": 0, "steps_unet": 2}
+    del kw["config"]
+    rec = pretrain([FIXTURE], tmp_path / "ft", from_spec=str(src), **kw)
+    assert rec["fast_encoder"].startswith("kept")
+    ft = load_backbone(tmp_path / "ft")
+    assert ft.sha256 != start.sha256 and fe.teacher_digest(ft) == fe.teacher_digest(start)  # new UNet, same encoder
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    fast = LDMFeatures(ft, device="cpu", encoder="auto")
+    assert fast.encoder == "fast"
+    assert torch.equal(fe.load_fast_encoder(ft)(torch.ones(1, 3, 32, 32)),
+                       fe.load_fast_encoder(start)(torch.ones(1, 3, 32, 32)))
+    assert json.loads((tmp_path / "ft" / "pretrain" / "record.json").read_text())["fast_encoder"] == rec["fast_encoder"]
+    # Retraining the autoencoder changes the latents: no fast encoder, and the record says why.
+    rec = pretrain([FIXTURE], tmp_path / "ft-ae", from_spec=str(src), **{**kw, "steps_ae": 2})
+    assert rec["fast_encoder"].startswith("no fast encoder: the autoencoder changed")
+    assert fe.fast_encoder_folder(load_backbone(tmp_path / "ft-ae")) is None
+    assert LDMFeatures(load_backbone(tmp_path / "ft-ae"), device="cpu", encoder="auto").encoder == "vq"
+    assert fast.extract(x).shape[1] == LDMFeatures(ft, device="cpu", encoder="vq").extract(x).shape[1]
+
+
 def test_from_small_starts_from_the_shipped_weights() -> None:
     plan = pt.plan_run([str(FIXTURE)], config=None, from_spec="small", mpp=1.2, image_mpp=1.2, steps_ae=0,
                        steps_unet=10, batch_size=None, device="cpu", seed=0, pool_size=16, heldout=4, ae_crop=None,

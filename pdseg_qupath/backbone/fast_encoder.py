@@ -10,9 +10,14 @@ and segmentation scores moved by −0.005 to +0.013 Dice on three test sets (doc
 
 A backbone folder may carry one in ``fast_encoder/``::
 
-    fast_encoder/fast_encoder.json          format, architecture, the backbone (sha256) it was distilled from,
-                                            the weights file's sha256, how it was trained
+    fast_encoder/fast_encoder.json          format, architecture, the teacher it was distilled from (a digest
+                                            of the VQ encoder's weights, and the latent scaling factor), the
+                                            weights file's sha256, how it was trained
     fast_encoder/fast_encoder.safetensors   the weights
+
+The fast encoder belongs to the *first stage*, not to the whole backbone: ``pretrain --from small
+--steps-ae 0`` fine-tunes only the UNet, keeps the VQ encoder's weights exactly, and carries the fast
+encoder into the new folder (:func:`carry_fast_encoder`); a backbone whose autoencoder changed has none.
 
 Which encoder makes a model's features is recorded in ``model.json`` (``features.encoder``; a model
 without the field used the VQ encoder) and followed by ``predict``; ``train`` chooses (:func:`resolve_encoder`).
@@ -20,6 +25,7 @@ without the field used the VQ encoder) and followed by ``predict``; ``train`` ch
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,17 +102,53 @@ def fast_encoder_folder(backbone: Any) -> Path | None:
     return sub if (sub / CONFIG_NAME).is_file() else None
 
 
+def _scaling_factor(backbone: Any) -> float:
+    return float(backbone.vq.config.get("scaling_factor", 1.0) or 1.0)
+
+
+def teacher_digest(backbone: Any) -> str:
+    """sha256 of the weights that make the latent (the VQ ``encoder`` and ``quant_conv``), by name, shape and
+    float32 value: the same for a folder stored in float16 and its float32 copy, as their values are equal."""
+    h = hashlib.sha256()
+    for part in ("encoder", "quant_conv"):
+        for name, t in sorted(getattr(backbone.vq, part).state_dict().items()):
+            h.update(f"{part}.{name} {tuple(t.shape)}\n".encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def teacher_mismatch(cfg: Mapping[str, Any], backbone: Any) -> str | None:
+    """Why a fast encoder described by ``cfg`` does not belong to ``backbone`` (None: it does).
+
+    It belongs when it was distilled from this backbone's VQ encoder (``teacher_sha256``, see
+    :func:`teacher_digest`) at this latent scaling factor; a description without ``teacher_sha256`` (the first
+    format) must name the whole backbone.
+    """
+    if cfg.get("teacher_sha256") is not None:
+        mine = teacher_digest(backbone)
+        if cfg["teacher_sha256"] != mine:
+            return (f"distilled from a VQ encoder with weights {str(cfg['teacher_sha256'])[:12]}, not from this "
+                    f"backbone's ({mine[:12]})")
+        scale = cfg.get("scaling_factor")
+        if not isinstance(scale, (int, float)) or abs(float(scale) - _scaling_factor(backbone)) > 1e-6:
+            return f"made for latent scaling factor {scale}, this backbone's is {_scaling_factor(backbone)}"
+        return None
+    if cfg.get("backbone_sha256") != backbone.sha256:
+        return (f"distilled from backbone weights {str(cfg.get('backbone_sha256'))[:12]}, not from these "
+                f"({str(backbone.sha256)[:12]})")
+    return None
+
+
 def load_fast_encoder(backbone: Any, device: torch.device | str = "cpu") -> FastEncoder:
     """The fast encoder of ``backbone``, its weights checked against the sha256 its JSON records and the JSON
-    checked to name this backbone's weights (a fast encoder distilled from other weights makes other latents)."""
+    checked to name this backbone's first stage (one distilled from other weights makes other latents)."""
     sub = fast_encoder_folder(backbone)
     if sub is None:
         raise PdsegError(f"backbone {backbone.config.name} ({backbone.spec}) has no fast encoder")
     cfg = _read_config(sub / CONFIG_NAME)
-    teacher = cfg.get("backbone_sha256")
-    if teacher != backbone.sha256:
-        raise PdsegError(f"{sub / CONFIG_NAME}: distilled from backbone weights {str(teacher)[:12]}, not from "
-                         f"these ({str(backbone.sha256)[:12]}); its latents would not match the UNet")
+    why = teacher_mismatch(cfg, backbone)
+    if why is not None:
+        raise PdsegError(f"{sub / CONFIG_NAME}: {why}; its latents would not match the UNet")
     weights = sub / WEIGHTS_NAME
     if not weights.is_file():
         raise PdsegError(f"{weights}: missing (named by {CONFIG_NAME})")
@@ -132,7 +174,8 @@ def save_fast_encoder(model: FastEncoder, backbone: Any, folder: str | Path,
 
     def fill(tmp: Path) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_NAME))
-        cfg = {"format": FORMAT, "arch": model.arch, "backbone_sha256": backbone.sha256,
+        cfg = {"format": FORMAT, "arch": model.arch, "teacher_sha256": teacher_digest(backbone),
+               "scaling_factor": _scaling_factor(backbone), "backbone_sha256": backbone.sha256,
                "backbone": backbone.config.name, "sha256": sha256_file(tmp / WEIGHTS_NAME),
                "output": "z0 = quant_conv(encoder(x)) * scaling_factor of that backbone, x = RGB / 127.5 - 1",
                "record": dict(record or {})}
@@ -141,6 +184,30 @@ def save_fast_encoder(model: FastEncoder, backbone: Any, folder: str | Path,
     out = Path(folder) / FOLDER
     atomic_write_dir(out, fill)
     return out
+
+
+def carry_fast_encoder(source: Any, folder: str | Path) -> str:
+    """Copy ``source``'s fast encoder into the backbone folder ``folder`` if it belongs there (the same VQ
+    encoder weights and scaling factor: a fine-tune that kept the autoencoder); returns one line saying what
+    happened."""
+    from pdseg_qupath.backbone.folder import load_folder
+
+    sub = fast_encoder_folder(source)
+    if sub is None:
+        return f"{source.config.name} has no fast encoder, so neither has this backbone"
+    target = load_folder(folder, "cpu", verify=False)
+    why = teacher_mismatch(_read_config(sub / CONFIG_NAME), target)
+    if why is not None:
+        return (f"no fast encoder: the autoencoder changed ({why}), so on a CPU features use the VQ encoder "
+                "(about 2x slower); --steps-ae 0 keeps the autoencoder and its fast encoder")
+
+    def fill(tmp: Path) -> None:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            (tmp / name).write_bytes((sub / name).read_bytes())
+
+    atomic_write_dir(Path(folder) / FOLDER, fill)
+    load_fast_encoder(target)  # the copy is checked like any fast encoder before anyone relies on it
+    return f"kept {source.config.name}'s fast encoder (the autoencoder is unchanged)"
 
 
 def _read_config(path: Path) -> dict[str, Any]:

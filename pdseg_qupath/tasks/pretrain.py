@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from pdseg_qupath.backbone.fast_encoder import carry_fast_encoder
 from pdseg_qupath.backbone.folder import MANIFEST, save_backbone
 from pdseg_qupath.backbone.model import build_backbone
 from pdseg_qupath.core.errors import PdsegError
@@ -109,9 +110,13 @@ def pretrain(
         events.message(f"resumed at stage {run.stage}, step {run.step}", "done")
     run.train()
 
-    # 5. Save the backbone, its record and figures.
+    # 5. Save the backbone, its record and figures; a fine-tune that kept the autoencoder keeps its fast encoder.
     with events.step("saving the backbone and its figures"):
         record = _save(run, pool, out, save_dtype, time.time() - t_start, len(refs))
+    if plan.start is not None and not plan.fresh:
+        record["fast_encoder"] = carry_fast_encoder(plan.start, out)
+        write_json(out / "pretrain" / "record.json", record)
+        events.message(record["fast_encoder"])
     remove_state(state_dir)
     events.message(f"backbone written to {out} (sha256 {record['sha256'][:12]}); "
                    f"held-out PSNR {record['ae'].get('psnr_db')} dB", "done")
