@@ -343,21 +343,23 @@ def _minority(labelled: list, cell_px: int) -> int:
     return min(counts, key=counts.get)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Left: mean Nucleus Dice per arm (dots: seeds). Right: each arm minus random on the same seed, mean ± SE."""
+def plot(rows: list[dict], path: Path, metric: str = "nucleus_dice", label: str = "Nucleus Dice on held-out tiles",
+         region: str = "64 × 64 px, 32 µm", title: str = "gbm40: corrections where pdseg is unsure vs. at random"
+         ) -> None:
+    """Left: mean ``metric`` per arm (dots: seeds). Right: each arm minus random on the same seed, mean ± SE."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
-    gains = summarize(rows)["minus_random_by_regions"]
+    gains = summarize(rows, metric)["minus_random_by_regions"]
     for arm, color in ARMS.items():
         sub = [r for r in rows if r["arm"] == arm]
         if not sub:
             continue
         xs = sorted({r["regions"] for r in sub})
-        per = [[r["nucleus_dice"] for r in sub if r["regions"] == x] for x in xs]
+        per = [[r[metric] for r in sub if r["regions"] == x] for x in xs]
         mean = [float(np.mean(p)) for p in per]
         ax.plot(xs, mean, "-o", color=color, label=f"{arm} regions (mean of {len(per[0])} seeds)")
         for x, p in zip(xs, per):
@@ -369,24 +371,24 @@ def plot(rows: list[dict], path: Path) -> None:
                         color=color, capsize=3, label=f"{arm} − random ({g[gx[-1]]['seeds']} seeds)")
     bx.axhline(0, color="tab:blue", lw=1)
     for a in (ax, bx):
-        a.set_xlabel("corrected regions (64 × 64 px, 32 µm)")
+        a.set_xlabel(f"corrected regions ({region})")
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
-    ax.set_ylabel("Nucleus Dice on held-out tiles")
-    bx.set_ylabel("gain in Nucleus Dice, mean ± SE")
-    fig.suptitle("gbm40: corrections where pdseg is unsure vs. at random", fontsize=10)
+    ax.set_ylabel(label)
+    bx.set_ylabel(f"gain in {label.split(' on ')[0]}, mean ± SE")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Mean Nucleus Dice per arm and budget; per review arm, its gain over random per seed (paired: same seed, same
+def summarize(rows: list[dict], metric: str = "nucleus_dice") -> dict:
+    """Mean ``metric`` per arm and budget; per review arm, its gain over random per seed (paired: same seed, same
     start), with the mean, the standard error of the mean and how many seeds it was ahead in."""
     means: dict = {}
     for r in rows:
-        means.setdefault(r["arm"], {}).setdefault(r["regions"], []).append(r["nucleus_dice"])
-    dice = {(r["arm"], r["seed"], r["regions"]): r["nucleus_dice"] for r in rows}
+        means.setdefault(r["arm"], {}).setdefault(r["regions"], []).append(r[metric])
+    dice = {(r["arm"], r["seed"], r["regions"]): r[metric] for r in rows}
     gains: dict = {}
     for (arm, seed, n), v in sorted(dice.items()):
         if arm != "random" and ("random", seed, n) in dice:
@@ -401,9 +403,9 @@ def summarize(rows: list[dict]) -> dict:
     picked: dict = {}
     for r in rows:
         if "picked_error" in r:
-            for key in ("picked_error", "picked_error_far_from_edges", "picked_nucleus_share", "pool_error"):
+            for key in (k for k in r if k.startswith(("picked_", "pool_"))):
                 picked.setdefault(r["arm"], {}).setdefault(r["regions"], {}).setdefault(key, []).append(r[key])
-    return {"mean_nucleus_dice_by_regions": {a: {n: round(float(np.mean(v)), 4) for n, v in sorted(by.items())}
+    return {f"mean_{metric}_by_regions": {a: {n: round(float(np.mean(v)), 4) for n, v in sorted(by.items())}
                                              for a, by in means.items()},
             "minus_random_by_regions": {a: {n: stats(g) for n, g in by.items()} for a, by in gains.items()},
             "minus_random_mean_over_rounds": {a: stats(per_seed) for a, per_seed in _over_rounds(dice).items()},
