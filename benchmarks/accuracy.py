@@ -231,6 +231,7 @@ def run_cell(row: Row, case: Case, train_dir: Path, test_dir: Path, test_names, 
         if auto:
             rec["auto"] = {k: auto[k] for k in ("choice", "estimate", "seconds", "candidates", "fallback")}
     per_class = {k: v["dice"] for k, v in m["per_class"].items()}
+    rec["all_annotated_macro_dice"] = (m.get("all_annotated") or {}).get("macro_dice")  # glass included
     rec.update({
         "row": row.key, "case": case.key, "seed": seed, "mpp": case.work_mpp(row), "n_train": len(images) if images else "all",
         "images": images, "macro_dice": m["macro_dice"], "miou": m["miou"], "accuracy": m["accuracy"],

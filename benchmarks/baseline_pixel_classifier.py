@@ -17,7 +17,8 @@ through the SAME images, sparse labels and scores as the LDM head, so that the t
   31 leaves, learning rate 0.1), then the product's class-prior correction (``learn.fit.logit_adjustment``
   with ``learn.sampling.annotated_prior``), as ``train`` applies by default.
 - **Scores**: ``core.metrics`` on annotated pixels only, over the annotated region of each test image
-  on the work grid (as ``evaluate`` does): per-class Dice/IoU, macro Dice, mIoU, accuracy.
+  on the work grid, inside the tissue ``predict`` detects (as ``evaluate`` does; pixels annotated on glass
+  are scored separately, ``all_annotated``): per-class Dice/IoU, macro Dice, mIoU, accuracy.
 
 Benchmark-only dependencies (not package dependencies): ``pip install scikit-learn scipy``.
 
@@ -140,19 +141,22 @@ def predict_labels(model, rgb: np.ndarray, n_classes: int, chunk: int = 200_000)
 
 def evaluate_baseline(model, cmap, io, test_dir: Path, *, image_mpp: float | None,
                       images: Sequence[str] | None = None) -> dict:
-    """Score on the annotated pixels of each test image, as ``evaluate`` does (one pooled confusion matrix)."""
+    """Score on the annotated pixels of each test image as ``evaluate`` does (one pooled confusion matrix): the
+    main scores inside the tissue ``predict`` detects, ``all_annotated`` on every annotated pixel."""
     import shapely
 
     from pdseg_qupath.core.grid import Window
     from pdseg_qupath.core.metrics import Confusion, scores
     from pdseg_qupath.core.raster import AnnotationIndex
     from pdseg_qupath.core.slide import open_slide
+    from pdseg_qupath.core.tissue import TissueMap
+    from pdseg_qupath.learn.options import PredictOptions
     from pdseg_qupath.sources.base import select_images
     from pdseg_qupath.sources.inputs import open_source
 
     t0 = time.perf_counter()
     src = open_source(test_dir)
-    total = Confusion(len(cmap))
+    total, everywhere = Confusion(len(cmap)), Confusion(len(cmap))
     per_image = {}
     for rec in select_images(src.images(), images):
         anns, _ = src.read_annotations(rec)
@@ -162,16 +166,21 @@ def evaluate_baseline(model, cmap, io, test_dir: Path, *, image_mpp: float | Non
         with open_slide(rec.path, mpp=rec.mpp, fallback_mpp=image_mpp) as slide:
             d = io.downsample(slide.mpp)
             rgb, win = _work_image(slide, d)
+            tissue = TissueMap.detect(slide, d, PredictOptions().tissue_mpp, dilate=1)  # evaluate's own mask
         pred = predict_labels(model, rgb, len(cmap))
         minx, miny, maxx, maxy = shapely.total_bounds(index.geometries)
         x0, y0 = max(0, int(np.floor(minx / d))), max(0, int(np.floor(miny / d)))
         x1, y1 = min(win.width, int(np.ceil(maxx / d))), min(win.height, int(np.ceil(maxy / d)))
         truth = index.rasterize(Window(x0, y0, x1 - x0, y1 - y0, d))
+        everywhere.update(truth, pred[y0:y1, x0:x1])
+        truth = np.where(tissue.pixels(y0, y1 - y0, x0, x1 - x0), truth, 255)
         conf = Confusion(len(cmap))
         conf.update(truth, pred[y0:y1, x0:x1])
         total.merge(conf)
         per_image[rec.name] = scores(conf, cmap.names)["macro_dice"]
     m = scores(total, cmap.names)
+    m["scored_within"] = "detected tissue, as predict"
+    m["all_annotated"] = {k: v for k, v in scores(everywhere, cmap.names).items() if k != "confusion"}
     m["per_image_macro_dice"] = per_image
     m["seconds"] = round(time.perf_counter() - t0, 1)
     return m
