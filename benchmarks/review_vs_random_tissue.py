@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from review_vs_random import _memoize_features, _pick, plot, summarize  # noqa: E402
+from review_vs_random import _memoize_features, _pick, plot, summarize
 
 METRIC = "macro_dice"
 RARE_SHARE = 0.05
@@ -117,7 +117,7 @@ def _predict_pool(model: Path, data: Path, images: list[str], cell_um: float, im
         for a in pred.review:
             if a.object_type == "annotation":
                 x, y = a.geometry.bounds[:2]
-                scores[(int(round(x)), int(round(y)))] = a.measurements[UNCERTAINTY]
+                scores[(round(x), round(y))] = a.measurements[UNCERTAINTY]
         strips.sort(key=lambda st: st.y)
         work = np.concatenate([st.labels for st in strips])
         d = size[0] / work.shape[0]
@@ -164,7 +164,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, classes: list[dict], 
     start = sorted((data / "train").glob("*.png")) + sorted((data / "train").glob("*.geojson"))
     pool = _link(start + [data / "test" / f"{t}.png" for t in args.pool], work / "pool")
     test = _link([data / "test" / f"{t}{e}" for t in args.test for e in (".png", ".geojson")], args.out / "test")
-    side = int(round(args.cell_um / args.image_mpp))
+    side = round(args.cell_um / args.image_mpp)
     rng = np.random.default_rng(1000 + seed)
     labelled: list = []
     rows = []
