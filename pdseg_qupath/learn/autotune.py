@@ -39,7 +39,7 @@ from pdseg_qupath.core.events import SILENT, Events
 from pdseg_qupath.learn.cache import bytes_per_map, extract_views, pixels_per_view
 from pdseg_qupath.learn.data import TrainingImage
 from pdseg_qupath.learn.fit import class_weights, fit_head, logit_adjustment, map_sample_counts, new_head
-from pdseg_qupath.learn.head import HeadConfig
+from pdseg_qupath.learn.head import head_config
 from pdseg_qupath.learn.options import IOConfig, TrainOptions
 from pdseg_qupath.learn.runtime import BatchRunner
 from pdseg_qupath.learn.sampling import annotated_prior, image_classes, sample_tiles
@@ -277,9 +277,7 @@ def _fold_score(tr: dict[str, torch.Tensor], te: dict[str, torch.Tensor], images
         counts = np.bincount(lab[lab < n], minlength=n)[:n]
     prior = annotated_prior(images, train_idx, n, io.mpp)
     adjust = logit_adjustment(prior, counts.astype(np.float64)) if opts.prior_correction else None
-    config = HeadConfig.build(opts.head, int(tr["features"].shape[1]), n, dropout=opts.dropout,
-                              hidden=tuple(opts.hidden) if opts.hidden else None, stride=io.stride,
-                              rgb_skip=opts.rgb_skip)
+    config = head_config(opts, tr["features"].shape[1], n, io.stride)
     head = new_head(config, tr["features"], seed)
     fit = fit_head(head, tr, te, cmap.names, opts, epochs=CV_EPOCHS, seed=seed, device=device,
                    weight=class_weights(opts.class_weights, counts), adjust=adjust, resume=None, messages=[])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,12 @@ class HeadConfig:
         d["hidden"] = tuple(int(h) for h in d.get("hidden", (64, 32)))
         d["dilations"] = tuple(int(x) for x in d.get("dilations", ()))
         return cls(**d)
+
+
+def head_config(opts: Any, channels: int, n_classes: int, stride: int) -> HeadConfig:
+    """The head ``train`` (and its cross-validation) builds from its options (:class:`~.options.TrainOptions`)."""
+    return HeadConfig.build(opts.head, int(channels), n_classes, dropout=opts.dropout,
+                            hidden=tuple(opts.hidden) if opts.hidden else None, stride=stride, rgb_skip=opts.rgb_skip)
 
 
 class FCNHead(nn.Module):

@@ -54,7 +54,7 @@ from pdseg_qupath.learn.cache import (
 )
 from pdseg_qupath.learn.data import TrainingImage, close_images, load_training_images, total_labels
 from pdseg_qupath.learn.fit import FitState, class_weights, fit_head, logit_adjustment, map_sample_counts, new_head
-from pdseg_qupath.learn.head import HeadConfig, HeadEnsemble
+from pdseg_qupath.learn.head import HeadConfig, HeadEnsemble, head_config
 from pdseg_qupath.learn.modelio import SegModel, save_model
 from pdseg_qupath.learn.options import IOConfig, TrainOptions
 from pdseg_qupath.learn import autotune
@@ -460,9 +460,7 @@ def _sampled_counts(data: dict[str, Any], cache: PixelCache | MapCache, n_classe
 def _fit(tr: dict[str, Any], val: dict[str, Any] | None, cmap: ClassMap, io: IOConfig,
          channels: int, counts: np.ndarray, adjust: Any, opts: TrainOptions, epochs: int, seed: int, device: str,
          resume: Resume, out: Path, messages: list[str], events: Events, member: int = 0, members: int = 1):
-    config = HeadConfig.build(opts.head, int(channels), len(cmap), dropout=opts.dropout,
-                              hidden=tuple(opts.hidden) if opts.hidden else None,
-                              stride=io.stride, rgb_skip=opts.rgb_skip)
+    config = head_config(opts, channels, len(cmap), io.stride)
     head = new_head(config, tr["features"], seed)
     step = events.step("epochs" if members == 1 else f"epochs, head {member + 1}/{members}", total=epochs)
     colors = [c.color for c in cmap.classes]
