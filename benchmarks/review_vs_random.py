@@ -470,18 +470,25 @@ def main() -> None:
         initial = [cells[int(i)] for i in rng.choice(len(cells), size=args.k0, replace=False)]
         for arm in args.arms:
             rows += run_arm(arm, seed, args, initial, cells)
+    rows = report(args, rows, t0)
+    if args.png:
+        plot(rows, args.png)
+
+
+def report(args: argparse.Namespace, rows: list[dict], t0: float, metric: str = "nucleus_dice",
+           extra: dict | None = None) -> list[dict]:
+    """Add the rows of ``--merge`` files, print the summary as JSON and write it to ``--json``; returns all rows."""
     for earlier in args.merge:
-        rows += json.loads(earlier.read_text())["rows"]
+        rows = rows + json.loads(earlier.read_text())["rows"]
     result = {"args": {k: ([str(x) for x in v] if k == "merge" else str(v) if isinstance(v, Path) else v)
-                       for k, v in vars(args).items()}, "rows": rows, **summarize(rows),
+                       for k, v in vars(args).items()}, **(extra or {}), "rows": rows, **summarize(rows, metric),
               "seconds": round(time.perf_counter() - t0)}
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text)
-    if args.png:
-        plot(rows, args.png)
+    return rows
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from review_vs_random import _memoize_features, _pick, plot, summarize
+from review_vs_random import _memoize_features, _pick, plot, report
 
 METRIC = "macro_dice"
 RARE_SHARE = 0.05
@@ -247,17 +247,7 @@ def main() -> None:
     for seed in args.seeds:
         for arm in args.arms:
             rows += run_arm(arm, seed, args, classes, truths, rare)
-    for earlier in args.merge:
-        rows += json.loads(earlier.read_text())["rows"]
-    result = {"args": {k: ([str(x) for x in v] if k == "merge" else str(v) if isinstance(v, Path) else v)
-                       for k, v in vars(args).items()},
-              "rare_classes": sorted(classes[i]["name"] for i in rare), "rows": rows, **summarize(rows, METRIC),
-              "seconds": round(time.perf_counter() - t0)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+    rows = report(args, rows, t0, METRIC, {"rare_classes": sorted(classes[i]["name"] for i in rare)})
     if args.png:
         plot(rows, args.png, METRIC, "macro Dice on held-out sections",
              f"{args.cell_um:g} µm squares", "IvyGAP sections: corrections where pdseg is unsure vs. at random")
