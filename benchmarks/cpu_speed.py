@@ -159,6 +159,7 @@ def main() -> None:
         "load_avg_1min": [r["load_avg_1min_before"] for v in sides for r in rows[v]],
         "runs": rows,
     }
+
     def side(name: str) -> dict:
         """An extra side's tiles/s and speed-ups over old, and new's wall speed-up over it."""
         w, c = ratios("tiles_per_s", side=name), ratios("cpu_s_per_tile", invert=True, side=name)
@@ -171,61 +172,6 @@ def main() -> None:
     for name in ("fp32", "vq"):
         if getattr(args, name):
             summary.update(side(name))
-    if args.int8:
-        cmd += ["--int8", str(args.int8)]
-        sides += ("int8",)
-    rows = alternate(cmd, sides, args.rounds, env)
-
-    def ratios(key: str, invert: bool = False, side: str = "new") -> list[float]:
-        return [round((o[key] / n[key]) if invert else (n[key] / o[key]), 3)
-                for o, n in zip(rows["old"], rows[side])]
-
-    wall, cpu = ratios("tiles_per_s"), ratios("cpu_s_per_tile", invert=True)
-    summary = {
-        "what": "bench features, old (reference path) against new (default path), alternating fresh processes",
-        "machine": machine(),
-        "backbone": rows["new"][0]["backbone"],
-        "threads": args.threads,
-        "batch_size": args.batch_size,
-        "tile_size": rows["new"][0]["tile_size"],
-        "gflop_per_tile": rows["new"][0]["gflop_per_tile"],
-        "rounds": args.rounds,
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "old_tiles_per_s": [o["tiles_per_s"] for o in rows["old"]],
-        "new_precision": rows["new"][0]["precision"],
-        "new_encoder": rows["new"][0].get("encoder", "vq"),
-        "new_tiles_per_s": [n["tiles_per_s"] for n in rows["new"]],
-        "speedup_wall_per_round": wall,
-        "speedup_wall_median": statistics.median(wall),
-        "old_cpu_s_per_tile": [o["cpu_s_per_tile"] for o in rows["old"]],
-        "new_cpu_s_per_tile": [n["cpu_s_per_tile"] for n in rows["new"]],
-        "speedup_cpu_time_per_round": cpu,
-        "speedup_cpu_time_median": statistics.median(cpu),
-        "old_page_faults_per_tile": statistics.median(o["page_faults_per_tile"] for o in rows["old"]),
-        "new_page_faults_per_tile": statistics.median(n["page_faults_per_tile"] for n in rows["new"]),
-        "new_rel_error_vs_old_path": max(n["ref_rel_error"] for n in rows["new"]),
-        "new_max_abs_error_vs_old_path": max(n["ref_max_abs_error"] for n in rows["new"]),
-        "load_avg_1min": [r["load_avg_1min_before"] for v in sides for r in rows[v]],
-        "runs": rows,
-    }
-    if args.fp32:
-        w32, c32 = ratios("tiles_per_s", side="fp32"), ratios("cpu_s_per_tile", invert=True, side="fp32")
-        summary.update({
-            "fp32_tiles_per_s": [n["tiles_per_s"] for n in rows["fp32"]],
-            "fp32_speedup_wall_per_round": w32, "fp32_speedup_wall_median": statistics.median(w32),
-            "fp32_speedup_cpu_time_per_round": c32, "fp32_speedup_cpu_time_median": statistics.median(c32),
-            "new_over_fp32_wall_median": statistics.median(
-                round(n["tiles_per_s"] / f["tiles_per_s"], 3) for n, f in zip(rows["new"], rows["fp32"])),
-        })
-    if args.vq:
-        wv, cv = ratios("tiles_per_s", side="vq"), ratios("cpu_s_per_tile", invert=True, side="vq")
-        summary.update({
-            "vq_tiles_per_s": [n["tiles_per_s"] for n in rows["vq"]],
-            "vq_speedup_wall_per_round": wv, "vq_speedup_wall_median": statistics.median(wv),
-            "vq_speedup_cpu_time_per_round": cv, "vq_speedup_cpu_time_median": statistics.median(cv),
-            "new_over_vq_wall_median": statistics.median(
-                round(n["tiles_per_s"] / f["tiles_per_s"], 3) for n, f in zip(rows["new"], rows["vq"])),
-        })
     if args.int8:
         w8, c8 = ratios("tiles_per_s", side="int8"), ratios("cpu_s_per_tile", invert=True, side="int8")
         summary.update({
