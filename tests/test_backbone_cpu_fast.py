@@ -98,9 +98,15 @@ def test_bf16_on_cpu_with_conditioning() -> None:
     tiles = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     g = torch.Generator().manual_seed(0)
     cond = {"feat_20x": torch.randn(2, 12, generator=g), "feat_5x": torch.randn(2, 24, generator=g)}
+    other = {k: torch.randn(v.shape, generator=g) for k, v in cond.items()}
     a = LDMFeatures(bb, device="cpu", precision="bf16").extract(tiles, cond)
     b = LDMFeatures(bb, device="cpu", precision="fp32").extract(tiles, cond)
-    assert float((a - b).norm() / b.norm()) < 2e-2
+    c = LDMFeatures(bb, device="cpu", precision="fp32").extract(tiles, other)
+    # bf16's own error on this random tiny model: 1.8-2.5 % over 8 seeds with AMX (Intel Xeon), about 2 % with
+    # AVX-512 BF16 (AMD EPYC); another conditioning moves fp32 features by about 8 %.
+    err = float((a - b).norm() / b.norm())
+    assert err < 4e-2
+    assert err < 0.5 * float((c - b).norm() / b.norm())  # the conditioning is honoured in bf16
 
 
 def test_precision_auto_follows_the_cpu_and_the_environment(monkeypatch) -> None:

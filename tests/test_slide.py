@@ -213,7 +213,9 @@ def test_tissue_mask_on_real_slide() -> None:
     assert d == pytest.approx(8.0 / 0.499)
     assert mask.dtype == bool and mask.shape == grid_size(2220, 2967, d)[::-1]
     assert 0.2 < mask.mean() < 0.9
-    assert not mask[:8, :8].any()  # the top-left corner is glass
+    assert not mask[:4].any()  # the top rows are glass
+    # Loose, pale dermis about 700 µm from the top-left corner: left out by the (20, 60) range used before.
+    assert mask[84:91, 84:91].all()
 
 
 def test_tissue_mask_synthetic(tmp_path: Path) -> None:
@@ -225,6 +227,21 @@ def test_tissue_mask_synthetic(tmp_path: Path) -> None:
         mask, d = tissue_mask(s, mpp=4.0)
     assert d == 4.0 and mask.shape == (100, 100)
     assert mask[30:70, 15:60].all() and not mask[:20].any() and not mask[80:].any()
+
+
+def test_pale_tissue_beside_dense_tissue_is_tissue(tmp_path: Path) -> None:
+    """Glass, dense tissue and pale tissue (saturation about 26, like necrosis on a low-magnification section):
+    Otsu alone would cut between the dense and the pale tissue; the clamp keeps the pale part."""
+    rng = np.random.default_rng(0)
+    img = np.full((400, 600, 3), 244, np.uint8)
+    img[50:350, 50:250] = (190, 110, 170)  # dense tissue
+    img[50:350, 250:450] = (234, 210, 226)  # pale tissue
+    img = np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)  # scanner noise
+    Image.fromarray(img).save(tmp_path / "t.png")
+    with open_slide(tmp_path / "t.png", fallback_mpp=1.0) as s:
+        mask, _ = tissue_mask(s, mpp=4.0)
+    assert mask[15:85, 15:60].all() and mask[15:85, 65:110].all()  # both kinds of tissue
+    assert not mask[:, 115:].any() and not mask[:10].any()  # the glass
 
 
 def test_tissue_mask_when_no_glass_is_visible() -> None:
