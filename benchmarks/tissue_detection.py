@@ -6,8 +6,9 @@ detector misses is tissue the user never gets a class for. This measures the pro
 dilation) on data sets with dense labels laid out like ``shared/data/ebhi-seg`` (``test/<name>.png`` with
 ``test/labels/<name>_labels.png``, ``classes.json``):
 
-    python benchmarks/tissue_detection.py DATA/ebhi-seg --mpp 1.2 \\
-        /work/data/ivygap-gbm --mpp 4 --glass-class Background [--range 20 60 --smoothing 0] [--out J]
+    python benchmarks/tissue_detection.py DATA/ebhi-seg /work/data/ivygap-gbm --mpp 1.2 --mpp 4 \\
+        --glass-class - --glass-class Background \\
+        [--range 20 60 --smoothing 0] [--out J]
 
 For each set: the share of each class's annotated pixels inside the detected tissue (``recall``) and,
 where a class names the glass (``--glass-class``, one per set or one for all), the share of its bright
@@ -71,8 +72,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sets", nargs="+", type=Path, help="data set folders (test/ with labels/ and classes.json)")
     ap.add_argument("--mpp", type=float, action="append", required=True, help="µm/px of each set, in order")
-    ap.add_argument("--glass-class", action="append", default=[], help="class that names the glass, per set or one for all")
-    ap.add_argument("--range", type=int, nargs=2, metavar=("LO", "HI"), help="saturation range (0-255) instead of the product's")
+    ap.add_argument(
+        "--glass-class",
+        action="append",
+        default=[],
+        help="class that names the glass, per set ('-': none) or one for all",
+    )
+    ap.add_argument(
+        "--range", type=int, nargs=2, metavar=("LO", "HI"), help="saturation range (0-255) instead of the product's"
+    )
     ap.add_argument("--smoothing", type=float, help="Gaussian σ in mask px instead of the product's")
     ap.add_argument("--out", type=Path, help="write the JSON here too")
     args = ap.parse_args()
@@ -83,12 +91,16 @@ def main() -> None:
     if len(glasses) not in (1, len(args.sets)):
         ap.error("give --glass-class once, or once per set")
     glasses = glasses * len(args.sets) if len(glasses) == 1 else glasses
+    glasses = [None if g in (None, "-") else g for g in glasses]
     if args.range:
         tissue.TISSUE_SATURATION_RANGE = tuple(args.range)
     if args.smoothing is not None:
         tissue.SATURATION_SMOOTHING = args.smoothing
     report = {
-        "detector": {"saturation_range": list(tissue.TISSUE_SATURATION_RANGE), "smoothing": tissue.SATURATION_SMOOTHING},
+        "detector": {
+            "saturation_range": list(tissue.TISSUE_SATURATION_RANGE),
+            "smoothing": tissue.SATURATION_SMOOTHING,
+        },
         "sets": {root.name: measure(root, mpp, g) for root, mpp, g in zip(args.sets, mpps, glasses)},
     }
     text = json.dumps(report, indent=1)
