@@ -11,7 +11,8 @@ fp32). Training and evaluation thus both see int8 features, as an opt-in int8 mo
 
 ``--ivygap DIR`` runs the IvyGAP set the same way (4 µm/px images worked at 8 µm/px, as ``accuracy.py``).
 ``--ebhi DIR`` runs EBHI-Seg instead (DIR/train → DIR/test, ``--image-mpp 1.2``, the default 0.5 µm/px work
-resolution, defaults otherwise; macro Dice), still calibrated on the gbm40 tiles of the first argument:
+resolution, defaults otherwise; macro Dice), still calibrated on the gbm40 tiles of the first argument
+(``--texture``: ``train --texture`` instead of the default head):
 
     nice -n 10 python benchmarks/int8_dice.py /path/to/gbm40 --ebhi /path/to/ebhi-seg --int8 --seed 0 --out /tmp/e
 """
@@ -49,6 +50,7 @@ def _tissue() -> None:
 
     from rich.console import Console
 
+    from pdseg_qupath.learn.options import TrainOptions
     from pdseg_qupath.sources.inputs import open_source
     from pdseg_qupath.tasks.evaluate import evaluate
     from pdseg_qupath.tasks.train import train
@@ -61,13 +63,14 @@ def _tissue() -> None:
     group.add_argument("--ivygap", type=Path, help="benchmarks/prepare_ivygap_gbm.py's folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--texture", action="store_true", help="train --texture (the default head otherwise)")
     args = ap.parse_args()
     key = "ebhi" if args.ebhi else "ivygap"
     root, (image_mpp, mpp) = getattr(args, key), TISSUE[key]
     events = ConsoleEvents(Console(stderr=True), plain=True)
     t0 = time.perf_counter()
     res = train(open_source(root / "train"), args.out / "model", backbone="small", mpp=mpp, image_mpp=image_mpp,
-                device="cpu", seed=args.seed, events=events)
+                device="cpu", seed=args.seed, events=events, options=TrainOptions(texture=args.texture))
     t1 = time.perf_counter()
     m = evaluate(open_source(root / "test"), args.out / "model", args.out / "report", image_mpp=image_mpp,
                  device="cpu", events=events)

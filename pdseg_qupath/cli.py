@@ -203,6 +203,7 @@ def train(
     blocks: Optional[list[str]] = typer.Option(None, "--blocks", metavar="<int|auto>", help=f"Decoder (up) blocks to tap, 0 = coarsest (default: the backbone's), or auto: chosen by image-wise cross-validation. {LIST_HELP}."),
     class_weights: Optional[list[str]] = typer.Option(None, "--class-weights", metavar="<weight|balanced>", help=f"'balanced' (inverse frequency) or one weight per class, in --classes order. {LIST_HELP}."),
     rgb_skip: bool = typer.Option(False, "--rgb-skip", help="Give the pixel head the RGB tile beside the features (the context head always has it)."),
+    texture: bool = typer.Option(False, "--texture", help="Give the context head the tile's multi-scale colour and texture (Gaussian, difference of Gaussians and gradient at 2-16 px, in RGB and H&E stain densities: what a classic pixel classifier sees) beside the LDM features."),
     head: str = typer.Option("context", "--head", help="context (dilated 3x3 blocks: each pixel sees ~124 px around it, plus its colour) or pixel (1x1 per-pixel classifier, faster to train)."),
     ensemble: int = typer.Option(3, "--ensemble", help="Heads trained on the same features, each validated on different held-out images, averaged when predicting (steadier with few images; each costs the head's training time again). 1: one head."),
     encoder: str = typer.Option("auto", "--encoder", help="Encoder of the feature pass: vq (the backbone's own), fast (its distilled fast encoder: 1.7-2x faster on a CPU, scores -0.005 to +0.013 Dice of vq on three test sets; docs/PERFORMANCE.md) or auto (fast on a CPU when the backbone has one). Recorded in the model; predict follows it."),
@@ -233,7 +234,7 @@ def train(
                 epochs=epochs, device=device, val_images=_names_option(val_images), seed=seed, events=events,
                 options=TrainOptions(
                     cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
-                    head=head, ensemble=ensemble, encoder=encoder,
+                    head=head, ensemble=ensemble, encoder=encoder, texture=texture,
                     t=_int_list_or_auto(t, "--t"),
                     blocks=_int_list_or_auto(blocks, "--blocks"),
                     class_weights=_class_weights_option(class_weights),

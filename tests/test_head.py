@@ -85,3 +85,64 @@ def test_old_configs_load_as_pixel_heads():
     assert HeadConfig.from_json(d).kind == "pixel"
     with pytest.raises(ValueError, match="head 'mlp'"):
         HeadConfig(4, 2, kind="mlp")
+
+
+def test_texture_maps_are_the_classic_filters_on_the_feature_grid():
+    """Against SciPy on the same image: RGB and the H, E, DAB densities, averaged over f x f blocks (f = 2 for
+    σ = 2 px, 4 above), Gaussian of σ/f (replicate border, 3σ support), difference of Gaussians and gradient
+    magnitude per pixel, then means over the rest of the 4 x 4 feature cell."""
+    import numpy as np
+    from scipy import ndimage
+
+    from pdseg_qupath.core.stain import rgb_to_hed
+    from pdseg_qupath.learn.texture import CHANNELS, SIGMAS, texture_maps
+
+    def blocks(a, f):
+        h, w, c = a.shape
+        return a.reshape(h // f, f, w // f, f, c).mean((1, 3))
+
+    def blur(a, s):
+        return np.stack([ndimage.gaussian_filter(a[..., c], s, mode="nearest", truncate=3.0)
+                         for c in range(a.shape[-1])], -1)
+
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    got = texture_maps(torch.from_numpy(rgb).permute(2, 0, 1)[None], 4)[0].numpy()
+    assert got.shape == (CHANNELS, 12, 10) and CHANNELS == 78 and SIGMAS == (2.0, 4.0, 8.0, 16.0)
+    chans = np.concatenate([rgb / 255.0, rgb_to_hed(rgb)], axis=-1)
+    want = [blocks(chans, 4)]
+    for s in SIGMAS:
+        f = 2 if s == 2 else 4
+        level = blocks(chans, f)
+        g, g2 = blur(level, s / f), blur(level, 2 * s / f)
+        gy, gx = np.gradient(g, axis=(0, 1))
+        want += [blocks(a, 4 // f) for a in (g, g - g2, np.hypot(gx, gy) / f)]
+    want = np.concatenate(want, -1).transpose(2, 0, 1)
+    np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+def test_texture_head_dense_equals_sampled_and_uses_the_colour_around():
+    torch.manual_seed(0)
+    cfg = HeadConfig.build("context", 6, 3, hidden=(8, 8), texture=True)
+    assert cfg.texture and HeadConfig.from_json(cfg.to_json()) == cfg
+    head = FCNHead(cfg).eval()
+    head.set_texture_normalization(torch.rand(78), torch.rand(78) + 0.5)
+    f = torch.randn(2, 6, 16, 16)
+    rgb = torch.randint(0, 256, (2, 3, 64, 64)).float()
+    dense = head(f, rgb)
+    ys = [torch.tensor([0, 40, 63]), torch.tensor([5, 50])]
+    xs = [torch.tensor([0, 33, 2]), torch.tensor([63, 7])]
+    px = torch.cat([rgb[b][:, ys[b], xs[b]].T for b in range(2)])
+    got = head.forward_at(f, ys, xs, px, head.texture_of(rgb))
+    want = torch.cat([dense[b][:, ys[b], xs[b]].T for b in range(2)])
+    assert torch.allclose(got, want, atol=1e-5)
+    # the same features and the same pixel colour, another neighbourhood 12 px away: another output
+    paler = rgb.clone()
+    paler[0, :, 20:30, 20:30] = 250.0
+    assert not torch.allclose(head(f, paler)[0, :, 40, 40], dense[0, :, 40, 40])
+    with pytest.raises(ValueError, match="texture maps"):
+        head.forward_at(f, ys, xs, px)
+    with pytest.raises(ValueError, match="only the context head"):
+        HeadConfig(6, 3, texture=True)
+    old = HeadConfig.build("context", 6, 3).to_json()
+    del old["texture"]  # a model from before the option
+    assert HeadConfig.from_json(old).texture is False

@@ -26,6 +26,8 @@ from pdseg_qupath.learn.head import FCNHead, HeadConfig
 from pdseg_qupath.learn.options import TrainOptions
 from pdseg_qupath.learn.resume import Resume
 from pdseg_qupath.learn.sampling import stratified_pixels, uniform_pixels
+from pdseg_qupath.learn.texture import CHANNELS as TEXTURE_CHANNELS
+from pdseg_qupath.learn.texture import texture_maps
 
 EVAL_CHUNK = 65536
 MAP_BATCH = 8
@@ -126,7 +128,33 @@ def _map_batch(head: FCNHead, data: dict[str, torch.Tensor], views: list[int], p
     ys, xs = [p[0] for p in picks], [p[1] for p in picks]
     rgb = torch.cat([data["rgb"][v][y, x] for v, y, x in zip(views, ys, xs)]).to(device).float()
     y = torch.cat([data["labels"][v][yy, xx] for v, yy, xx in zip(views, ys, xs)]).to(device).long()
-    return head.forward_at(f, [t.to(device) for t in ys], [t.to(device) for t in xs], rgb), y
+    tex = data["texture"][views].to(device).float() if "texture" in data else None
+    return head.forward_at(f, [t.to(device) for t in ys], [t.to(device) for t in xs], rgb, tex), y
+
+
+def with_texture(data: dict[str, torch.Tensor], stride: int) -> dict[str, torch.Tensor]:
+    """``data`` (whole cached tile views) with their texture maps (V, 78, T/s, T/s) fp16 added, computed
+    once for all epochs; the dict passed in is left as it is."""
+    if "texture" in data:
+        return data
+    rgb = data["rgb"]
+    parts = [texture_maps(rgb[i : i + MAP_BATCH].permute(0, 3, 1, 2), stride).half()
+             for i in range(0, len(rgb), MAP_BATCH)]
+    empty = torch.zeros((0, TEXTURE_CHANNELS, 0, 0), dtype=torch.float16)
+    return {**data, "texture": torch.cat(parts) if parts else empty}
+
+
+def _texture_statistics(data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation of the texture maps, a few views at a time."""
+    t = data["texture"]
+    c = t.shape[1]
+    s1, s2, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+    for i in range(0, len(t), MAP_BATCH):
+        f = t[i : i + MAP_BATCH].double().transpose(0, 1).reshape(c, -1)
+        s1, s2, n = s1 + f.sum(1), s2 + (f * f).sum(1), n + f.shape[1]
+    mean = s1 / max(1, n)
+    var = (s2 - n * mean * mean) / max(1, n - 1)
+    return mean.float(), var.clamp_min(0).sqrt().float()
 
 
 def evaluate_maps(head: FCNHead, data: dict[str, torch.Tensor], n_classes: int, device: str,
@@ -285,6 +313,11 @@ def fit_head(
         if on_epoch is not None:
             on_epoch(row, state, False)
     maps = head.config.kind == "context"
+    if head.config.texture:
+        train = with_texture(train, head.config.stride)
+        val = with_texture(val, head.config.stride) if val is not None else None
+        if state.epoch == 0:  # a resumed head has its statistics in its checkpoint
+            head.set_texture_normalization(*_texture_statistics(train))
     if maps:
         scored = val if val is not None else train
         picks = [map_pixels(scored["labels"][v], VAL_PIXELS_PER_MAP, k, False, np.random.default_rng([seed, 7, v]))

@@ -23,6 +23,11 @@ The ``context`` head inserts residual dilated 3x3 convolutions at feature resolu
     h1 = h1 + Conv3x3(dilation d)(ReLU(h1))            for d in dilations (default 1, 2, 4, 8)
     ... then upsample, RGB skip (always on), ReLU, Dropout, Conv1x1, ReLU, Dropout, Conv1x1 as above.
 
+With ``texture`` (context head only), fixed multi-scale colour-texture maps of the tile (:mod:`.texture`,
+on the feature grid, standardised like the features) are added after the context blocks::
+
+    h1 = h1 + Conv1x1(78 -> hidden[0])((texture(rgb) - tmean) / tstd)
+
 Tissue classes are decided by structure over hundreds of µm, not the colour of one pixel: with
 dilations 1, 2, 4, 8 each output pixel sees 1 + 2·15 = 31 feature pixels (124 px at stride 4, 124 µm at
 1 µm/px), while the RGB skip keeps the borders sharp. Everything after the upsample is still per
@@ -39,6 +44,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pdseg_qupath.learn.texture import CHANNELS as TEXTURE_CHANNELS
+from pdseg_qupath.learn.texture import texture_maps
 
 HEADS = ("pixel", "context")
 """``pixel``: the 1x1 FCN (a per-pixel classifier). ``context``: dilated 3x3 blocks at feature resolution."""
@@ -59,12 +67,16 @@ class HeadConfig:
     kind: str = "pixel"
     dilations: tuple[int, ...] = ()
     """Dilations of the context blocks (empty for the pixel head)."""
+    texture: bool = False
+    """Add the tile's multi-scale colour-texture maps (:mod:`.texture`) after the context blocks."""
 
     def __post_init__(self) -> None:
         if self.kind not in HEADS:
             raise ValueError(f"head {self.kind!r}: use one of {', '.join(HEADS)}")
         if (self.kind == "context") != bool(self.dilations):
             raise ValueError("a context head needs dilations, a pixel head none")
+        if self.texture and self.kind != "context":
+            raise ValueError("texture maps need whole tiles: only the context head takes them")
 
     @classmethod
     def build(cls, kind: str, in_channels: int, n_classes: int, **kw) -> HeadConfig:
@@ -97,7 +109,8 @@ class HeadConfig:
 def head_config(opts: Any, channels: int, n_classes: int, stride: int) -> HeadConfig:
     """The head ``train`` (and its cross-validation) builds from its options (:class:`~.options.TrainOptions`)."""
     return HeadConfig.build(opts.head, int(channels), n_classes, dropout=opts.dropout,
-                            hidden=tuple(opts.hidden) if opts.hidden else None, stride=stride, rgb_skip=opts.rgb_skip)
+                            hidden=tuple(opts.hidden) if opts.hidden else None, stride=stride, rgb_skip=opts.rgb_skip,
+                            texture=bool(getattr(opts, "texture", False)))
 
 
 class FCNHead(nn.Module):
@@ -112,6 +125,12 @@ class FCNHead(nn.Module):
         self.proj = nn.Conv2d(c, h1, 1)
         self.context = nn.ModuleList(nn.Conv2d(h1, h1, 3, padding=d, dilation=d) for d in config.dilations)
         self.rgb = nn.Conv2d(3, h1, 1) if config.rgb_skip else None
+        if config.texture:
+            self.register_buffer("tmean", torch.zeros(TEXTURE_CHANNELS))
+            self.register_buffer("tstd", torch.ones(TEXTURE_CHANNELS))
+            self.tex = nn.Conv2d(TEXTURE_CHANNELS, h1, 1)
+        else:
+            self.tex = None
         self.mid = nn.Conv2d(h1, h2, 1)
         self.out = nn.Conv2d(h2, k, 1)
         self.drop = nn.Dropout(config.dropout)
@@ -120,6 +139,27 @@ class FCNHead(nn.Module):
         """Fix the per-channel feature statistics (from the training cache); tiny stds are floored."""
         self.mean.copy_(mean.to(self.mean))
         self.std.copy_(std.to(self.std).clamp_min(1e-4))
+
+    def set_texture_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Fix the per-channel statistics of the texture maps (from the training tiles)."""
+        self.tmean.copy_(mean.to(self.tmean))
+        self.tstd.copy_(std.to(self.tstd).clamp_min(1e-4))
+
+    def texture_of(self, rgb: torch.Tensor | None) -> torch.Tensor | None:
+        """The texture maps this head adds, from RGB tiles (B, 3, H, W); None for a head without them."""
+        if self.tex is None:
+            return None
+        if rgb is None:
+            raise ValueError("this head was trained with texture maps and needs the RGB tile")
+        return texture_maps(rgb, self.config.stride)
+
+    def _add_texture(self, h: torch.Tensor, texture: torch.Tensor | None) -> torch.Tensor:
+        if self.tex is None:
+            return h
+        if texture is None:
+            raise ValueError("this head was trained with texture maps and needs them (texture_of the RGB tile)")
+        t = (texture.to(h.dtype) - self.tmean[:, None, None]) / self.tstd[:, None, None]
+        return h + self.tex(t)
 
     def _tail(self, h: torch.Tensor, rgb: torch.Tensor | None) -> torch.Tensor:
         if self.rgb is not None:
@@ -138,22 +178,27 @@ class FCNHead(nn.Module):
             h = h + conv(F.relu(h))
         return h
 
-    def forward(self, features: torch.Tensor, rgb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, rgb: torch.Tensor | None = None,
+                texture: torch.Tensor | None = None) -> torch.Tensor:
         """Dense logits (B, K, H, W) at pixel resolution from features (B, C, H/s, W/s).
 
-        ``rgb`` is the (B, 3, H, W) tile (0..255), used only by heads with ``rgb_skip``.
+        ``rgb`` is the (B, 3, H, W) tile (0..255), used only by heads with ``rgb_skip`` or ``texture``;
+        ``texture`` its maps if already computed (:meth:`texture_of`).
         """
-        h = self.feature_map(features)
+        if texture is None:
+            texture = self.texture_of(rgb)
+        h = self._add_texture(self.feature_map(features), texture)
         s = self.config.stride
         if s != 1:
             h = F.interpolate(h, scale_factor=s, mode="bilinear", align_corners=False)
         return self._tail(h, rgb)
 
     def forward_at(self, features: torch.Tensor, ys: list[torch.Tensor], xs: list[torch.Tensor],
-                   rgb: torch.Tensor | None = None) -> torch.Tensor:
+                   rgb: torch.Tensor | None = None, texture: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (N, K) at pixels (ys[b], xs[b]) of tiles with features (B, C, H/s, W/s), concatenated
-        over b; ``rgb`` (N, 3) holds those pixels' colours. Equal to ``forward`` indexed there."""
-        h = self.feature_map(features)
+        over b; ``rgb`` (N, 3) holds those pixels' colours, ``texture`` the tiles' maps (B, 78, H/s, W/s)
+        for a head with them. Equal to ``forward`` indexed there."""
+        h = self._add_texture(self.feature_map(features), texture)
         picked = torch.cat([sample_features(h[b], ys[b], xs[b], self.config.stride) for b in range(len(h))])
         rgb4 = rgb[:, :, None, None] if rgb is not None else None
         return self._tail(picked[:, :, None, None], rgb4)[:, :, 0, 0]
@@ -187,7 +232,8 @@ class HeadEnsemble(nn.Module):
         self.config = members[0].config
 
     def forward(self, features: torch.Tensor, rgb: torch.Tensor | None = None) -> torch.Tensor:
-        logp = torch.stack([F.log_softmax(m(features, rgb).float(), dim=1) for m in self.members])
+        texture = self.members[0].texture_of(rgb)  # the same fixed maps for every member: computed once
+        logp = torch.stack([F.log_softmax(m(features, rgb, texture).float(), dim=1) for m in self.members])
         return torch.logsumexp(logp, dim=0) - math.log(len(self.members))
 
 

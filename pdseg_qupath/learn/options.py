@@ -105,6 +105,9 @@ class TrainOptions:
     dropout: float = 0.1
     rgb_skip: bool = False
     """Give the pixel head the RGB tile beside the features (the context head always has it)."""
+    texture: bool = False
+    """Give the context head the tile's multi-scale colour-texture maps (:mod:`pdseg_qupath.learn.texture`:
+    what a classic pixel classifier sees) beside the features, after its context blocks."""
     t: int | Sequence[int] | str | None = None
     """Diffusion timestep(s) of the features (default: the backbone's; ``"auto"``: chosen by image-wise
     cross-validation, :mod:`pdseg_qupath.learn.autotune`)."""
@@ -133,6 +136,8 @@ class TrainOptions:
             v = getattr(self, name)
             if isinstance(v, str) and v != "auto":
                 raise PdsegError(f"--{name} {v!r}: give whole numbers separated by commas, or auto")
+        if self.texture and self.head != "context":
+            raise PdsegError("--texture needs the context head (--head context): the maps are made from whole tiles")
         if self.encoder not in ("auto", "vq", "fast"):
             raise PdsegError(f"--encoder {self.encoder!r}: use auto, vq or fast")
         if not isinstance(self.ensemble, int) or isinstance(self.ensemble, bool) or not 1 <= self.ensemble <= 16:

@@ -83,7 +83,7 @@ class Predictor:
                 outs = []
                 for j in range(len(idx)):  # one tile at a time: the head's full-resolution activations
                     rgb = None             # (hidden × tile²) stay small whatever the batch size
-                    if self.head.config.rgb_skip:
+                    if self.head.config.rgb_skip or self.head.config.texture:
                         rgb = x[j : j + 1].permute(0, 3, 1, 2).float()
                     outs.append(self.head(feats[j : j + 1], rgb)[0].float())
             return outs

@@ -32,7 +32,7 @@ RESUME_DIR = ".pdseg-train"
 FEATURE_OPTIONS = ("tile_size", "tiles_per_class", "views", "pixels_per_tile", "cache_mb", "val_fraction",
                    "max_val_tiles", "t", "blocks", "augment", "head", "ensemble")
 """Options that change the cached features; the others (head, optimiser, epochs) only the checkpoint."""
-RESTART_OPTIONS = ("lr", "weight_decay", "batch_pixels", "class_weights", "hidden", "dropout", "rgb_skip",
+RESTART_OPTIONS = ("lr", "weight_decay", "batch_pixels", "class_weights", "hidden", "dropout", "rgb_skip", "texture",
                    "prior_correction")
 """Head options that make an old checkpoint useless (``epochs`` and ``patience`` may change on resume)."""
 
