@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--no-prior", action="store_true")
     ap.add_argument("--hidden", default=None, help="head widths, e.g. 64,32 (default: the head's own)")
     ap.add_argument("--head", default="context", choices=["context", "pixel"])
+    ap.add_argument("--texture", action=argparse.BooleanOptionalAction, default=None,
+                    help="train --texture / --no-texture (default: the head's)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--skip-eval", action="store_true")
     args = ap.parse_args()
@@ -64,6 +66,7 @@ def main() -> None:
                         t=args.t, overlap=args.overlap, keep_features=args.keep_features,
                         prior_correction=not args.no_prior, lr=args.lr,
                         hidden=tuple(int(h) for h in args.hidden.split(",")) if args.hidden else None, head=args.head,
+                        texture=args.texture,
                         blocks=[int(b) for b in args.blocks.split(",")] if args.blocks else None)
     t0 = time.perf_counter()
     res = train(open_source(train_dir), args.out / "model", backbone=args.backbone, mpp=0.5,

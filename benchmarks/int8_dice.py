@@ -12,7 +12,7 @@ fp32). Training and evaluation thus both see int8 features, as an opt-in int8 mo
 ``--ivygap DIR`` runs the IvyGAP set the same way (4 µm/px images worked at 8 µm/px, as ``accuracy.py``).
 ``--ebhi DIR`` runs EBHI-Seg instead (DIR/train → DIR/test, ``--image-mpp 1.2``, the default 0.5 µm/px work
 resolution, defaults otherwise; macro Dice), still calibrated on the gbm40 tiles of the first argument
-(``--texture``: ``train --texture`` instead of the default head):
+(``--texture`` / ``--no-texture``: as ``train``'s; the default otherwise):
 
     nice -n 10 python benchmarks/int8_dice.py /path/to/gbm40 --ebhi /path/to/ebhi-seg --int8 --seed 0 --out /tmp/e
 """
@@ -63,7 +63,8 @@ def _tissue() -> None:
     group.add_argument("--ivygap", type=Path, help="benchmarks/prepare_ivygap_gbm.py's folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--texture", action="store_true", help="train --texture (the default head otherwise)")
+    ap.add_argument("--texture", action=argparse.BooleanOptionalAction, default=None,
+                    help="train --texture / --no-texture (the default otherwise)")
     args = ap.parse_args()
     key = "ebhi" if args.ebhi else "ivygap"
     root, (image_mpp, mpp) = getattr(args, key), TISSUE[key]

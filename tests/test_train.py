@@ -296,9 +296,9 @@ def test_texture_head_trains_resumes_and_predicts(data, tmp_path):
     from pdseg_qupath.learn.head import head_members
     from pdseg_qupath.learn.predictor import Predictor
 
-    res = train_tiny(data, tmp_path / "m", epochs=2, head="context", texture=True, keep_features=True)
+    res = train_tiny(data, tmp_path / "m", epochs=2, head="context", keep_features=True)  # on by default
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
-    assert meta["head"]["texture"] is True and meta["training"]["options"]["texture"] is True
+    assert meta["head"]["texture"] is True and meta["training"]["options"]["texture"] is None  # the head's default
     model = load_model(tmp_path / "m")
     for member in head_members(model.head):  # statistics of the training tiles' maps, not the defaults
         assert member.config.texture and not torch.equal(member.tstd, torch.ones(78))
@@ -306,9 +306,9 @@ def test_texture_head_trains_resumes_and_predicts(data, tmp_path):
     tiles[1, 8:24, 8:24] = (120, 60, 140)
     logits = Predictor(model, device="cpu").logits(tiles, [(0, 0), (32, 0)])
     assert logits.shape == (2, 2, 32, 32) and np.isfinite(logits).all()
-    again = train_tiny(data, tmp_path / "m", epochs=2, head="context", texture=True, keep_features=True)
+    again = train_tiny(data, tmp_path / "m", epochs=2, head="context", keep_features=True)
     assert again.resumed and again.history == res.history
-    plain = train_tiny(data, tmp_path / "p", epochs=2, head="context", keep_features=True)
+    plain = train_tiny(data, tmp_path / "p", epochs=2, head="context", texture=False, keep_features=True)
     assert plain.history != res.history  # the maps change what the head learns
     with pytest.raises(PdsegError, match="--texture needs the context head"):
         train_tiny(data, tmp_path / "q", epochs=1, head="pixel", texture=True)

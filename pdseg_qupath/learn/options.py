@@ -105,9 +105,10 @@ class TrainOptions:
     dropout: float = 0.1
     rgb_skip: bool = False
     """Give the pixel head the RGB tile beside the features (the context head always has it)."""
-    texture: bool = False
+    texture: bool | None = None
     """Give the context head the tile's multi-scale colour-texture maps (:mod:`pdseg_qupath.learn.texture`:
-    what a classic pixel classifier sees) beside the features, after its context blocks."""
+    what a classic pixel classifier sees) beside the features, after its context blocks. None: on for the
+    context head (it won on IvyGAP and EBHI-Seg for every seed: docs/ACCURACY.md), off for the pixel head."""
     t: int | Sequence[int] | str | None = None
     """Diffusion timestep(s) of the features (default: the backbone's; ``"auto"``: chosen by image-wise
     cross-validation, :mod:`pdseg_qupath.learn.autotune`)."""
