@@ -17,11 +17,12 @@ from scipy import ndimage
 
 TISSUE_SATURATION_RANGE = (12, 20)
 """Otsu's threshold is clamped to this saturation range (0-255). White-balanced glass sits below ~10 after
-smoothing; pale tissue starts around 15-30 (a tenth of the IvyGAP necrosis lies below 17): pale dermal collagen on CMU-1, necrosis and oedematous brain
-on low-magnification glioblastoma sections. Without the clamp, a thumbnail with no glass (a cropped region, a
-tissue-filled field) would be split into dense versus pale tissue, and one with no tissue into noise versus
-noise. (Until 2026-12-08 the range was (20, 60), which left out a third of the annotated tissue of the
-IvyGAP sections and much of CMU-1's dermis: docs/LOOP.md, "Tissue first".)"""
+smoothing; pale tissue starts around 15-30 (pale dermal collagen on CMU-1; necrosis and oedematous brain on
+low-magnification glioblastoma sections, a tenth of whose necrosis lies below 17). Without the clamp, a
+thumbnail with no glass (a cropped region, a tissue-filled field) would be split into dense versus pale
+tissue, and one with no tissue into noise versus noise. (Until the eighth session of 2026-12-07 the range
+was (20, 60), which left out a third of the annotated tissue of the IvyGAP sections and much of CMU-1's
+dermis: docs/LOOP.md, "Tissue first".)"""
 
 SATURATION_SMOOTHING = 1.0
 """Gaussian σ, in mask pixels, applied to the saturation before the threshold: a pale tissue's pixels
