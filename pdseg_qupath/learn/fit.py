@@ -144,13 +144,13 @@ def with_texture(data: dict[str, torch.Tensor], stride: int) -> dict[str, torch.
     return {**data, "texture": torch.cat(parts) if parts else empty}
 
 
-def _texture_statistics(data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and standard deviation of the texture maps, a few views at a time."""
-    t = data["texture"]
-    c = t.shape[1]
+def channel_statistics(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation of whole maps (V, C, h, w), summed a few views at a time
+    (in float64, so that millions of fp16 values add up exactly enough)."""
+    c = maps.shape[1]
     s1, s2, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
-    for i in range(0, len(t), MAP_BATCH):
-        f = t[i : i + MAP_BATCH].double().transpose(0, 1).reshape(c, -1)
+    for i in range(0, len(maps), MAP_BATCH):
+        f = maps[i : i + MAP_BATCH].double().transpose(0, 1).reshape(c, -1)
         s1, s2, n = s1 + f.sum(1), s2 + (f * f).sum(1), n + f.shape[1]
     mean = s1 / max(1, n)
     var = (s2 - n * mean * mean) / max(1, n - 1)
@@ -239,14 +239,7 @@ def new_head(config: HeadConfig, features: torch.Tensor, seed: int) -> FCNHead:
         f32 = features.float()
         head.set_normalization(f32.mean(0), f32.std(0))
         return head
-    c = features.shape[1]
-    s1, s2, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
-    for i in range(0, len(features), MAP_BATCH):
-        f = features[i : i + MAP_BATCH].double().transpose(0, 1).reshape(c, -1)
-        s1, s2, n = s1 + f.sum(1), s2 + (f * f).sum(1), n + f.shape[1]
-    mean = s1 / max(1, n)
-    var = (s2 - n * mean * mean) / max(1, n - 1)
-    head.set_normalization(mean.float(), var.clamp_min(0).sqrt().float())
+    head.set_normalization(*channel_statistics(features))
     return head
 
 
@@ -317,7 +310,7 @@ def fit_head(
         train = with_texture(train, head.config.stride)
         val = with_texture(val, head.config.stride) if val is not None else None
         if state.epoch == 0:  # a resumed head has its statistics in its checkpoint
-            head.set_texture_normalization(*_texture_statistics(train))
+            head.set_texture_normalization(*channel_statistics(train["texture"]))
     if maps:
         scored = val if val is not None else train
         picks = [map_pixels(scored["labels"][v], VAL_PIXELS_PER_MAP, k, False, np.random.default_rng([seed, 7, v]))
