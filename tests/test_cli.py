@@ -158,11 +158,16 @@ def test_train_options_reach_the_model_folder(gbm_folder: Path, tmp_path: Path, 
                       "--class-weights", "balanced"], capsys)
     assert code == 0, text
     assert "RANDOM WEIGHTS" in text
+    assert "3 context heads with texture maps" in " ".join(text.split())  # the default head says what it has
     record = json.loads((out / "model.json").read_text())
     assert record["features"]["t"] == [10, 50] and record["features"]["blocks"] == [0]
+    assert record["head"]["kind"] == "context" and record["head"]["texture"] is True
     code, text = run(["train", str(gbm_folder), "--out", str(tmp_path / "m2"), "--backbone", "random:tiny",
                       "--class-weights", "heavy"], capsys)
     assert code == 2 and "--class-weights" in text
+    code, text = run(["train", str(gbm_folder), "--out", str(tmp_path / "m3"), "--backbone", "random:tiny",
+                      "--image-mpp", "0.5", "--head", "pixel", "--texture"], capsys)
+    assert code == 2 and "--texture needs the context head" in " ".join(text.split())
 
 
 @pytest.fixture(scope="module")

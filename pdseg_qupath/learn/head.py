@@ -110,7 +110,7 @@ def head_config(opts: Any, channels: int, n_classes: int, stride: int) -> HeadCo
     """The head ``train`` (and its cross-validation) builds from its options (:class:`~.options.TrainOptions`)."""
     return HeadConfig.build(opts.head, int(channels), n_classes, dropout=opts.dropout,
                             hidden=tuple(opts.hidden) if opts.hidden else None, stride=stride, rgb_skip=opts.rgb_skip,
-                            texture=opts.texture if opts.texture is not None else opts.head == "context")
+                            texture=opts.texture_maps)
 
 
 class FCNHead(nn.Module):

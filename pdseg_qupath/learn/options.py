@@ -151,6 +151,11 @@ class TrainOptions:
                 raise PdsegError(f"--class-weights {','.join(map(str, w))}: each weight must be a finite number "
                                  ">= 0, and not all 0")
 
+    @property
+    def texture_maps(self) -> bool:
+        """Whether the head gets texture maps: ``texture`` as given, else on for the context head."""
+        return self.texture if self.texture is not None else self.head == "context"
+
     def io(self, mpp: float, backbone_tile: int, stride: int) -> IOConfig:
         """The tiles of this run: the backbone's tile size unless set, a quarter tile of overlap unless set."""
         tile = int(self.tile_size or backbone_tile)

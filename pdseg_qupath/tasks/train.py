@@ -214,6 +214,7 @@ def train(
             events.message(m, "warn")
         events.message(f"labels: {total_labels(imgs).describe()}")
         heads = f"{opts.head} head" if len(plan.members) == 1 else f"{len(plan.members)} {opts.head} heads"
+        heads += " with texture maps" if opts.texture_maps else ""
         events.message(f"backbone: {bb_record['label']} · {heads} · {len(cmap)} classes "
                        f"({', '.join(cmap.names)}) · "
                        f"{mpp:g} µm/px · {len(plan.tiles)} training tiles × {opts.views} views · "
