@@ -108,7 +108,7 @@ class TrainOptions:
     texture: bool | None = None
     """Give the context head the tile's multi-scale colour-texture maps (:mod:`pdseg_qupath.learn.texture`:
     what a classic pixel classifier sees) beside the features, after its context blocks. None: on for the
-    context head (IvyGAP +0.045 macro Dice on every seed, gbm40 +0.007, EBHI-Seg -0.004: docs/ACCURACY.md),
+    context head (IvyGAP +0.045 macro Dice on every seed, gbm40 +0.005, EBHI-Seg -0.004: docs/ACCURACY.md),
     off for the pixel head."""
     t: int | Sequence[int] | str | None = None
     """Diffusion timestep(s) of the features (default: the backbone's; ``"auto"``: chosen by image-wise
