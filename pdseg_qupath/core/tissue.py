@@ -1,9 +1,9 @@
 """Tissue detection: where on a slide there is tissue rather than glass, and queries of that mask.
 
 H&E tissue is coloured while glass is white or grey, so a threshold on the HSV saturation of a
-thumbnail separates them: Otsu's, kept inside a narrow range so that pale tissue (collagen, necrosis,
-oedematous or thinly stained sections) stays tissue. :class:`TissueMap` holds the mask with a summed-area table, so that "is there
-tissue in this tile" and "how much" cost four look-ups whatever the tile size.
+thumbnail separates them: Otsu's, kept inside a narrow range so that pale tissue (loose collagen,
+necrosis, thinly stained sections) stays tissue. :class:`TissueMap` holds the mask with a summed-area
+table, so that "is there tissue in this tile" and "how much" cost four look-ups whatever the tile size.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from scipy import ndimage
 
 TISSUE_SATURATION_RANGE = (12, 20)
 """Otsu's threshold is clamped to this saturation range (0-255). White-balanced glass sits below ~10 after
-smoothing; pale tissue starts around 15-30 (pale dermal collagen on CMU-1; necrosis and oedematous brain on
-low-magnification glioblastoma sections, a tenth of whose necrosis lies below 17). Without the clamp, a
+smoothing; pale tissue starts around 15-30 (pale dermal collagen on CMU-1; pale necrosis and perinecrotic
+tissue on low-magnification glioblastoma sections, a tenth of whose necrosis lies below 17). Without the clamp, a
 thumbnail with no glass (a cropped region, a tissue-filled field) would be split into dense versus pale
 tissue, and one with no tissue into noise versus noise. (Until the eighth session of 2026-12-07 the range
 was (20, 60), which left out a third of the annotated tissue of the IvyGAP sections and much of CMU-1's
