@@ -45,7 +45,7 @@ def measure(root: Path, mpp: float, glass: str | None) -> dict:
         labels = np.asarray(Image.open(lab_path))
         with open_slide(png, mpp=mpp) as slide:
             tmap = tissue.TissueMap.detect(slide, 1.0, None, dilate=1)
-        rgb = np.asarray(Image.open(png).convert("RGB"))
+            rgb = slide.thumbnail(mpp)  # the image itself, from the slide already open
         found = tmap.pixels(0, labels.shape[0], 0, labels.shape[1])
         for k in range(len(names)):
             sel = labels == k

@@ -111,15 +111,15 @@ def test_each_head_trains_off_its_validation_images_and_stops_on_them():
 
     train, val = cache(range(4)), cache(range(2))
     plan = TilePlan([0, 1, 2], [1, 2], tiles, val_tiles, "image", members=[([0, 2], [1]), ([0, 1], [2])])
-    tr, va = member_data(plan, 0, train, val)
+    tr, va = member_data(plan, 0, train.tensors(), val.tensors())
     assert sorted({tiles[i].image for i in tr["tile"].tolist()}) == [0, 2]
     assert {val_tiles[i].image for i in va["tile"].tolist()} == {1}
-    tr, va = member_data(plan, 1, train, val)
+    tr, va = member_data(plan, 1, train.tensors(), val.tensors())
     assert sorted({tiles[i].image for i in tr["tile"].tolist()}) == [0, 1] and len(tr["labels"]) == 10
     assert {val_tiles[i].image for i in va["tile"].tolist()} == {2}
     # held-out tiles instead of images: every head shares the run's split
     tile_plan = TilePlan([0], [], tiles, val_tiles, "tile", members=[([0], [])] * 2)
-    tr, va = member_data(tile_plan, 1, train, val)
+    tr, va = member_data(tile_plan, 1, train.tensors(), val.tensors())
     assert len(tr["labels"]) == 20 and len(va["labels"]) == 10
 
 
@@ -141,7 +141,7 @@ def test_whole_views_are_indexed_not_copied_and_train_the_same_head():
 
     train, val = cache(range(9)), cache(range(3))
     plan = TilePlan([0, 1, 2], [], tiles, val_tiles, "image", members=[([0, 1], [2]), ([1, 2], [0])])
-    tr, va = member_data(plan, 1, train, val)
+    tr, va = member_data(plan, 1, train.tensors(), val.tensors())
     assert isinstance(tr["features"], Rows) and tr["features"].base is train.tensors()["features"]  # no copy
     keep = torch.tensor([tiles[int(t)].image != 0 for t in train.tensors()["tile"]])
     copy_tr = {k: v[keep] for k, v in train.tensors().items()}

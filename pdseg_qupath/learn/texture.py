@@ -58,14 +58,21 @@ def texture_maps(rgb: torch.Tensor, stride: int) -> torch.Tensor:
     od = -torch.log((x + 1.0) / 256.0)
     hed = torch.einsum("bchw,cd->bdhw", od, torch.as_tensor(HED_FROM_RGB, dtype=torch.float32, device=x.device))
     levels = {1: torch.cat([x / 255.0, hed], dim=1)}
+    blurred: dict[tuple[int, float], torch.Tensor] = {}  # σ's 2σ blur is often the next σ's own blur
+
+    def blur(f: int, sigma: float) -> torch.Tensor:
+        if f not in levels:
+            levels[f] = _pool(levels[1], f)
+        if (f, sigma) not in blurred:
+            blurred[f, sigma] = _blur(levels[f], sigma / f)
+        return blurred[f, sigma]
+
     out = [_pool(levels[1], stride)]
     for s in SIGMAS:
         f = 1
         while 2 * f <= min(s, stride) and stride % (2 * f) == 0:
             f *= 2
-        if f not in levels:
-            levels[f] = _pool(levels[1], f)
-        g, g2 = _blur(levels[f], s / f), _blur(levels[f], 2 * s / f)
+        g, g2 = blur(f, s), blur(f, 2 * s)
         rest = stride // f
         out += [_pool(g, rest), _pool(g - g2, rest), _pool(_gradient_magnitude(g) / f, rest)]
     return torch.cat(out, dim=1)

@@ -53,7 +53,15 @@ from pdseg_qupath.learn.cache import (
     pixels_per_view,
 )
 from pdseg_qupath.learn.data import TrainingImage, close_images, load_training_images, total_labels
-from pdseg_qupath.learn.fit import FitState, class_weights, fit_head, logit_adjustment, map_sample_counts, new_head
+from pdseg_qupath.learn.fit import (
+    FitState,
+    class_weights,
+    fit_head,
+    logit_adjustment,
+    map_sample_counts,
+    new_head,
+    with_texture,
+)
 from pdseg_qupath.learn.head import HeadConfig, HeadEnsemble, head_config
 from pdseg_qupath.learn.modelio import SegModel, save_model
 from pdseg_qupath.learn.options import IOConfig, TrainOptions
@@ -232,8 +240,12 @@ def train(
         # 5. The heads: one per ensemble member, on its own training images, stopped on its own held-out ones.
         t2 = time.perf_counter()
         fits = []
+        tr_all, va_all = train_cache.tensors(), (val_cache.tensors() if len(val_cache) else None)
+        if opts.texture_maps:  # once for every head, not once per head
+            tr_all = with_texture(tr_all, io.stride)
+            va_all = with_texture(va_all, io.stride) if va_all is not None else None
         for k in range(len(plan.members)):
-            tr, va = member_data(plan, k, train_cache, val_cache)
+            tr, va = member_data(plan, k, tr_all, va_all)
             c_k = counts if len(plan.members) == 1 else _sampled_counts(tr, train_cache, len(cmap), opts, seed)
             prior = annotated_prior(imgs, plan.members[k][0], len(cmap), mpp)
             adjust = logit_adjustment(prior, c_k.astype(np.float64)) if opts.prior_correction else None
@@ -380,12 +392,13 @@ def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: Tr
     return plan
 
 
-def member_data(plan: TilePlan, k: int, train: PixelCache | MapCache,
-                val: PixelCache | MapCache) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The cached training and validation views (or pixels) of ensemble member ``k``: training tiles off
-    its validation images, validation tiles on them (held-out tiles are shared when images are not split).
-    Whole views are indexed (:class:`Rows`), not copied; sampled pixels, a small cache, are copied."""
-    tr, va = train.tensors(), (val.tensors() if len(val) else None)
+def member_data(plan: TilePlan, k: int, tr: dict[str, Any],
+                va: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The cached training and validation views (or pixels) of ensemble member ``k``, from the whole
+    caches' tensors ``tr`` and ``va`` (None: no validation tiles): training tiles off its validation images,
+    validation tiles on them (held-out tiles are shared when images are not split). Whole views are indexed
+    (:class:`Rows`), not copied, with everything computed on them (texture maps); sampled pixels, a small
+    cache, are copied."""
     held = plan.members[k][1] if plan.members else []
     if not held:
         return tr, va
@@ -395,7 +408,7 @@ def member_data(plan: TilePlan, k: int, train: PixelCache | MapCache,
         return torch.isin(image, torch.tensor(held, dtype=torch.long))
 
     def part(data: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
-        if isinstance(train, MapCache):
+        if tr["features"].ndim == 4:  # whole views (V, C, h, w)
             rows = keep.nonzero().squeeze(1)
             return {name: Rows(v, rows) for name, v in data.items()}
         return {name: v[keep] for name, v in data.items()}
