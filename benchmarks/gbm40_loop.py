@@ -30,6 +30,11 @@ def _link_split(src: Path, dst: Path, first: int, last: int) -> Path:
     return dst
 
 
+def _given(**options: object) -> dict:
+    """The options given on the command line (not None): the others keep ``TrainOptions``' defaults."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("gbm40", type=Path)
@@ -44,7 +49,7 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-features", action="store_true", help="reuse cached features across head variants")
-    ap.add_argument("--no-prior", action="store_true")
+    ap.add_argument("--prior-correction", type=float, default=None, help="train --prior-correction (default: train's)")
     ap.add_argument("--hidden", default=None, help="head widths, e.g. 64,32 (default: the head's own)")
     ap.add_argument("--head", default="context", choices=["context", "pixel"])
     ap.add_argument("--texture", action=argparse.BooleanOptionalAction, default=None,
@@ -64,7 +69,7 @@ def main() -> None:
     test_dir = _link_split(args.gbm40, args.out / "test", 31, 40)
     opts = TrainOptions(tiles_per_class=args.tiles_per_class, views=args.views, rgb_skip=args.rgb_skip,
                         t=args.t, overlap=args.overlap, keep_features=args.keep_features,
-                        prior_correction=not args.no_prior, lr=args.lr,
+                        lr=args.lr, **_given(prior_correction=args.prior_correction),
                         hidden=tuple(int(h) for h in args.hidden.split(",")) if args.hidden else None, head=args.head,
                         texture=args.texture,
                         blocks=[int(b) for b in args.blocks.split(",")] if args.blocks else None)

@@ -202,6 +202,7 @@ def train(
     t: Optional[list[str]] = typer.Option(None, "--timesteps", "--t", metavar="<int|auto>", help=f"Diffusion timestep(s) the features are taken at, 0–999 (default: the backbone's), or auto: chosen by image-wise cross-validation on your annotations. {LIST_HELP}. --t is the old name."),
     blocks: Optional[list[str]] = typer.Option(None, "--blocks", metavar="<int|auto>", help=f"Decoder (up) blocks to tap, 0 = coarsest (default: the backbone's), or auto: chosen by image-wise cross-validation. {LIST_HELP}."),
     class_weights: Optional[list[str]] = typer.Option(None, "--class-weights", metavar="<weight|balanced>", help=f"'balanced' (inverse frequency) or one weight per class, in --classes order. {LIST_HELP}."),
+    prior_correction: float = typer.Option(0.5, "--prior-correction", metavar="<0..1>", help="How far predictions follow the class proportions of your annotations: 1 fully, 0 as if every class were equally common (more of the rare classes). Training samples every class equally; this shifts the head's output back by this share of log(annotated / sampled share)."),
     rgb_skip: bool = typer.Option(False, "--rgb-skip", help="Give the pixel head the RGB tile beside the features (the context head always has it)."),
     texture: Optional[bool] = typer.Option(None, "--texture/--no-texture", help="Give the context head the tile's multi-scale colour and texture (Gaussian, difference of Gaussians and gradient at 2-16 px, in RGB and H&E stain densities: what a classic pixel classifier sees) beside the LDM features. Default: on for the context head."),
     head: str = typer.Option("context", "--head", help="context (dilated 3x3 blocks: each pixel sees ~124 px around it, plus its colour) or pixel (1x1 per-pixel classifier, faster to train)."),
@@ -234,7 +235,7 @@ def train(
                 epochs=epochs, device=device, val_images=_names_option(val_images), seed=seed, events=events,
                 options=TrainOptions(
                     cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
-                    head=head, ensemble=ensemble, encoder=encoder, texture=texture,
+                    head=head, ensemble=ensemble, encoder=encoder, texture=texture, prior_correction=prior_correction,
                     t=_int_list_or_auto(t, "--t"),
                     blocks=_int_list_or_auto(blocks, "--blocks"),
                     class_weights=_class_weights_option(class_weights),

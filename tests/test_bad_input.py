@@ -151,6 +151,7 @@ def test_non_square_pixels_are_reported(tmp_path: Path) -> None:
     ("--t", "abc", "--t abc: expected whole numbers"),
     ("--blocks", "1,x", "--blocks 1,x: expected whole numbers"),
     ("--class-weights", "1,nan", "--class-weights 1,nan: each weight must be a finite number"),
+    ("--prior-correction", "1.5", "--prior-correction 1.5: expected a finite number from 0 to 1"),
     ("--mpp", "inf", "--mpp"),
     ("--image-mpp", "inf", "--image-mpp"),
 ])
@@ -184,7 +185,7 @@ def test_bad_keep_backups_gives_one_clear_line(tmp_path: Path, capsys, value: st
 
 def test_non_finite_train_options_are_refused() -> None:
     for bad in (dict(class_weights=[1.0, float("nan")]), dict(lr=float("inf")), dict(cache_mb=float("nan")),
-                dict(class_weights=[0, 0])):
+                dict(class_weights=[0, 0]), dict(prior_correction=-0.1), dict(prior_correction="half")):
         with pytest.raises(PdsegError):
             TrainOptions(**bad)
 

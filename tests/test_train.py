@@ -52,6 +52,9 @@ def test_model_folder_and_record(trained):
         assert len(h["train_images"]) == 1 and len(h["val_images"]) == 1
         assert set(h["train_images"] + h["val_images"]) == {"img0.png", "img1.png"}
     assert heads[0]["val_images"] != heads[1]["val_images"]
+    # each head's own prior shift (its own training image and pixels), the first one's as the run's
+    assert heads[0]["logit_adjustment"] == meta["training"]["prior"]["logit_adjustment"]
+    assert heads[0]["logit_adjustment"] != heads[1]["logit_adjustment"]
     assert sorted(meta["training"]["train_images"]) == sorted(meta["training"]["val_images"]) == ["img0.png", "img1.png"]
     assert (out / "training_curve_2.png").is_file() and (out / "training_curve_3.png").is_file()
     # the objects the training image's labels came from (all drawn by hand here: no predictions among them)
@@ -259,15 +262,26 @@ def test_prior_correction_is_recorded_and_folded_into_the_head(trained):
     import math
 
     from pdseg_qupath.learn.fit import logit_adjustment
+    from pdseg_qupath.learn.options import TrainOptions
 
     adj = logit_adjustment(np.array([0.75, 0.25, 0.0]), np.array([50.0, 50.0, 10.0]))
     assert adj[0] == pytest.approx(math.log(0.75 / (50 / 110)))
     assert adj[1] == pytest.approx(math.log(0.25 / (50 / 110)))
     assert adj[2] == 0.0  # a class absent from the annotations is left alone
-    prior = json.loads((trained.model_dir / "model.json").read_text())["training"]["prior"]
+    half = logit_adjustment(np.array([0.75, 0.25, 0.0]), np.array([50.0, 50.0, 10.0]), 0.5)
+    assert half.tolist() == pytest.approx((0.5 * adj).tolist())  # a strength scales the shift
+    assert logit_adjustment(np.array([0.75, 0.25]), np.array([50.0, 50.0]), 0.0) is None
+    assert TrainOptions(prior_correction=True).prior_correction == 1.0  # the old on/off still reads
+    assert TrainOptions(prior_correction=False).prior_correction == 0.0
+    record = json.loads((trained.model_dir / "model.json").read_text())["training"]
+    prior = record["prior"]
     shares = prior["annotated_share"]
     assert shares["Background"] > shares["Nucleus"] > 0 and sum(shares.values()) == pytest.approx(1, abs=1e-4)
     assert prior["logit_adjustment"][1] < 0 < prior["logit_adjustment"][0]
+    assert prior["strength"] == record["options"]["prior_correction"]
+    sampled = np.array([prior["sampled_share"][n] for n in shares])
+    full = logit_adjustment(np.array(list(shares.values())), sampled)
+    assert prior["logit_adjustment"] == pytest.approx((prior["strength"] * full).tolist(), abs=1e-3)
 
 
 def test_context_head_trains_on_whole_maps_and_predicts(data, tmp_path):

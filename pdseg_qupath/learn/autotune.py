@@ -276,7 +276,7 @@ def _fold_score(tr: dict[str, torch.Tensor], te: dict[str, torch.Tensor], images
         lab = tr["labels"].numpy()
         counts = np.bincount(lab[lab < n], minlength=n)[:n]
     prior = annotated_prior(images, train_idx, n, io.mpp)
-    adjust = logit_adjustment(prior, counts.astype(np.float64)) if opts.prior_correction else None
+    adjust = logit_adjustment(prior, counts.astype(np.float64), opts.prior_correction)
     config = head_config(opts, tr["features"].shape[1], n, io.stride)
     head = new_head(config, tr["features"], seed)
     fit = fit_head(head, tr, te, cmap.names, opts, epochs=CV_EPOCHS, seed=seed, device=device,

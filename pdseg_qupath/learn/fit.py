@@ -53,12 +53,15 @@ def class_weights(spec: Any, counts: np.ndarray) -> torch.Tensor | None:
     return torch.from_numpy(w)
 
 
-def logit_adjustment(prior: np.ndarray, sampled: np.ndarray) -> torch.Tensor:
-    """log(prior / sampled share) per class (0 where either is empty): added to the head's logits."""
+def logit_adjustment(prior: np.ndarray, sampled: np.ndarray, strength: float = 1.0) -> torch.Tensor | None:
+    """strength × log(prior / sampled share) per class (0 where either is empty), added to the head's logits;
+    None for strength 0 (no correction)."""
+    if not strength:
+        return None
     s = sampled / max(1.0, float(sampled.sum()))
     ok = (prior > 0) & (s > 0)
     adj = np.zeros(len(prior), dtype=np.float64)
-    adj[ok] = np.log(prior[ok] / s[ok])
+    adj[ok] = strength * np.log(prior[ok] / s[ok])
     return torch.tensor(adj, dtype=torch.float32)
 
 

@@ -239,7 +239,7 @@ def train(
         del bb  # the heads need only the cached features
         # 5. The heads: one per ensemble member, on its own training images, stopped on its own held-out ones.
         t2 = time.perf_counter()
-        fits = []
+        fits, adjusts = [], []
         tr_all, va_all = train_cache.tensors(), (val_cache.tensors() if len(val_cache) else None)
         if opts.texture_maps:  # once for every head, not once per head
             tr_all = with_texture(tr_all, io.stride)
@@ -248,13 +248,14 @@ def train(
             tr, va = member_data(plan, k, tr_all, va_all)
             c_k = counts if len(plan.members) == 1 else _sampled_counts(tr, train_cache, len(cmap), opts, seed)
             prior = annotated_prior(imgs, plan.members[k][0], len(cmap), mpp)
-            adjust = logit_adjustment(prior, c_k.astype(np.float64)) if opts.prior_correction else None
+            adjust = logit_adjustment(prior, c_k.astype(np.float64), opts.prior_correction)
             if len(plan.members) > 1:
                 held = ", ".join(imgs[i].record.name for i in plan.members[k][1]) or "held-out tiles"
                 events.message(f"head {k + 1} of {len(plan.members)}: validated on {held}")
                 _check_member(cmap, counts, c_k, k, len(plan.members), messages, events)
             fits.append(_fit(tr, va, cmap, io, extractor.channels, c_k, adjust, opts, epochs, _member_seed(seed, k),
                              dev, resume.member(k), out, messages, events, k, len(plan.members)))
+            adjusts.append(adjust)
             if k == 0:
                 first = (prior, c_k, adjust)  # member 0's, for the record
             del tr, va
@@ -268,7 +269,7 @@ def train(
         head = fit.head
         if len(fits) > 1:
             head = HeadEnsemble([f.head for f in fits])
-            training["ensemble"] = [_member_record(f, plan, k, imgs, seed) for k, f in enumerate(fits)]
+            training["ensemble"] = [_member_record(f, plan, k, imgs, seed, adjusts[k]) for k, f in enumerate(fits)]
         if search is not None:
             training["auto"] = search.record()
         model = SegModel(head, cmap, io, bb_record, _features_record(extractor), training)
@@ -548,7 +549,8 @@ def _training_record(fit, plan: TilePlan, imgs: list[TrainingImage], cmap: Class
         "prior": {
             "annotated_share": {n: round(float(p), 5) for n, p in zip(cmap.names, prior)},
             "sampled_share": {n: round(float(c) / max(1, counts.sum()), 5) for n, c in zip(cmap.names, counts)},
-            "logit_adjustment": [round(float(a), 5) for a in adjust] if adjust is not None else None,
+            "strength": opts.prior_correction,
+            "logit_adjustment": _rounded(adjust),
         },
         "options": opts.to_json(),
         "device": device,
@@ -557,12 +559,17 @@ def _training_record(fit, plan: TilePlan, imgs: list[TrainingImage], cmap: Class
     }
 
 
-def _member_record(fit: Any, plan: TilePlan, k: int, imgs: list[TrainingImage], seed: int) -> dict[str, Any]:
+def _member_record(fit: Any, plan: TilePlan, k: int, imgs: list[TrainingImage], seed: int,
+                   adjust: Any) -> dict[str, Any]:
     """What model.json keeps of one head of an ensemble (its curve is training_curve[_k].png)."""
     train_k, val_k = plan.members[k]
     return {"seed": _member_seed(seed, k), "train_images": [imgs[i].record.name for i in train_k],
             "val_images": [imgs[i].record.name for i in val_k], "epochs_run": len(fit.history),
-            "best_epoch": fit.best_epoch, "best": fit.best}
+            "best_epoch": fit.best_epoch, "best": fit.best, "logit_adjustment": _rounded(adjust)}
+
+
+def _rounded(adjust: Any) -> list[float] | None:
+    return [round(float(a), 5) for a in adjust] if adjust is not None else None
 
 
 def _features_record(extractor: Any) -> dict[str, Any]:
