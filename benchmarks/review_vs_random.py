@@ -32,7 +32,8 @@ import shapely
 from shapely.geometry import box, mapping, shape
 
 ARMS = {"review": "tab:orange", "review-diverse": "tab:red", "review-interior": "tab:green",
-        "committee": "tab:purple", "entropy": "tab:olive", "balanced": "tab:brown", "random": "tab:blue"}
+        "committee": "tab:purple", "entropy": "tab:olive", "balanced": "tab:brown", "rare": "tab:pink",
+        "random": "tab:blue"}
 DIVERSE = "review-diverse"
 MAP_ARMS = ("review-interior", "committee", "entropy", "balanced")
 """Arms scored here from the pool's label and margin maps (``review`` and ``review-diverse`` use predict's own)."""

@@ -15,7 +15,10 @@ pathologist runs:
    A correction is the region's true labels, every class in it;
 4. retrain from scratch on everything gathered so far; repeat.
 
-Seeds are paired: both arms of a seed share the first model. ``--diagnose`` adds, per round, the current model's
+A third arm, ``rare`` (``--arms rare,random``), ranks the same regions by the review score with each pixel's
+uncertainty weighted by the rarity of its predicted class (sqrt of the largest annotated class share over its own).
+
+Seeds are paired: the arms of a seed share the first model. ``--diagnose`` adds, per round, the current model's
 error share inside the picked regions and over the pool, and the picked regions' share of rare classes (under 5 %
 of the test pixels). The data set is research-only and never shipped; pass its folder on the command line.
 
@@ -95,14 +98,25 @@ def _write_labels(pool: Path, data: Path, chosen: dict, side: int, classes: list
         path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
 
 
-def _predict_pool(model: Path, data: Path, images: list[str], cell_um: float, image_mpp: float) -> dict:
-    """image → (review scores {(x, y): score} in level-0 px, predicted labels at level-0 resolution)."""
+def _rarity_weights(model) -> np.ndarray:
+    """Per class, sqrt(largest annotated share / the class's share): a rare class's uncertainty counts more."""
+    shares = np.array(list(model.training["prior"]["annotated_share"].values()), np.float64)
+    w = np.ones(len(shares))
+    w[shares > 0] = np.sqrt(shares.max() / shares[shares > 0])
+    return w
+
+
+def _predict_pool(model: Path, data: Path, images: list[str], cell_um: float, image_mpp: float,
+                  rarity: bool = False) -> dict:
+    """image → (review scores {(x, y): score} in level-0 px, predicted labels at level-0 resolution).
+    ``rarity``: the scores of ``predict --review`` with each pixel's uncertainty weighted by the rarity of its
+    predicted class (:func:`_rarity_weights`)."""
     from pdseg_qupath.core.slide import open_slide
     from pdseg_qupath.learn.inference import predict_image
     from pdseg_qupath.learn.modelio import load_model
     from pdseg_qupath.learn.options import PredictOptions
     from pdseg_qupath.learn.predictor import Predictor
-    from pdseg_qupath.learn.review import UNCERTAINTY
+    from pdseg_qupath.learn.review import UNCERTAINTY, ReviewGrid
 
     predictor = Predictor(load_model(model), "cpu", batch_size=8)
     names = predictor.model.class_map.names
@@ -113,6 +127,12 @@ def _predict_pool(model: Path, data: Path, images: list[str], cell_um: float, im
             pred = predict_image(slide, predictor, options=PredictOptions(review=10**6, review_size_um=cell_um),
                                  strip_sink=lambda region, strip, acc=strips: acc.append(strip))
             size = (slide.height, slide.width)
+        if rarity:
+            grid = ReviewGrid(pred.region, max(4, round(cell_um / predictor.model.io.mpp)),
+                              _rarity_weights(predictor.model))
+            for st in strips:
+                grid.add(st)
+            pred.review = grid.objects(10**6, predictor.model.model_id, size[::-1])
         scores = {}
         for a in pred.review:
             if a.object_type == "annotation":
@@ -192,11 +212,11 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace, classes: list[dict], 
         print(json.dumps(rows[-1]), flush=True)
         if rnd == args.rounds:
             break
-        predicted = _predict_pool(model, data, args.pool, args.cell_um, args.image_mpp)
+        predicted = _predict_pool(model, data, args.pool, args.cell_um, args.image_mpp, rarity=arm == "rare")
         taken = set(labelled)
         scores = {(t, x, y): s for t, (sc, _, _) in predicted.items() for (x, y), s in sc.items()}
         free = [c for c in sorted(scores) if c not in taken]
-        if arm == "review":
+        if arm in ("review", "rare"):
             picked = _pick(free, scores, args.k, labelled, "top", side)
         else:
             picked = [free[int(i)] for i in rng.choice(len(free), size=min(args.k, len(free)), replace=False)]

@@ -292,6 +292,28 @@ def test_the_uncertainty_map_stays_small_on_a_whole_slide(monkeypatch):
     assert mean == pytest.approx(float((1 - margin).mean()), abs=1e-3)
 
 
+def test_class_weights_rank_a_rare_class_s_doubt_first():
+    import numpy as np
+
+    from pdseg_qupath.core.annotations import IGNORE
+    from pdseg_qupath.core.grid import Window
+    from pdseg_qupath.learn import review
+    from pdseg_qupath.learn.stitch import Strip
+
+    labels = np.zeros((64, 128), np.uint8)
+    labels[:, 64:] = 1  # right region: predicted class 1, the rare one
+    labels[:8, :8] = IGNORE  # no prediction: never counts
+    margin = np.full((64, 128), 0.5, np.float32)
+    margin[:, :64] = 0.4  # the left region is the less certain one
+    ranked = {}
+    for weights in (None, [1.0, 2.0]):
+        grid = review.ReviewGrid(Window(0, 0, 128, 64, 1.0), 64, weights)
+        grid.add(Strip(0, labels, margin, margin))
+        ranked[weights is None] = [(round(s, 4), i) for s, i, _ in grid.regions()]
+    assert ranked[True] == [(0.6, 0), (0.5, 1)]  # plain: the mean uncertainty over predicted pixels
+    assert ranked[False] == [(1.0, 1), (0.6, 0)]  # the rare class's doubt counts twice
+
+
 def test_predict_keeps_an_edit_saved_by_another_process_mid_run(project, fake_paquo, tmp_path, monkeypatch):
     from pdseg_qupath.learn.options import PredictOptions
     from pdseg_qupath.sources.qupath.project import QuPathProjectSource

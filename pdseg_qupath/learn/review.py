@@ -34,8 +34,10 @@ MAX_MAP_CELLS = 20_000
 class ReviewGrid:
     """Sums of uncertainty and counts of predicted pixels per map cell of a region of the work grid."""
 
-    def __init__(self, region: Window, region_px: int) -> None:
+    def __init__(self, region: Window, region_px: int, class_weights: np.ndarray | None = None) -> None:
+        """``class_weights`` (one per class, optional) scales each pixel's uncertainty by its predicted class."""
         self.region = region
+        self.class_weights = None if class_weights is None else np.append(np.asarray(class_weights, np.float64), 0.0)
         self.cell = max(1, region_px // MAP_BLOCK)
         self.nx = max(1, math.ceil(region.width / self.cell))
         self.ny = max(1, math.ceil(region.height / self.cell))
@@ -47,10 +49,13 @@ class ReviewGrid:
         """Take a strip (rows relative to the region); pixels without a prediction do not count."""
         valid = strip.labels != IGNORE
         margin = strip.margin if strip.margin is not None else np.ones(strip.labels.shape, np.float32)
+        weight = (1.0 - margin) * valid
+        if self.class_weights is not None:
+            weight = weight * self.class_weights[np.minimum(strip.labels, len(self.class_weights) - 1)]
         rows = (strip.y + np.arange(strip.height)) // self.cell
         idx = (rows[:, None] * self.nx + self._cols[None, :]).ravel()
         n = self.nx * self.ny
-        self.sum += np.bincount(idx, weights=((1.0 - margin) * valid).ravel(), minlength=n).reshape(self.ny, self.nx)
+        self.sum += np.bincount(idx, weights=weight.ravel(), minlength=n).reshape(self.ny, self.nx)
         self.count += np.bincount(idx, weights=valid.ravel().astype(np.float64), minlength=n).reshape(self.ny, self.nx)
 
     def _box(self, cx: int, cy: int, cells: int, bounds: tuple[int, int]) -> shapely.Polygon:
