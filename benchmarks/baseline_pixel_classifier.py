@@ -15,7 +15,7 @@ through the SAME images, sparse labels and scores as the LDM head, so that the t
   computed on the whole image (reflected at its borders).
 - **Classifier**: scikit-learn's ``HistGradientBoostingClassifier`` (100 iterations, depth-limited by
   31 leaves, learning rate 0.1), then the product's class-prior correction (``learn.fit.logit_adjustment``
-  with ``learn.sampling.annotated_prior``), as ``train`` applies by default.
+  with ``learn.sampling.annotated_prior``) at the options' strength (``train``'s default unless given).
 - **Scores**: ``core.metrics`` on annotated pixels only, over the annotated region of each test image
   on the work grid, inside the tissue ``predict`` detects (as ``evaluate`` does; pixels annotated on glass
   are scored separately, ``all_annotated``): per-class Dice/IoU, macro Dice, mIoU, accuracy.
@@ -121,7 +121,8 @@ def fit_baseline(train_dir: Path, *, image_mpp: float | None, mpp: float, seed: 
                                          early_stopping=False, random_state=seed)
     clf.fit(x, y)
     counts = np.bincount(y, minlength=len(cmap)).astype(np.float64)
-    adjust = logit_adjustment(prior, counts).numpy()
+    adjust = logit_adjustment(prior, counts, opts.prior_correction)
+    adjust = adjust.numpy() if adjust is not None else np.zeros(len(cmap))
     info = {"train_pixels": len(y), "features": int(x.shape[1]), "tiles": len(plan.tiles) + len(plan.val_tiles),
             "images": [im.record.name for im in imgs], "fit_s": round(time.perf_counter() - t0, 1)}
     return (clf, adjust), cmap, io, info
