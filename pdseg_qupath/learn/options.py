@@ -95,8 +95,8 @@ class TrainOptions:
     classes were equally common, so it over-calls rare classes. The logits are shifted by
     s × log(annotated share / sampled share) (logit adjustment for label shift): 1 makes predictions follow
     the class proportions of the annotations, 0 treats every class as equally common. Sparse annotations
-    rarely hold a class in its true proportion; 0.5 scored higher than 1 on IvyGAP (+0.011 macro Dice, every
-    seed) and gbm40, and the same on EBHI-Seg (docs/ACCURACY.md). ``True``/``False`` mean 1/0."""
+    rarely hold a class in its true proportion; 0.5 scored higher than 1 on IvyGAP (+0.009 macro Dice, ahead on
+    each of 3 seeds), gbm40 +0.001 and EBHI-Seg -0.001 (one seed; docs/ACCURACY.md). ``True``/``False`` mean 1/0."""
     head: str = "context"
     """``context`` (dilated 3x3 blocks at feature resolution plus the RGB tile; trained on whole cached
     feature maps, so ``cache_mb`` bounds the number of tile views) or ``pixel`` (1x1 convolutions: a
