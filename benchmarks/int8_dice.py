@@ -73,9 +73,10 @@ def _tissue() -> None:
     root, (image_mpp, mpp) = getattr(args, key), TISSUE[key]
     events = ConsoleEvents(Console(stderr=True), plain=True)
     t0 = time.perf_counter()
+    opts = TrainOptions(texture=args.texture, class_weights=args.class_weights,
+                        **gbm40_loop._given(prior_correction=args.prior_correction))
     res = train(open_source(root / "train"), args.out / "model", backbone="small", mpp=mpp, image_mpp=image_mpp,
-                device="cpu", seed=args.seed, events=events, options=TrainOptions(texture=args.texture, class_weights=args.class_weights,
-                                                  **gbm40_loop._given(prior_correction=args.prior_correction)))
+                device="cpu", seed=args.seed, events=events, options=opts)
     t1 = time.perf_counter()
     m = evaluate(open_source(root / "test"), args.out / "model", args.out / "report", image_mpp=image_mpp,
                  device="cpu", events=events)

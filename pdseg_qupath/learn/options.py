@@ -238,7 +238,8 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-_FLAGS = {"simplify_um": "--simplify (µm)", "min_area_um2": "--min-area (µm²)", "prior_correction": "--prior-correction"}
+_FLAGS = {"simplify_um": "--simplify (µm)", "min_area_um2": "--min-area (µm²)",
+          "prior_correction": "--prior-correction"}
 """Options whose command-line flag is not their field name."""
 
 
