@@ -124,7 +124,8 @@ def _predict_pool(model: Path, data: Path, images: list[str], cell_um: float, im
     for image in images:
         strips: list = []
         with open_slide(data / "test" / f"{image}.png", fallback_mpp=image_mpp) as slide:
-            pred = predict_image(slide, predictor, options=PredictOptions(review=10**6, review_size_um=cell_um),
+            review = 0 if rarity else 10**6  # the rarity arm scores the strips itself, below
+            pred = predict_image(slide, predictor, options=PredictOptions(review=review, review_size_um=cell_um),
                                  strip_sink=lambda region, strip, acc=strips: acc.append(strip))
             size = (slide.height, slide.width)
         if rarity:
