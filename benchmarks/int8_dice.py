@@ -70,6 +70,7 @@ def _tissue() -> None:
     ap.add_argument("--class-weights", default=None, help="train --class-weights (e.g. balanced)")
     ap.add_argument("--context-view", type=int, default=None, help="train --context-view (default: train's)")
     ap.add_argument("--cache-mb", type=float, default=None, help="train --cache-mb (default: train's)")
+    ap.add_argument("--views", type=int, default=None, help="TrainOptions.views (default: train's)")
     args = ap.parse_args()
     key = "ebhi" if args.ebhi else "ivygap"
     root, (image_mpp, mpp) = getattr(args, key), TISSUE[key]
@@ -77,7 +78,7 @@ def _tissue() -> None:
     t0 = time.perf_counter()
     opts = TrainOptions(texture=args.texture, class_weights=args.class_weights,
                         **gbm40_loop._given(prior_correction=args.prior_correction, context_view=args.context_view,
-                                            cache_mb=args.cache_mb))
+                                            cache_mb=args.cache_mb, views=args.views))
     res = train(open_source(root / "train"), args.out / "model", backbone="small", mpp=mpp, image_mpp=image_mpp,
                 device="cpu", seed=args.seed, events=events, options=opts)
     t1 = time.perf_counter()
