@@ -328,17 +328,22 @@ def test_texture_head_trains_resumes_and_predicts(data, tmp_path):
         train_tiny(data, tmp_path / "q", epochs=1, head="pixel", texture=True)
 
 
-def test_context_head_cache_budget_keeps_fewer_tiles(data, tmp_path):
+def test_context_head_cache_budget_keeps_every_tile_before_augmented_copies(data, tmp_path):
     from pdseg_qupath.learn.cache import bytes_per_map
     from pdseg_qupath.learn.predictor import load_extractor
 
     per_view = bytes_per_map(load_extractor("random:tiny", "cpu")[1].channels, 32, 4)
-    budget = 20 * per_view / 2**20  # 8 validation views + 6 of the 2 x 12 training views
-    res = train_tiny(data, tmp_path / "m", epochs=1, head="context", cache_mb=budget, ensemble=1)
-    assert any("holds the feature maps of 6 of 12 training tiles" in m for m in res.messages)
-    assert res.cache["views_train"] == 12 and res.cache["bytes"] <= budget * 2**20
+    # 8 validation views + 16 of the 2 x 12 training views: every tile once, 4 of them augmented once
+    res = train_tiny(data, tmp_path / "m", epochs=1, head="context", cache_mb=24 * per_view / 2**20, ensemble=1)
+    assert any("holds all 12 training tiles but only 4 of their 12 augmented views" in m for m in res.messages)
+    assert sorted(res.plan.views) == [1] * 8 + [2] * 4 and len(res.plan.tiles) == 12
+    assert res.cache["views_train"] == 16 and res.cache["bytes"] <= 24 * per_view
+    # 8 + 6: 6 of the 12 tiles, one view each
+    res = train_tiny(data, tmp_path / "n", epochs=1, head="context", cache_mb=14 * per_view / 2**20, ensemble=1)
+    assert any("holds the feature maps of 6 of 12 training tiles, one view each" in m for m in res.messages)
+    assert res.cache["views_train"] == 6 and res.plan.views == [1] * 6
     with pytest.raises(PdsegError, match="too small for the context head"):
-        train_tiny(data, tmp_path / "n", epochs=1, head="context", cache_mb=9 * per_view / 2**20, ensemble=1)
+        train_tiny(data, tmp_path / "o", epochs=1, head="context", cache_mb=8.5 * per_view / 2**20, ensemble=1)
 
 
 def test_automatic_split_is_stratified_by_class():

@@ -232,7 +232,7 @@ def extract_views(
     extractor: Any,
     io: IOConfig,
     *,
-    views: int,
+    views: int | Sequence[int],
     n_pixels: int,
     stratified: bool,
     aug: AugmentConfig,
@@ -242,15 +242,17 @@ def extract_views(
     on_views: Callable[[int], None] | None = None,
     dense: bool = False,
 ) -> PixelCache | MapCache:
-    """Features of every (tile, view): view 0 is the tile, later views are augmented. Kept at sampled
-    pixels (a :class:`PixelCache`), or with ``dense`` as whole maps (a :class:`MapCache`).
+    """Features of every (tile, view): view 0 is the tile, later views are augmented (``views`` of each
+    tile, or a count per tile). Kept at sampled pixels (a :class:`PixelCache`), or with ``dense`` as whole
+    maps (a :class:`MapCache`).
 
     Work goes in shards of 64 views; with ``shard(name, i)`` giving a path, each finished shard is
     written there and a shard already on disk is loaded instead of extracted (resume).
     """
     kind: Any = MapCache if dense else PixelCache
     cache = kind(int(extractor.channels))
-    jobs = [(ti, v) for ti in range(len(tiles)) for v in range(views)]
+    counts = [views] * len(tiles) if isinstance(views, (int, np.integer)) else list(views)
+    jobs = [(ti, v) for ti in range(len(tiles)) for v in range(counts[ti])]
     for s, start in enumerate(range(0, len(jobs), SHARD_VIEWS)):
         chunk = jobs[start : start + SHARD_VIEWS]
         path = shard(name, s)

@@ -97,6 +97,12 @@ class TilePlan:
     val_mode: str
     members: list[tuple[list[int], list[int]]] = field(default_factory=list)
     """(training images, validation images) of each head of the ensemble."""
+    views: list[int] | None = None
+    """Views of each training tile (the tile, then augmented ones) when the cache cannot hold ``opts.views`` of
+    every tile (:func:`_fit_map_budget`); None: ``opts.views`` each."""
+
+    def view_counts(self, views: int) -> list[int]:
+        return list(self.views) if self.views is not None else [views] * len(self.tiles)
 
 
 @dataclass
@@ -218,7 +224,7 @@ def train(
         plan = plan_tiles(imgs, cmap, io, opts, val_images, rng, messages)
         if opts.head == "context":
             _fit_map_budget(plan, io, extractor.channels, opts, rng, messages)
-        n_views = len(plan.tiles) * opts.views + len(plan.val_tiles)
+        n_views = sum(plan.view_counts(opts.views)) + len(plan.val_tiles)
         per_view = pixels_per_view(opts.cache_mb, extractor.channels, n_views, opts.pixels_per_tile)
         out.mkdir(parents=True, exist_ok=True)
         resume = Resume(out, fingerprints(imgs, cmap, opts, backbone, bb.sha256, mpp, seed, val_images,
@@ -231,7 +237,7 @@ def train(
         heads += " with texture maps" if opts.texture_maps else ""
         events.message(f"backbone: {bb_record['label']} · {heads} · {len(cmap)} classes "
                        f"({', '.join(cmap.names)}) · "
-                       f"{mpp:g} µm/px · {len(plan.tiles)} training tiles × {opts.views} views · "
+                       f"{mpp:g} µm/px · {_tiles_and_views(plan, opts.views)} · "
                        f"{len(plan.val_tiles)} validation tiles (split by {plan.val_mode}) · "
                        f"{'whole feature maps' if opts.head == 'context' else f'≤ {per_view} px per view'} · "
                        f"device {dev} ({extractor.summary()})")
@@ -309,16 +315,33 @@ def _fit_map_budget(plan: TilePlan, io: IOConfig, channels: int, opts: TrainOpti
     check that prediction tiles overlap enough for the head's receptive field."""
     per_view = bytes_per_map(int(channels), io.tile, io.stride)
     fit = int(opts.cache_mb * 2**20) // per_view - len(plan.val_tiles)
-    if fit < len(plan.tiles) * opts.views:
-        keep = max(1, fit // opts.views)
-        if fit < opts.views:
+    n = len(plan.tiles)
+    if fit < n * opts.views:
+        # Every tile once before any augmented copy: on IvyGAP 272 tiles seen once beat 136 tiles seen twice
+        # (docs/ACCURACY.md, "Distinct tiles before augmented copies").
+        if fit < 1:
             raise PdsegError(f"--cache-mb {opts.cache_mb:g}: too small for the context head's feature maps "
                              f"({per_view / 2**20:.2f} MB per tile view); raise it to at least "
-                             f"{(opts.views + len(plan.val_tiles)) * per_view / 2**20:.2f}")
-        idx = np.sort(rng.choice(len(plan.tiles), size=keep, replace=False))
-        messages.append(f"--cache-mb {opts.cache_mb:g} holds the feature maps of {keep} of {len(plan.tiles)} "
-                        f"training tiles ({per_view / 2**20:.2f} MB per view); raise it to use all")
-        plan.tiles = [plan.tiles[int(i)] for i in idx]
+                             f"{(1 + len(plan.val_tiles)) * per_view / 2**20:.2f}")
+        full = f"{n * opts.views * per_view / 2**20 + len(plan.val_tiles) * per_view / 2**20:.0f}"
+        if fit < n:
+            idx = np.sort(rng.choice(n, size=fit, replace=False))
+            plan.tiles = [plan.tiles[int(i)] for i in idx]
+            plan.views = [1] * fit
+            messages.append(f"--cache-mb {opts.cache_mb:g} holds the feature maps of {fit} of {n} training tiles, "
+                            f"one view each ({per_view / 2**20:.2f} MB per view); {full} MB would hold all "
+                            f"{opts.views} views of every tile")
+        else:
+            views = np.ones(n, dtype=int)
+            extra, order = fit - n, rng.permutation(n)
+            while extra > 0:  # augmented copies, one more per tile in a random order, as far as the budget goes
+                take = order[:extra]
+                views[take] += 1
+                extra -= len(take)
+            plan.views = [int(v) for v in views]
+            messages.append(f"--cache-mb {opts.cache_mb:g} holds all {n} training tiles but only {fit - n} of their "
+                            f"{n * (opts.views - 1)} augmented views ({per_view / 2**20:.2f} MB per view); "
+                            f"{full} MB would hold them all")
     rf = HeadConfig.build("context", int(channels), 2, stride=io.stride).receptive_field
     if io.overlap < rf // 2:
         messages.append(f"prediction tiles overlap by {io.overlap} px, less than half the context head's "
@@ -399,6 +422,13 @@ def plan_tiles(imgs: list[TrainingImage], cmap: ClassMap, io: IOConfig, opts: Tr
     return plan
 
 
+def _tiles_and_views(plan: TilePlan, views: int) -> str:
+    counts = plan.view_counts(views)
+    if len(set(counts)) <= 1:
+        return f"{len(plan.tiles)} training tiles × {counts[0] if counts else views} views"
+    return f"{len(plan.tiles)} training tiles, {sum(counts)} views"
+
+
 def member_data(plan: TilePlan, k: int, tr: dict[str, Any],
                 va: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The cached training and validation views (or pixels) of ensemble member ``k``, from the whole
@@ -436,12 +466,12 @@ def _extract(plan: TilePlan, imgs: list[TrainingImage], cmap: ClassMap, extracto
              opts: TrainOptions, per_view: int, seed: int, resume: Resume, events: Events) -> tuple[Any, Any]:
     runner = BatchRunner(opts.batch_size, on_backoff=lambda b: events.message(
         f"out of GPU memory: retrying with batch size {b}", "warn"))
-    step = events.step("features", total=len(plan.tiles) * opts.views + len(plan.val_tiles))
+    step = events.step("features", total=sum(plan.view_counts(opts.views)) + len(plan.val_tiles))
     common = dict(n_pixels=per_view, aug=opts.augment, seed=seed, runner=runner, shard=resume.shard,
                   on_views=step.advance)
     dense = opts.head == "context"
-    train_cache = extract_views("train", plan.tiles, imgs, len(cmap), extractor, io, views=opts.views,
-                                stratified=True, dense=dense, **common)
+    train_cache = extract_views("train", plan.tiles, imgs, len(cmap), extractor, io,
+                                views=plan.view_counts(opts.views), stratified=True, dense=dense, **common)
     val_cache = extract_views("val", plan.val_tiles, imgs, len(cmap), extractor, io, views=1, stratified=False,
                               dense=dense, **common)
     step.close()
