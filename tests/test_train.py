@@ -455,3 +455,27 @@ def test_a_head_whose_validation_images_drew_no_tiles_gets_its_own(data, tmp_pat
     heads = res.model.training["ensemble"]
     assert ["img1.png"] in [h["val_images"] for h in heads]
     assert all(h["best"]["val_loss"] is not None for h in heads), heads
+
+
+def test_map_cache_with_a_capacity_fills_one_allocation_and_matches_concatenation():
+    from pdseg_qupath.learn.cache import MapCache
+
+    rng = np.random.default_rng(0)
+
+    def shard(n: int, first: int) -> MapCache:
+        part = MapCache(3)
+        for i in range(n):
+            part.add_map(torch.randn(3, 4, 4), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+                         rng.integers(0, 3, (16, 16), dtype=np.uint8), first + i)
+        return part
+
+    parts = [shard(5, 0), shard(4, 5), shard(2, 9)]
+    plain, filled = MapCache(3), MapCache(3, capacity=11)
+    for p in parts:
+        plain.extend(p)
+        filled.extend(p)
+    a, b = plain.tensors(), filled.tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a) and filled.views == 11 and len(filled) == len(plain)
+    assert b["features"].untyped_storage().data_ptr() == filled._full["features"].untyped_storage().data_ptr()  # no copy
+    with pytest.raises(ValueError, match="holds 11 views"):
+        filled.extend(shard(1, 11))

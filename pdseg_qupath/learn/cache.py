@@ -153,7 +153,33 @@ def bytes_per_map(channels: int, tile: int, stride: int) -> int:
 
 @dataclass
 class MapCache(_Cache):
-    """Whole tile views: features (V, C, h, w) fp16, rgb (V, T, T, 3) uint8, labels (V, T, T) uint8, tile (V,)."""
+    """Whole tile views: features (V, C, h, w) fp16, rgb (V, T, T, 3) uint8, labels (V, T, T) uint8, tile (V,).
+
+    With ``capacity`` (the number of views it will hold), :meth:`extend` copies each shard into tensors
+    allocated once, so the views are never held twice (concatenating them at the end would, for a moment).
+    """
+
+    capacity: int | None = None
+    _filled: int = 0
+
+    def extend(self, other: _Cache) -> None:
+        if self.capacity is None:
+            super().extend(other)
+            return
+        part = other.tensors()
+        n = int(part["tile"].shape[0])
+        if n == 0:
+            return
+        if self._filled + n > self.capacity:
+            raise ValueError(f"map cache holds {self.capacity} views; got {self._filled + n}")
+        if not self._filled:  # torch.empty: pages are only committed as views are written
+            self._full = {k: torch.empty((self.capacity, *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
+        for k, v in part.items():
+            self._full[k][self._filled : self._filled + n] = v
+        self._filled += n
+        f = self._filled
+        self.features, self.rgb = [self._full["features"][:f]], [self._full["rgb"][:f]]
+        self.labels, self.tile = [self._full["labels"][:f]], [self._full["tile"][:f]]
 
     def add_map(self, features: torch.Tensor, rgb: np.ndarray, labels: np.ndarray, tile_id: int) -> int:
         """Keep one tile view whole; returns its number of labelled pixels."""
@@ -250,9 +276,9 @@ def extract_views(
     written there and a shard already on disk is loaded instead of extracted (resume).
     """
     kind: Any = MapCache if dense else PixelCache
-    cache = kind(int(extractor.channels))
     counts = [views] * len(tiles) if isinstance(views, (int, np.integer)) else list(views)
     jobs = [(ti, v) for ti in range(len(tiles)) for v in range(counts[ti])]
+    cache = MapCache(int(extractor.channels), capacity=len(jobs)) if dense else PixelCache(int(extractor.channels))
     for s, start in enumerate(range(0, len(jobs), SHARD_VIEWS)):
         chunk = jobs[start : start + SHARD_VIEWS]
         path = shard(name, s)
