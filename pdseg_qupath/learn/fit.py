@@ -141,10 +141,15 @@ def with_texture(data: dict[str, torch.Tensor], stride: int) -> dict[str, torch.
     if "texture" in data:
         return data
     rgb = data["rgb"]
-    parts = [texture_maps(rgb[i : i + MAP_BATCH].permute(0, 3, 1, 2), stride).half()
-             for i in range(0, len(rgb), MAP_BATCH)]
-    empty = torch.zeros((0, TEXTURE_CHANNELS, 0, 0), dtype=torch.float16)
-    return {**data, "texture": torch.cat(parts) if parts else empty}
+    if not len(rgb):
+        return {**data, "texture": torch.zeros((0, TEXTURE_CHANNELS, 0, 0), dtype=torch.float16)}
+    out = None  # filled batch by batch: the maps are never held twice
+    for i in range(0, len(rgb), MAP_BATCH):
+        maps = texture_maps(rgb[i : i + MAP_BATCH].permute(0, 3, 1, 2), stride).half()
+        if out is None:
+            out = torch.empty((len(rgb), *maps.shape[1:]), dtype=torch.float16)
+        out[i : i + len(maps)] = maps
+    return {**data, "texture": out}
 
 
 def channel_statistics(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
