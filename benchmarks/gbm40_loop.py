@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-features", action="store_true", help="reuse cached features across head variants")
     ap.add_argument("--prior-correction", type=float, default=None, help="train --prior-correction (default: train's)")
+    ap.add_argument("--cache-mb", type=float, default=None, help="train --cache-mb (default: train's)")
     ap.add_argument("--hidden", default=None, help="head widths, e.g. 64,32 (default: the head's own)")
     ap.add_argument("--head", default="context", choices=["context", "pixel"])
     ap.add_argument("--texture", action=argparse.BooleanOptionalAction, default=None,
@@ -69,7 +70,7 @@ def main() -> None:
     test_dir = _link_split(args.gbm40, args.out / "test", 31, 40)
     opts = TrainOptions(tiles_per_class=args.tiles_per_class, views=args.views, rgb_skip=args.rgb_skip,
                         t=args.t, overlap=args.overlap, keep_features=args.keep_features,
-                        lr=args.lr, **_given(prior_correction=args.prior_correction),
+                        lr=args.lr, **_given(prior_correction=args.prior_correction, cache_mb=args.cache_mb),
                         hidden=tuple(int(h) for h in args.hidden.split(",")) if args.hidden else None, head=args.head,
                         texture=args.texture,
                         blocks=[int(b) for b in args.blocks.split(",")] if args.blocks else None)
