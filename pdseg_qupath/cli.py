@@ -197,7 +197,7 @@ def train(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     val_images: Optional[list[str]] = typer.Option(None, "--val-images", metavar="<name>", help=f"Image names held out for validation (default: chosen so every class stays in training). {LIST_HELP}."),
     seed: int = typer.Option(0, "--seed", help="Same seed and inputs → same metrics on CPU."),
-    cache_mb: float = typer.Option(512.0, "--cache-mb", help="Upper bound of the in-memory feature cache, in MB."),
+    cache_mb: float = typer.Option(2048.0, "--cache-mb", help="Upper bound of the in-memory feature cache, in MB (the context head: 1.75 MB per tile view with small, plus 0.6 MB of texture maps). When the planned views do not fit, every tile is kept once before any augmented copy, and train says what was left out; peak memory is about 1.6x this plus 1.5 GB."),
     tiles_per_class: int = typer.Option(48, "--tiles-per-class", help="Training tiles sampled per class (stratified, so rare classes are seen)."),
     t: Optional[list[str]] = typer.Option(None, "--timesteps", "--t", metavar="<int|auto>", help=f"Diffusion timestep(s) the features are taken at, 0–999 (default: the backbone's), or auto: chosen by image-wise cross-validation on your annotations. {LIST_HELP}. --t is the old name."),
     blocks: Optional[list[str]] = typer.Option(None, "--blocks", metavar="<int|auto>", help=f"Decoder (up) blocks to tap, 0 = coarsest (default: the backbone's), or auto: chosen by image-wise cross-validation. {LIST_HELP}."),

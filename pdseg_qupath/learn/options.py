@@ -92,7 +92,12 @@ class TrainOptions:
     """Versions of each training tile: the tile itself, then augmented ones."""
     pixels_per_tile: int = 512
     """Upper bound of sampled pixels per tile view (the cache budget may lower it)."""
-    cache_mb: float = 512.0
+    cache_mb: float = 2048.0
+    """Upper bound of the feature cache in MB. The context head keeps whole tile views (1.75 MB each for
+    ``small``, plus 0.6 MB of texture maps outside this bound): 2048 holds the 512 tiles × 2 views that
+    IvyGAP's 8 classes draw; 512, the default until the tenth session, held a quarter of them and scored
+    0.024 macro Dice lower there (3 seeds; docs/ACCURACY.md). When the views do not fit, every tile is kept
+    once before any augmented copy."""
     val_fraction: float = 0.2
     max_val_tiles: int = 48
     batch_size: int = 8
