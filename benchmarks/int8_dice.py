@@ -12,7 +12,7 @@ fp32). Training and evaluation thus both see int8 features, as an opt-in int8 mo
 ``--ivygap DIR`` runs the IvyGAP set the same way (4 µm/px images worked at 8 µm/px, as ``accuracy.py``).
 ``--ebhi DIR`` runs EBHI-Seg instead (DIR/train → DIR/test, ``--image-mpp 1.2``, the default 0.5 µm/px work
 resolution, defaults otherwise; macro Dice), still calibrated on the gbm40 tiles of the first argument
-(``--texture`` / ``--no-texture``, ``--prior-correction``, ``--class-weights``, ``--context-view``, ``--cache-mb``: as ``train``'s; the defaults
+(``--texture`` / ``--no-texture``, ``--prior-correction``, ``--class-weights``, ``--cache-mb``, ``--views``: as ``train``'s; the defaults
 otherwise):
 
     nice -n 10 python benchmarks/int8_dice.py /path/to/gbm40 --ebhi /path/to/ebhi-seg --int8 --seed 0 --out /tmp/e
@@ -68,7 +68,6 @@ def _tissue() -> None:
                     help="train --texture / --no-texture (the default otherwise)")
     ap.add_argument("--prior-correction", type=float, default=None, help="train --prior-correction (default: train's)")
     ap.add_argument("--class-weights", default=None, help="train --class-weights (e.g. balanced)")
-    ap.add_argument("--context-view", type=int, default=None, help="train --context-view (default: train's)")
     ap.add_argument("--cache-mb", type=float, default=None, help="train --cache-mb (default: train's)")
     ap.add_argument("--views", type=int, default=None, help="TrainOptions.views (default: train's)")
     args = ap.parse_args()
@@ -77,8 +76,8 @@ def _tissue() -> None:
     events = ConsoleEvents(Console(stderr=True), plain=True)
     t0 = time.perf_counter()
     opts = TrainOptions(texture=args.texture, class_weights=args.class_weights,
-                        **gbm40_loop._given(prior_correction=args.prior_correction, context_view=args.context_view,
-                                            cache_mb=args.cache_mb, views=args.views))
+                        **gbm40_loop._given(prior_correction=args.prior_correction, cache_mb=args.cache_mb,
+                                            views=args.views))
     res = train(open_source(root / "train"), args.out / "model", backbone="small", mpp=mpp, image_mpp=image_mpp,
                 device="cpu", seed=args.seed, events=events, options=opts)
     t1 = time.perf_counter()

@@ -205,7 +205,6 @@ def train(
     prior_correction: float = typer.Option(0.5, "--prior-correction", metavar="<0..1>", help="How far predictions follow the class proportions of your annotations: 1 fully, 0 as if every class were equally common (more of the rare classes). Training samples every class equally; this shifts the head's output back by this share of log(annotated / sampled share)."),
     rgb_skip: bool = typer.Option(False, "--rgb-skip", help="Give the pixel head the RGB tile beside the features (the context head always has it)."),
     texture: Optional[bool] = typer.Option(None, "--texture/--no-texture", help="Give the context head the tile's multi-scale colour and texture (Gaussian, difference of Gaussians and gradient at 2-16 px, in RGB and H&E stain densities: what a classic pixel classifier sees) beside the LDM features. Default: on for the context head."),
-    context_view: int = typer.Option(1, "--context-view", metavar="<1|2|4>", help="Also show the backbone each tile's surroundings, this many times zoomed out (2: a 256-px tile at 0.5 µm/px is seen with the 256 µm around it), and give the head both views' features. Costs a second backbone pass per tile. 1: the tile alone."),
     head: str = typer.Option("context", "--head", help="context (dilated 3x3 blocks: each pixel sees ~124 px around it, plus its colour) or pixel (1x1 per-pixel classifier, faster to train)."),
     ensemble: int = typer.Option(3, "--ensemble", help="Heads trained on the same features, each validated on different held-out images, averaged when predicting (steadier with few images; each costs the head's training time again). 1: one head."),
     encoder: str = typer.Option("auto", "--encoder", help="Encoder of the feature pass: vq (the backbone's own), fast (its distilled fast encoder: 1.7-2x faster on a CPU, scores -0.005 to +0.013 Dice of vq on three test sets; docs/PERFORMANCE.md) or auto (fast on a CPU when the backbone has one). Recorded in the model; predict follows it."),
@@ -237,7 +236,7 @@ def train(
                 options=TrainOptions(
                     cache_mb=cache_mb, tiles_per_class=tiles_per_class, rgb_skip=rgb_skip, keep_features=keep_features,
                     head=head, ensemble=ensemble, encoder=encoder, texture=texture, prior_correction=prior_correction,
-                    context_view=context_view, t=_int_list_or_auto(t, "--t"),
+                    t=_int_list_or_auto(t, "--t"),
                     blocks=_int_list_or_auto(blocks, "--blocks"),
                     class_weights=_class_weights_option(class_weights),
                 ),

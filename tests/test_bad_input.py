@@ -152,7 +152,6 @@ def test_non_square_pixels_are_reported(tmp_path: Path) -> None:
     ("--blocks", "1,x", "--blocks 1,x: expected whole numbers"),
     ("--class-weights", "1,nan", "--class-weights 1,nan: each weight must be a finite number"),
     ("--prior-correction", "1.5", "--prior-correction 1.5: expected a finite number from 0 to 1"),
-    ("--context-view", "3", "--context-view 3: use one of 1, 2, 4"),
     ("--mpp", "inf", "--mpp"),
     ("--image-mpp", "inf", "--image-mpp"),
 ])

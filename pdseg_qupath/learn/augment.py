@@ -41,22 +41,10 @@ class AugmentConfig:
 def augment(
     image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, config: AugmentConfig = AugmentConfig()
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One random view of a (H, W, 3) uint8 tile and its (H, W) labels, drawn from ``rng``.
-
-    A (H, W, 6) tile (with its context view, :mod:`.context`) gets the same transform and jitter in both parts."""
+    """One random view of a (H, W, 3) uint8 tile and its (H, W) labels, drawn from ``rng``."""
     if config.geometric:
         k = int(rng.integers(8))
         image, labels = dihedral(image, k), dihedral(labels, k)
     if config.stain_sigma > 0 or config.stain_bias > 0:
-        image = np.concatenate([_jitter(image[..., c:c + 3], rng, config, last=c + 3 == image.shape[-1])
-                                for c in range(0, image.shape[-1], 3)], axis=-1)
+        image = hed_jitter(image, rng, sigma=config.stain_sigma, bias=config.stain_bias)
     return image, labels
-
-
-def _jitter(rgb: np.ndarray, rng: np.random.Generator, config: AugmentConfig, last: bool) -> np.ndarray:
-    """Stain jitter of one RGB part of a tile; every part (the tile, its context view) gets the same draw."""
-    state = rng.bit_generator.state
-    out = hed_jitter(rgb, rng, sigma=config.stain_sigma, bias=config.stain_bias)
-    if not last:
-        rng.bit_generator.state = state
-    return out

@@ -36,7 +36,6 @@ from pdseg_qupath.core.annotations import IGNORE
 from pdseg_qupath.core.fileio import atomic_write_with
 from pdseg_qupath.core.grid import Window
 from pdseg_qupath.learn.augment import AugmentConfig, augment
-from pdseg_qupath.learn.context import read_tile
 from pdseg_qupath.learn.data import TrainingImage
 from pdseg_qupath.learn.head import sample_features
 from pdseg_qupath.learn.options import IOConfig
@@ -297,9 +296,8 @@ def extract_views(
             for ti, v in batch:
                 t = tiles[ti]
                 im = images[t.image]
-                d = io.downsample(im.slide.mpp)
-                rgb = read_tile(im.slide, t.x, t.y, io.tile, d, io.context)  # with its view: (T, T, 6)
-                lab = im.index.rasterize(Window(t.x, t.y, io.tile, io.tile, d))
+                win = Window(t.x, t.y, io.tile, io.tile, io.downsample(im.slide.mpp))
+                rgb, lab = im.slide.read(win), im.index.rasterize(win)
                 if v > 0:
                     rgb, lab = augment(rgb, lab, np.random.default_rng([seed, 1, ti, v]), aug)
                 rgbs.append(rgb)
@@ -308,7 +306,7 @@ def extract_views(
             with torch.no_grad():
                 feats = extractor.extract(np.stack(rgbs), origins=origins).float().cpu()
             counts = []
-            for (ti, v), f, rgb, lab in zip(batch, feats, (r[..., :3] for r in rgbs), labs):
+            for (ti, v), f, rgb, lab in zip(batch, feats, rgbs, labs):
                 if dense:
                     counts.append(part.add_map(f, rgb, lab, ti))
                     continue

@@ -28,7 +28,6 @@ from pdseg_qupath.core.geometry import polygonal_part
 from pdseg_qupath.core.grid import Window, grid_size
 from pdseg_qupath.core.raster import polygons
 from pdseg_qupath.core.tissue import TissueMap
-from pdseg_qupath.learn.context import read_tile
 from pdseg_qupath.learn.options import PredictOptions
 from pdseg_qupath.learn.pipeline import count_tiles, run_region
 from pdseg_qupath.learn.predictor import Predictor
@@ -286,7 +285,7 @@ def predict_image(
     pin = predictor.device.startswith("cuda")
 
     def read(origins: Sequence[tuple[int, int]]):
-        tiles = np.stack([read_tile(slide, rx + x, ry + y, tile, d, model.io.context) for x, y in origins])
+        tiles = np.stack([slide.read(Window(rx + x, ry + y, tile, tile, d)) for x, y in origins])
         return torch.from_numpy(tiles).pin_memory() if pin else tiles
 
     def infer(tiles, origins: Sequence[tuple[int, int]]) -> np.ndarray:

@@ -68,7 +68,6 @@ class SegModel:
             "mpp": self.io.mpp,
             "tile_size": self.io.tile,
             "overlap": self.io.overlap,
-            **({"context_view": self.io.context} if self.io.context > 1 else {}),
             "backbone": self.backbone,
             "features": self.features,
             "head": head,
@@ -136,7 +135,7 @@ def load_model(path: str | Path) -> SegModel:
         config = HeadConfig.from_json(head_meta)
         backbone, features = dict(meta["backbone"]), dict(meta["features"])
         io = IOConfig(float(meta["mpp"]), int(meta["tile_size"]), int(meta["overlap"]),
-                      int(features.get("out_stride", config.stride)), int(meta.get("context_view", 1)))
+                      int(features.get("out_stride", config.stride)))
     except (KeyError, TypeError, ValueError) as exc:
         raise PdsegError(f"{meta_path}: incomplete or malformed model description ({exc!r}); {retrain}") from None
     except PdsegError as exc:

@@ -18,25 +18,18 @@ from pdseg_qupath.core.slide import check_mpp
 from pdseg_qupath.learn.augment import AugmentConfig
 
 
-CONTEXT_VIEWS = (1, 2, 4)
-"""Zoom-out factors of a tile's second view (``--context-view``); 1 = none."""
-
-
 @dataclass(frozen=True)
 class IOConfig:
     """Tiles at ``mpp`` µm/px, ``tile`` px wide, overlapping by ``overlap`` px when predicting.
 
     ``stride`` is the number of pixels per feature pixel (the VQ-f4 encoder's 4): tile origins of
     training tiles snap to it, so that overlapping tiles see the same position-keyed noise.
-    ``context`` f > 1 gives every tile a second view, f× coarser, of the f·tile px around it
-    (:mod:`pdseg_qupath.learn.context`); 1 reads the tile alone.
     """
 
     mpp: float
     tile: int
     overlap: int
     stride: int = 4
-    context: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.mpp, bool):
@@ -46,12 +39,6 @@ class IOConfig:
             raise PdsegError(f"tile size {self.tile} px must be a positive multiple of the feature stride {self.stride}")
         if not 0 <= self.overlap < self.tile // 2:
             raise PdsegError(f"overlap {self.overlap} must be in [0, {self.tile // 2}) for {self.tile}-px tiles")
-        if isinstance(self.context, bool) or self.context not in CONTEXT_VIEWS:
-            raise PdsegError(f"--context-view {self.context}: use one of {', '.join(map(str, CONTEXT_VIEWS))} "
-                             "(how many times coarser the second view of each tile is; 1 = none)")
-        if self.tile % (2 * self.context * self.stride):
-            raise PdsegError(f"a {self.context}× context view needs a tile size that is a multiple of "
-                             f"{2 * self.context * self.stride} px; got {self.tile}")
 
     def resolution_problem(self, name: str, slide_mpp: float, width: int, height: int) -> str | None:
         """Why a slide's pixel size looks wrong for this model (a typo in --image-mpp, say), or None.
@@ -131,10 +118,6 @@ class TrainOptions:
     what a classic pixel classifier sees) beside the features, after its context blocks. None: on for the
     context head (IvyGAP +0.045 macro Dice on every seed, gbm40 +0.005, EBHI-Seg -0.004: docs/ACCURACY.md),
     off for the pixel head."""
-    context_view: int = 1
-    """f > 1: every tile also gets a view of the f·tile px around it, f× coarser, through the backbone; the
-    view's features are appended to the tile's (:mod:`pdseg_qupath.learn.context`), so the head sees tissue
-    structure over f× more µm. Costs a second backbone pass per tile. 1: the tile alone."""
     t: int | Sequence[int] | str | None = None
     """Diffusion timestep(s) of the features (default: the backbone's; ``"auto"``: chosen by image-wise
     cross-validation, :mod:`pdseg_qupath.learn.autotune`)."""
@@ -169,9 +152,6 @@ class TrainOptions:
             raise PdsegError(f"--encoder {self.encoder!r}: use auto, vq or fast")
         if not isinstance(self.ensemble, int) or isinstance(self.ensemble, bool) or not 1 <= self.ensemble <= 16:
             raise PdsegError(f"--ensemble {self.ensemble!r}: give the number of heads, from 1 to 16")
-        if isinstance(self.context_view, bool) or self.context_view not in CONTEXT_VIEWS:
-            raise PdsegError(f"--context-view {self.context_view}: use one of {', '.join(map(str, CONTEXT_VIEWS))} "
-                             "(how many times coarser the second view of each tile is; 1 = none)")
         if isinstance(self.prior_correction, bool):
             self.prior_correction = float(self.prior_correction)
         _finite(self, cache_mb=(0, None), lr=(0, None), weight_decay=(0, None), dropout=(0, 1), val_fraction=(0, 1),
@@ -191,7 +171,7 @@ class TrainOptions:
         """The tiles of this run: the backbone's tile size unless set, a quarter tile of overlap unless set."""
         tile = int(self.tile_size or backbone_tile)
         overlap = tile // 4 if self.overlap is None else int(self.overlap)
-        return IOConfig(float(mpp), tile, overlap, int(stride), int(self.context_view))
+        return IOConfig(float(mpp), tile, overlap, int(stride))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -11,7 +11,6 @@ from pdseg_qupath.backbone.features import LDMFeatures
 from pdseg_qupath.backbone.model import Backbone, describe
 from pdseg_qupath.backbone.spec import load_backbone
 from pdseg_qupath.core.errors import PdsegError
-from pdseg_qupath.learn.context import ContextFeatures
 from pdseg_qupath.learn.modelio import SegModel
 from pdseg_qupath.learn.runtime import BatchRunner, resolve_device
 
@@ -63,8 +62,6 @@ class Predictor:
                 f"{describe(bb)} (sha256 {have}). Install the backbone it was trained with, or retrain."
             )
         self.label = describe(bb)
-        if model.io.context > 1:
-            self.extractor = ContextFeatures(self.extractor, model.io.context)
         if self.extractor.channels != model.head.config.in_channels:
             raise PdsegError(f"{model.path}: the head expects {model.head.config.in_channels} feature channels, "
                              f"the backbone gives {self.extractor.channels}; retrain the model")
@@ -72,8 +69,7 @@ class Predictor:
         self.runner = BatchRunner(batch_size, on_backoff=on_backoff)
 
     def logits(self, tiles: np.ndarray | torch.Tensor, origins: Sequence[tuple[int, int]]) -> np.ndarray:
-        """(B, K, T, T) float32 logits for uint8 tiles (B, T, T, 3) with work-grid top-left ``origins``
-        ((B, T, T, 6) with their context views for a model that has them: :func:`.context.read_tile`).
+        """(B, K, T, T) float32 logits for uint8 tiles (B, T, T, 3) with work-grid top-left ``origins``.
 
         ``tiles`` may be a (pinned) torch tensor: the batch is copied to the device once, asynchronously.
         """
@@ -88,7 +84,7 @@ class Predictor:
                 for j in range(len(idx)):  # one tile at a time: the head's full-resolution activations
                     rgb = None             # (hidden × tile²) stay small whatever the batch size
                     if self.head.config.rgb_skip or self.head.config.texture:
-                        rgb = x[j : j + 1, ..., :3].permute(0, 3, 1, 2).float()  # not the context view
+                        rgb = x[j : j + 1].permute(0, 3, 1, 2).float()
                     outs.append(self.head(feats[j : j + 1], rgb)[0].float())
             return outs
 

@@ -30,7 +30,7 @@ from pdseg_qupath.learn.options import TrainOptions
 RESUME_DIR = ".pdseg-train"
 
 FEATURE_OPTIONS = ("tile_size", "tiles_per_class", "views", "pixels_per_tile", "cache_mb", "val_fraction",
-                   "max_val_tiles", "t", "blocks", "augment", "head", "ensemble", "context_view")
+                   "max_val_tiles", "t", "blocks", "augment", "head", "ensemble")
 """Options that change the cached features; the others (head, optimiser, epochs) only the checkpoint."""
 RESTART_OPTIONS = ("lr", "weight_decay", "batch_pixels", "class_weights", "hidden", "dropout", "rgb_skip", "texture",
                    "prior_correction")

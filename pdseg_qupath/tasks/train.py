@@ -52,7 +52,6 @@ from pdseg_qupath.learn.cache import (
     extract_views,
     pixels_per_view,
 )
-from pdseg_qupath.learn.context import ContextFeatures
 from pdseg_qupath.learn.data import TrainingImage, close_images, load_training_images, total_labels
 from pdseg_qupath.learn.fit import (
     FitState,
@@ -197,11 +196,6 @@ def train(
             bb, extractor = load_extractor(backbone, dev, t=None if opts.t == AUTO else opts.t,
                                            blocks=None if opts.blocks == AUTO else opts.blocks, encoder=opts.encoder)
         io = opts.io(mpp, bb.config.tile_size, extractor.out_stride)
-        if io.context > 1:
-            if is_auto(opts):
-                raise PdsegError("--t auto / --blocks auto cannot yet be combined with --context-view; "
-                                 "give --t and --blocks, or drop --context-view")
-            extractor = ContextFeatures(extractor, io.context)  # each tile with its zoomed-out view
         bb_record = _backbone_record(backbone, bb)
         far = resolution_note(mpp, bb)
         if far:
