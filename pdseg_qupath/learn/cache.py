@@ -160,6 +160,7 @@ class MapCache(_Cache):
 
     capacity: int | None = None
     _filled: int = 0
+    _full: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def extend(self, other: _Cache) -> None:
         if self.capacity is None:

@@ -312,12 +312,12 @@ def _fit_map_budget(plan: TilePlan, io: IOConfig, channels: int, opts: TrainOpti
     n = len(plan.tiles)
     if fit < n * opts.views:
         # Every tile once before any augmented copy: on IvyGAP 272 tiles seen once beat 136 tiles seen twice
-        # (docs/ACCURACY.md, "Distinct tiles before augmented copies").
+        # (docs/ACCURACY.md, "Every training tile").
         if fit < 1:
             raise PdsegError(f"--cache-mb {opts.cache_mb:g}: too small for the context head's feature maps "
                              f"({per_view / 2**20:.2f} MB per tile view); raise it to at least "
                              f"{(1 + len(plan.val_tiles)) * per_view / 2**20:.2f}")
-        full = f"{n * opts.views * per_view / 2**20 + len(plan.val_tiles) * per_view / 2**20:.0f}"
+        full = f"{(n * opts.views + len(plan.val_tiles)) * per_view / 2**20:.0f}"
         if fit < n:
             idx = np.sort(rng.choice(n, size=fit, replace=False))
             plan.tiles = [plan.tiles[int(i)] for i in idx]
