@@ -141,14 +141,11 @@ def with_texture(data: dict[str, torch.Tensor], stride: int) -> dict[str, torch.
     if "texture" in data:
         return data
     rgb = data["rgb"]
-    if not len(rgb):
-        return {**data, "texture": torch.zeros((0, TEXTURE_CHANNELS, 0, 0), dtype=torch.float16)}
-    out = None  # filled batch by batch: the maps are never held twice
+    # Filled batch by batch into one allocation: the maps are never held twice.
+    out = torch.empty((len(rgb), TEXTURE_CHANNELS, rgb.shape[1] // stride, rgb.shape[2] // stride),
+                      dtype=torch.float16)
     for i in range(0, len(rgb), MAP_BATCH):
-        maps = texture_maps(rgb[i : i + MAP_BATCH].permute(0, 3, 1, 2), stride).half()
-        if out is None:
-            out = torch.empty((len(rgb), *maps.shape[1:]), dtype=torch.float16)
-        out[i : i + len(maps)] = maps
+        out[i : i + MAP_BATCH] = texture_maps(rgb[i : i + MAP_BATCH].permute(0, 3, 1, 2), stride).half()
     return {**data, "texture": out}
 
 
